@@ -1,0 +1,210 @@
+//! The admin HTTP API.
+//!
+//! Endpoints:
+//! - `GET /v1/backends` — every backend: name, url (password redacted), weight, target share,
+//!   actual share since start and since the last weight change, records routed and written.
+//! - `PUT /v1/weights` — body `{"A":50,"B":50}`: change any subset of weights atomically, from
+//!   the next record routed. Answers with the new state, or a 4xx `{"error": "…"}` and changes
+//!   nothing.
+//! - `GET /metrics` — Prometheus text format.
+//! - `GET /healthz` — `ok` while the daemon runs.
+//!
+//! The API never touches the record hot path: a weight change publishes a new snapshot that the
+//! balancer picks up on its next record.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::balance::{Balance, MAX_WEIGHT};
+use crate::config::BackendConfig;
+use crate::metrics::Metrics;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What the handlers read and change.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Weights and routing counters.
+    pub balance: Arc<Balance>,
+    /// Every metric.
+    pub metrics: Arc<Metrics>,
+    /// The configured backends (for names and redacted URLs).
+    pub backends: Vec<BackendConfig>,
+}
+
+/// One backend in `GET /v1/backends` and `PUT /v1/weights` answers.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct BackendView {
+    /// Backend name.
+    pub name: String,
+    /// Redis URL, password replaced by `***`.
+    pub url: String,
+    /// Current weight.
+    pub weight: u32,
+    /// weight / Σ weights.
+    pub target_share: f64,
+    /// Share of every record routed since start.
+    pub actual_share: f64,
+    /// Share of the records routed since the last weight change.
+    pub actual_share_since_change: f64,
+    /// Records routed to this backend since start.
+    pub records_routed: u64,
+    /// Records routed to this backend since the last weight change.
+    pub records_routed_since_change: u64,
+    /// Records stored in this backend.
+    pub records_written: u64,
+    /// Failed write attempts.
+    pub write_errors: u64,
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/v1/backends", get(backends))
+        .route("/v1/weights", put(set_weights))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serve the admin API on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "admin API listening");
+    }
+    let app = router(state);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        warn!(error = %e, "admin API stopped");
+    }
+}
+
+fn view(state: &AdminState) -> Vec<BackendView> {
+    state
+        .balance
+        .view()
+        .into_iter()
+        .zip(&state.backends)
+        .zip(&state.metrics.backends)
+        .map(|((v, b), m)| BackendView {
+            name: v.name,
+            url: b.redacted_url(),
+            weight: v.weight,
+            target_share: v.target_share,
+            actual_share: v.actual_share,
+            actual_share_since_change: v.actual_share_since_change,
+            records_routed: v.routed,
+            records_routed_since_change: v.routed_since_change,
+            records_written: m.written.get(),
+            write_errors: m.write_errors.get(),
+        })
+        .collect()
+}
+
+async fn backends(State(state): State<AdminState>) -> Json<Vec<BackendView>> {
+    Json(view(&state))
+}
+
+async fn set_weights(
+    State(state): State<AdminState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                e.status(),
+                format!("request body refused ({}); limit is {MAX_BODY} bytes", e.body_text()),
+            )
+        }
+    };
+    let changes = match parse_weights(&body) {
+        Ok(c) => c,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
+    match state.balance.set_weights(&changes) {
+        Ok(()) => {
+            info!(?changes, "weights changed through the admin API");
+            Json(view(&state)).into_response()
+        }
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    }
+}
+
+/// `{"NAME": weight, …}` with each weight an integer 0..=10000.
+fn parse_weights(body: &[u8]) -> Result<BTreeMap<String, u32>, String> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("body is not valid JSON: {e}; expected {{\"NAME\": WEIGHT, …}}"))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err("body must be a JSON object such as {\"A\": 50, \"B\": 50}".into());
+    };
+    let mut out = BTreeMap::new();
+    for (name, w) in map {
+        let weight = w
+            .as_u64()
+            .filter(|&w| w <= u64::from(MAX_WEIGHT))
+            .ok_or_else(|| {
+                format!("weight for {name:?} must be an integer from 0 to {MAX_WEIGHT}, got {w}")
+            })?;
+        out.insert(name, weight as u32);
+    }
+    Ok(out)
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(&state.balance),
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, msg: String) -> Response {
+    #[derive(Serialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    (status, Json(ErrorBody { error: msg })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_must_be_whole_and_in_range() {
+        assert_eq!(
+            parse_weights(br#"{"A":50,"B":0}"#).unwrap(),
+            BTreeMap::from([("A".into(), 50), ("B".into(), 0)])
+        );
+        for bad in [
+            &br#"{"A":-1}"#[..],
+            br#"{"A":1.5}"#,
+            br#"{"A":10001}"#,
+            br#"{"A":"5"}"#,
+            br#"[1,2]"#,
+            br#"{"A":"#,
+        ] {
+            assert!(parse_weights(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}

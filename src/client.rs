@@ -1,0 +1,79 @@
+//! `redtap weights`: the command-line client of the admin API.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context as _};
+
+use crate::admin::BackendView;
+use crate::config::parse_weight;
+
+/// Fetch `GET /v1/backends` from the agent at `admin`.
+pub async fn backends(admin: &str) -> anyhow::Result<Vec<BackendView>> {
+    let url = format!("{}/v1/backends", admin.trim_end_matches('/'));
+    let resp = reqwest::get(&url)
+        .await
+        .with_context(|| format!("cannot reach the redtap admin API at {admin}"))?;
+    answer(resp).await
+}
+
+/// Parse `NAME=WEIGHT` arguments.
+pub fn parse_pairs(pairs: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
+    let mut out = BTreeMap::new();
+    for p in pairs {
+        let Some((name, w)) = p.split_once('=') else {
+            bail!("{p:?}: expected NAME=WEIGHT, e.g. A=50");
+        };
+        let w = parse_weight(w).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        out.insert(name.to_string(), w);
+    }
+    if out.is_empty() {
+        bail!("give at least one NAME=WEIGHT, e.g. redtap weights set A=50 B=50");
+    }
+    Ok(out)
+}
+
+/// `PUT /v1/weights` on the agent at `admin`.
+pub async fn set(admin: &str, weights: &BTreeMap<String, u32>) -> anyhow::Result<Vec<BackendView>> {
+    let url = format!("{}/v1/weights", admin.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .put(&url)
+        .json(weights)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the redtap admin API at {admin}"))?;
+    answer(resp).await
+}
+
+async fn answer(resp: reqwest::Response) -> anyhow::Result<Vec<BackendView>> {
+    let status = resp.status();
+    let text = resp.text().await.context("reading the admin API's answer")?;
+    if !status.is_success() {
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+            .unwrap_or(text);
+        bail!("refused ({status}): {msg}");
+    }
+    serde_json::from_str(&text).context("the admin API's answer is not the expected JSON")
+}
+
+/// A table of backends for a terminal.
+pub fn table(backends: &[BackendView]) -> String {
+    let mut out = format!(
+        "{:<10} {:>6} {:>7} {:>8} {:>8} {:>12}  {}\n",
+        "BACKEND", "WEIGHT", "TARGET", "ACTUAL", "SINCE", "WRITTEN", "URL"
+    );
+    for b in backends {
+        out += &format!(
+            "{:<10} {:>6} {:>6.1}% {:>7.1}% {:>7.1}% {:>12}  {}\n",
+            b.name,
+            b.weight,
+            b.target_share * 100.0,
+            b.actual_share * 100.0,
+            b.actual_share_since_change * 100.0,
+            b.records_written,
+            b.url
+        );
+    }
+    out
+}

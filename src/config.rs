@@ -1,0 +1,531 @@
+//! Configuration: one struct tree, from a TOML file and command-line flags, validated before
+//! anything binds.
+//!
+//! Flags override the file; a `--backend` flag replaces the file's whole backend list. Every
+//! problem is reported as one [`ConfigError`] line naming the setting, and the binary exits 64.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::balance::MAX_WEIGHT;
+
+/// A configuration problem, phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// How records are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// One record per accepted TCP connection; needs no privileges.
+    Connections,
+}
+
+/// How records are laid out in Redis (see docs/redis-schema.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Schema {
+    /// One Redis Stream per agent, trimmed by entry ID.
+    Stream,
+    /// One string key per record with an absolute expiry.
+    Keys,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One Redis backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Short name used in the API, metrics and logs (letters, digits, `_`, `-`, `.`).
+    pub name: String,
+    /// `redis://[user:password@]host[:port][/db]`.
+    pub url: String,
+    /// Relative weight, 0..=10000; 0 means "no new records".
+    pub weight: u32,
+}
+
+impl BackendConfig {
+    /// The URL with any password replaced by `***`, safe for logs, metrics and API answers.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// `url` with its password replaced by `***`.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<invalid url>".to_string(),
+    }
+}
+
+/// The file form: every field optional, defaults filled in by [`Config::resolve`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address and port to capture on.
+    pub listen: Option<String>,
+    /// `connections`.
+    pub capture: Option<CaptureMode>,
+    /// How long a record stays readable, counted from its capture, e.g. `5m`.
+    pub retention: Option<String>,
+    /// Admin API address, or `off`.
+    pub admin: Option<String>,
+    /// `stream` or `keys`.
+    pub schema: Option<Schema>,
+    /// Prefix of every Redis key.
+    pub prefix: Option<String>,
+    /// This agent's name in Redis keys.
+    pub agent: Option<String>,
+    /// Most connections served at once (connections mode).
+    pub max_connections: Option<usize>,
+    /// Close a connection that sends nothing for this long.
+    pub idle_timeout: Option<String>,
+    /// How long shutdown may take to write out queued records.
+    pub grace: Option<String>,
+    /// Records the capture → balancer queue holds.
+    pub queue_capacity: Option<usize>,
+    /// Most records written to Redis in one pipelined batch.
+    pub batch_size: Option<usize>,
+    /// `text` or `json`.
+    pub log_format: Option<LogFormat>,
+    /// The Redis backends.
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+/// Flags of `redtap run`. Each overrides the file's setting of the same name.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct RunArgs {
+    /// TOML configuration file; flags override its settings.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Address and port to capture on, e.g. 127.0.0.1:9000 or [::1]:9000.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// A Redis backend as NAME=URL@WEIGHT, e.g. A=redis://127.0.0.1:6379@30. Repeat for each.
+    #[arg(long = "backend", value_name = "NAME=URL@WEIGHT")]
+    pub backends: Vec<String>,
+    /// How long each record stays readable, from its capture time (default 5m).
+    #[arg(long)]
+    pub retention: Option<String>,
+    /// Capture mode (default connections).
+    #[arg(long, value_enum)]
+    pub capture: Option<CaptureMode>,
+    /// Admin API listen address, or `off` (default 127.0.0.1:9900).
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Redis layout (default stream).
+    #[arg(long, value_enum)]
+    pub schema: Option<Schema>,
+    /// Prefix of every Redis key (default redtap).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Agent name in Redis keys (default <hostname>-<listen port>).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Most connections served at once (default 1024).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Close connections idle this long (default 30s).
+    #[arg(long)]
+    pub idle_timeout: Option<String>,
+    /// Time allowed at shutdown to write out queued records (default 5s).
+    #[arg(long)]
+    pub grace: Option<String>,
+    /// Capacity of the capture queue in records (default 65536).
+    #[arg(long)]
+    pub queue_capacity: Option<usize>,
+    /// Most records per pipelined Redis batch (default 1024).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Log format (default text).
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address and port to capture on.
+    pub listen: SocketAddr,
+    /// Capture mode.
+    pub capture: CaptureMode,
+    /// The backends, in order; names are unique and at least one weight is non-zero.
+    pub backends: Vec<BackendConfig>,
+    /// How long a record stays readable from its capture time.
+    pub retention: Duration,
+    /// Admin API address; `None` when `off`.
+    pub admin: Option<SocketAddr>,
+    /// Redis layout.
+    pub schema: Schema,
+    /// Prefix of every Redis key.
+    pub prefix: String,
+    /// This agent's name in Redis keys.
+    pub agent: String,
+    /// Most connections served at once.
+    pub max_connections: usize,
+    /// Close connections idle this long.
+    pub idle_timeout: Duration,
+    /// Time allowed at shutdown to write out queued records.
+    pub grace: Duration,
+    /// Capacity of the capture → balancer queue.
+    pub queue_capacity: usize,
+    /// Most records per pipelined batch.
+    pub batch_size: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// The file this came from, re-read on SIGHUP.
+    pub config_path: Option<PathBuf>,
+}
+
+impl Config {
+    /// Read the file named by `args.config` (if any), apply the flags over it, and validate.
+    pub fn load(args: &RunArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Config::resolve(file, args)
+    }
+
+    /// Merge `file` and `args` (flags win) and validate every field.
+    pub fn resolve(file: FileConfig, args: &RunArgs) -> Result<Config, ConfigError> {
+        let listen_s = args
+            .listen
+            .clone()
+            .or(file.listen)
+            .ok_or_else(|| ConfigError("--listen is required (e.g. 127.0.0.1:9000)".into()))?;
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            ConfigError(format!(
+                "--listen {listen_s:?} is not an IP:port (e.g. 127.0.0.1:9000 or [::1]:9000)"
+            ))
+        })?;
+        if listen.port() == 0 {
+            return err("--listen needs a port other than 0");
+        }
+
+        let backends = if args.backends.is_empty() {
+            file.backends
+        } else {
+            args.backends
+                .iter()
+                .map(|s| parse_backend_flag(s))
+                .collect::<Result<_, _>>()?
+        };
+        validate_backends(&backends)?;
+
+        let retention = duration(
+            "retention",
+            args.retention.as_deref().or(file.retention.as_deref()),
+            "5m",
+        )?;
+        if retention < Duration::from_secs(1) {
+            return err("--retention must be at least 1s");
+        }
+        let admin_s = args
+            .admin
+            .clone()
+            .or(file.admin)
+            .unwrap_or_else(|| "127.0.0.1:9900".into());
+        let admin = if admin_s == "off" {
+            None
+        } else {
+            Some(admin_s.parse().map_err(|_| {
+                ConfigError(format!(
+                    "--admin {admin_s:?} is not an IP:port or \"off\" (e.g. 127.0.0.1:9900)"
+                ))
+            })?)
+        };
+        let prefix = args
+            .prefix
+            .clone()
+            .or(file.prefix)
+            .unwrap_or_else(|| "redtap".into());
+        check_key_part("prefix", &prefix)?;
+        let agent = match args.agent.clone().or(file.agent) {
+            Some(a) => a,
+            None => format!("{}-{}", hostname(), listen.port()),
+        };
+        check_key_part("agent", &agent)?;
+
+        let max_connections = args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(1024);
+        positive("max-connections", max_connections)?;
+        let queue_capacity = args
+            .queue_capacity
+            .or(file.queue_capacity)
+            .unwrap_or(65_536);
+        positive("queue-capacity", queue_capacity)?;
+        let batch_size = args.batch_size.or(file.batch_size).unwrap_or(1024);
+        positive("batch-size", batch_size)?;
+
+        Ok(Config {
+            listen,
+            capture: args
+                .capture
+                .or(file.capture)
+                .unwrap_or(CaptureMode::Connections),
+            backends,
+            retention,
+            admin,
+            schema: args.schema.or(file.schema).unwrap_or(Schema::Stream),
+            prefix,
+            agent,
+            max_connections,
+            idle_timeout: duration(
+                "idle-timeout",
+                args.idle_timeout.as_deref().or(file.idle_timeout.as_deref()),
+                "30s",
+            )?,
+            grace: duration(
+                "grace",
+                args.grace.as_deref().or(file.grace.as_deref()),
+                "5s",
+            )?,
+            queue_capacity,
+            batch_size,
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            config_path: args.config.clone(),
+        })
+    }
+}
+
+/// Read and parse a TOML configuration file.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_string();
+        let at = e
+            .span()
+            .map(|s| {
+                let line = text[..s.start].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        ConfigError(format!("config file {}{at}: {msg}", path.display()))
+    })
+}
+
+/// Parse `NAME=URL@WEIGHT`. The weight follows the *last* `@`, so a URL with credentials
+/// (`redis://user:pass@host`) still parses.
+pub fn parse_backend_flag(s: &str) -> Result<BackendConfig, ConfigError> {
+    let usage = "expected NAME=URL@WEIGHT, e.g. A=redis://127.0.0.1:6379@30";
+    let Some((name, rest)) = s.split_once('=') else {
+        return err(format!("--backend {s:?}: {usage}"));
+    };
+    let Some((url, weight)) = rest.rsplit_once('@') else {
+        return err(format!("--backend {s:?}: missing @WEIGHT; {usage}"));
+    };
+    let weight = parse_weight(weight)
+        .map_err(|m| ConfigError(format!("--backend {name:?}: {m}; {usage}")))?;
+    Ok(BackendConfig {
+        name: name.to_string(),
+        url: url.to_string(),
+        weight,
+    })
+}
+
+/// A weight as written by a user: an integer from 0 to 10000.
+pub fn parse_weight(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(w) if w <= MAX_WEIGHT => Ok(w),
+        _ => Err(format!(
+            "weight must be an integer from 0 to {MAX_WEIGHT}, got {s:?}"
+        )),
+    }
+}
+
+fn validate_backends(backends: &[BackendConfig]) -> Result<(), ConfigError> {
+    if backends.is_empty() {
+        return err("at least one --backend NAME=URL@WEIGHT is required");
+    }
+    let mut seen = BTreeSet::new();
+    for b in backends {
+        if b.name.is_empty()
+            || !b
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        {
+            return err(format!(
+                "backend name {:?}: use letters, digits, '_', '-' or '.'",
+                b.name
+            ));
+        }
+        if !seen.insert(b.name.as_str()) {
+            return err(format!("backend name {:?} is used twice", b.name));
+        }
+        if b.weight > MAX_WEIGHT {
+            return err(format!(
+                "backend {:?}: weight must be an integer from 0 to {MAX_WEIGHT}, got {}",
+                b.name, b.weight
+            ));
+        }
+        let parsed = url::Url::parse(&b.url).map_err(|e| {
+            ConfigError(format!(
+                "backend {:?}: bad URL {:?}: {e}",
+                b.name,
+                b.redacted_url()
+            ))
+        })?;
+        if !matches!(parsed.scheme(), "redis" | "rediss") || parsed.host_str().is_none() {
+            return err(format!(
+                "backend {:?}: URL must look like redis://host:port[/db], got {:?}",
+                b.name,
+                b.redacted_url()
+            ));
+        }
+        if parsed.scheme() == "rediss" {
+            return err(format!(
+                "backend {:?}: rediss:// (TLS) is not supported by this build",
+                b.name
+            ));
+        }
+        redis::Client::open(b.url.as_str()).map_err(|e| {
+            ConfigError(format!(
+                "backend {:?}: bad URL {:?}: {e}",
+                b.name,
+                b.redacted_url()
+            ))
+        })?;
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return err("at least one backend must have a non-zero weight");
+    }
+    Ok(())
+}
+
+fn duration(name: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    let s = value.unwrap_or(default);
+    humantime::parse_duration(s).map_err(|e| {
+        ConfigError(format!(
+            "--{name} {s:?} is not a duration ({e}); use e.g. 500ms, 30s, 5m"
+        ))
+    })
+}
+
+fn positive(name: &str, v: usize) -> Result<(), ConfigError> {
+    if v == 0 {
+        return err(format!("--{name} must be at least 1"));
+    }
+    Ok(())
+}
+
+fn check_key_part(name: &str, v: &str) -> Result<(), ConfigError> {
+    if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c == ':') {
+        return err(format!(
+            "--{name} {v:?} must be non-empty, without spaces or ':'"
+        ));
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    let h = gethostname::gethostname().to_string_lossy().into_owned();
+    let h: String = h
+        .chars()
+        .map(|c| if c == ':' || c.is_whitespace() { '_' } else { c })
+        .collect();
+    if h.is_empty() {
+        "redtap".into()
+    } else {
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(backends: &[&str]) -> RunArgs {
+        RunArgs {
+            listen: Some("127.0.0.1:9000".into()),
+            backends: backends.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn backend_flag_with_credentials() {
+        let b = parse_backend_flag("A=redis://u:p@w@127.0.0.1:6379/2@30").unwrap();
+        assert_eq!(b.name, "A");
+        assert_eq!(b.url, "redis://u:p@w@127.0.0.1:6379/2");
+        assert_eq!(b.weight, 30);
+    }
+
+    #[test]
+    fn bad_inputs_name_the_problem() {
+        for (flags, needle) in [
+            (vec!["A=redis://127.0.0.1:6379"], "missing @WEIGHT"),
+            (vec!["A=redis://127.0.0.1:6379@-1"], "integer from 0"),
+            (vec!["A=redis://127.0.0.1:6379@1.5"], "integer from 0"),
+            (vec!["A=redis://127.0.0.1:6379@10001"], "integer from 0"),
+            (vec!["A=redis://x@0"], "non-zero"),
+            (vec!["A=http://x@1"], "redis://"),
+            (vec!["A=redis://x@1", "A=redis://y@1"], "used twice"),
+            (vec![], "at least one --backend"),
+        ] {
+            let e = Config::resolve(FileConfig::default(), &args(&flags)).unwrap_err();
+            assert!(e.0.contains(needle), "{flags:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:7000"
+            retention = "2s"
+            [[backend]]
+            name = "A"
+            url = "redis://127.0.0.1:1"
+            weight = 1
+            "#,
+        )
+        .unwrap();
+        let mut a = args(&[]);
+        a.retention = Some("10s".into());
+        let c = Config::resolve(file, &a).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.retention, Duration::from_secs(10));
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(c.agent, format!("{}-9000", hostname()));
+    }
+
+    #[test]
+    fn password_redacted() {
+        assert_eq!(
+            redact_url("redis://user:secret@h:1/0"),
+            "redis://user:***@h:1/0"
+        );
+    }
+}

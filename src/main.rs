@@ -1,0 +1,134 @@
+//! The `redtap` binary: parses arguments and calls the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use redtap::config::{Config, LogFormat, RunArgs};
+
+/// Exit code for a usage or configuration error (EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "redtap", version, about = "Capture who sends TCP traffic to an address; keep it in weighted Redis backends for a retention window.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Capture on an address and store records in Redis.
+    Run(RunArgs),
+    /// Show backends, weights and shares; `weights set NAME=W…` changes them live.
+    Weights {
+        /// The agent's admin API.
+        #[arg(long, global = true, env = "REDTAP_ADMIN", default_value = "http://127.0.0.1:9900")]
+        admin: String,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<WeightsAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum WeightsAction {
+    /// Change weights: `redtap weights set A=50 B=50`.
+    Set {
+        /// NAME=WEIGHT pairs (integers 0..=10000).
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match cli.command {
+        Command::Run(args) => {
+            let config = match Config::load(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("redtap: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            init_tracing(config.log_format);
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                match redtap::run(config, shutdown).await {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        eprintln!("redtap: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        Command::Weights { admin, json, action } => rt.block_on(async {
+            let result = match action {
+                None => redtap::client::backends(&admin).await,
+                Some(WeightsAction::Set { pairs }) => match redtap::client::parse_pairs(&pairs) {
+                    Ok(w) => redtap::client::set(&admin, &w).await,
+                    Err(e) => {
+                        eprintln!("redtap: {e:#}");
+                        return ExitCode::from(EX_USAGE);
+                    }
+                },
+            };
+            match result {
+                Ok(b) if json => {
+                    println!("{}", serde_json::to_string_pretty(&b).expect("serializable"));
+                    ExitCode::SUCCESS
+                }
+                Ok(b) => {
+                    print!("{}", redtap::client::table(&b));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("redtap: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
+    }
+}
+
+/// Cancel `token` on SIGTERM or SIGINT.
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    token.cancel();
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("REDTAP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,198 @@
+//! Every metric redtap exports, in one place.
+//!
+//! Code calls the typed methods here, never metric names. Hot paths count per batch, not per
+//! record. Gauges derived from other state (weights, shares, queue depth) are computed when
+//! `/metrics` is scraped, not maintained on the hot path.
+//!
+//! Names follow `redtap_<name>_<unit>_total` for counters (the `_total` suffix is added by the
+//! encoder).
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::balance::Balance;
+
+/// Why a captured record was not stored. Every captured record is either written or counted
+/// under exactly one of these.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum DropReason {
+    /// Its retention had passed before it could be written.
+    Expired = 0,
+    /// Shutdown's grace period ran out before it could be written.
+    Shutdown = 1,
+}
+
+impl DropReason {
+    /// Every reason, so each shows in /metrics from the start.
+    pub const ALL: [DropReason; 2] = [DropReason::Expired, DropReason::Shutdown];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Expired => "expired",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Per-backend counters, created once so the hot path never hashes a label.
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    /// Records stored in this backend.
+    pub written: Counter,
+    /// Failed write attempts (whole batches or single commands).
+    pub write_errors: Counter,
+}
+
+/// The registry and handles to every metric.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Records produced by capture.
+    pub captured: Counter,
+    /// Per backend, in configuration order.
+    pub backends: Vec<BackendMetrics>,
+    /// Indexed by `DropReason as usize`.
+    dropped: Vec<Counter>,
+    weight: Vec<Gauge>,
+    target_share: Vec<Gauge<f64, AtomicU64>>,
+    actual_share: Vec<Gauge<f64, AtomicU64>>,
+    queue_depth: Gauge,
+}
+
+impl Metrics {
+    /// Metrics for the named backends.
+    pub fn new(backend_names: &[String]) -> Self {
+        let mut registry = Registry::with_prefix("redtap");
+        let captured = Counter::default();
+        registry.register(
+            "records_captured",
+            "Records produced by capture",
+            captured.clone(),
+        );
+        let written = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "records_written",
+            "Records stored in Redis, per backend",
+            written.clone(),
+        );
+        let errors = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "write_errors",
+            "Failed Redis write attempts, per backend",
+            errors.clone(),
+        );
+        let dropped = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "records_dropped",
+            "Captured records not stored, by reason",
+            dropped.clone(),
+        );
+        let dropped: Vec<Counter> = DropReason::ALL
+            .iter()
+            .map(|r| {
+                dropped
+                    .get_or_create(&ReasonLabel { reason: r.as_str() })
+                    .clone()
+            })
+            .collect();
+        let weight_f = Family::<BackendLabel, Gauge>::default();
+        registry.register(
+            "backend_weight",
+            "Configured weight, per backend",
+            weight_f.clone(),
+        );
+        let target_f = Family::<BackendLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "backend_target_share",
+            "weight / sum of weights, per backend",
+            target_f.clone(),
+        );
+        let actual_f = Family::<BackendLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "backend_actual_share",
+            "Share of records routed since the last weight change, per backend",
+            actual_f.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Records waiting between capture and the balancer",
+            queue_depth.clone(),
+        );
+
+        let label = |name: &String| BackendLabel {
+            backend: name.clone(),
+        };
+        Metrics {
+            captured,
+            backends: backend_names
+                .iter()
+                .map(|n| BackendMetrics {
+                    written: written.get_or_create(&label(n)).clone(),
+                    write_errors: errors.get_or_create(&label(n)).clone(),
+                })
+                .collect(),
+            weight: backend_names
+                .iter()
+                .map(|n| weight_f.get_or_create(&label(n)).clone())
+                .collect(),
+            target_share: backend_names
+                .iter()
+                .map(|n| target_f.get_or_create(&label(n)).clone())
+                .collect(),
+            actual_share: backend_names
+                .iter()
+                .map(|n| actual_f.get_or_create(&label(n)).clone())
+                .collect(),
+            dropped,
+            queue_depth,
+            registry,
+        }
+    }
+
+    /// Count `n` records dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        if n > 0 {
+            self.dropped[reason as usize].inc_by(n);
+        }
+    }
+
+    /// Records dropped so far for `reason`.
+    pub fn dropped_count(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize].get()
+    }
+
+    /// Set the number of records waiting in the capture queue.
+    pub fn set_queue_depth(&self, depth: usize) {
+        self.queue_depth.set(depth as i64);
+    }
+
+    /// The Prometheus text exposition, with derived gauges brought up to date first.
+    pub fn render(&self, balance: &Balance) -> String {
+        for (i, v) in balance.view().iter().enumerate() {
+            self.weight[i].set(i64::from(v.weight));
+            self.target_share[i].set(v.target_share);
+            self.actual_share[i].set(v.actual_share_since_change);
+        }
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,218 @@
+//! The Redis data layouts (documented for users in docs/redis-schema.md — keep the two in step).
+//!
+//! Owns key names, entry IDs and the commands that store and trim records. It builds commands
+//! only; it never talks to Redis.
+
+use std::fmt::Write as _;
+
+use redis::Pipeline;
+
+use crate::config::Schema;
+use crate::record::{Kind, Record};
+
+/// Where a record goes inside one backend: a stream entry ID, or a key name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Slot {
+    /// Stream: entry ID milliseconds. Keys: capture time in µs.
+    pub major: u64,
+    /// Sequence within `major`.
+    pub seq: u64,
+}
+
+/// Names and commands for one agent's records in one backend.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Which layout.
+    pub schema: Schema,
+    /// Stream schema: the stream key. Keys schema: the key-name prefix up to the timestamp.
+    pub key: String,
+    /// Retention in milliseconds.
+    pub retention_ms: u64,
+    /// The last slot handed out; slots only grow, so a retried write reuses its slot and a new
+    /// record never takes an old one.
+    last: Slot,
+}
+
+/// The stream key of an agent: `<prefix>:events:<agent>`.
+pub fn stream_key(prefix: &str, agent: &str) -> String {
+    format!("{prefix}:events:{agent}")
+}
+
+/// The key-name prefix of an agent in the keys schema: `<prefix>:ev:<agent>:`.
+pub fn keys_prefix(prefix: &str, agent: &str) -> String {
+    format!("{prefix}:ev:{agent}:")
+}
+
+impl Layout {
+    /// The layout for `agent` under `prefix`.
+    pub fn new(schema: Schema, prefix: &str, agent: &str, retention_ms: u64) -> Self {
+        let key = match schema {
+            Schema::Stream => stream_key(prefix, agent),
+            Schema::Keys => keys_prefix(prefix, agent),
+        };
+        Layout {
+            schema,
+            key,
+            retention_ms,
+            last: Slot { major: 0, seq: 0 },
+        }
+    }
+
+    /// Continue numbering after `slot` (e.g. the newest entry already in the stream).
+    pub fn resume_after(&mut self, slot: Slot) {
+        if slot > self.last {
+            self.last = slot;
+        }
+    }
+
+    /// The next slot for `rec`: its capture millisecond (stream) or µs (keys), or — if the clock
+    /// went back or several records share it — the last slot's time with the next sequence.
+    pub fn next_slot(&mut self, rec: &Record) -> Slot {
+        let major = match self.schema {
+            Schema::Stream => rec.ts_ms(),
+            Schema::Keys => rec.ts_us,
+        };
+        let slot = if major > self.last.major {
+            Slot { major, seq: 0 }
+        } else {
+            Slot {
+                major: self.last.major,
+                seq: self.last.seq + 1,
+            }
+        };
+        self.last = slot;
+        slot
+    }
+
+    /// Queue the command that stores `rec` at `slot`. Storing the same slot twice stores it
+    /// once: XADD refuses an ID not above the stream's top, and SET … NX keeps the first value.
+    pub fn push_store(&self, pipe: &mut Pipeline, rec: &Record, slot: Slot) {
+        let (src, dst) = (rec.src.ip().to_string(), rec.dst.ip().to_string());
+        match self.schema {
+            Schema::Stream => {
+                let cmd = pipe
+                    .cmd("XADD")
+                    .arg(&self.key)
+                    .arg(format!("{}-{}", slot.major, slot.seq))
+                    .arg("src")
+                    .arg(src)
+                    .arg("dst")
+                    .arg(dst)
+                    .arg("sport")
+                    .arg(rec.src.port())
+                    .arg("dport")
+                    .arg(rec.dst.port())
+                    .arg("ts")
+                    .arg(rec.ts_us)
+                    .arg("kind")
+                    .arg(rec.kind_str().as_ref());
+                if let Kind::Segment { len, .. } = rec.kind {
+                    cmd.arg("len").arg(len);
+                }
+            }
+            Schema::Keys => {
+                let mut value = format!(
+                    r#"{{"src":"{src}","dst":"{dst}","sport":{},"dport":{},"ts":{},"kind":"{}""#,
+                    rec.src.port(),
+                    rec.dst.port(),
+                    rec.ts_us,
+                    rec.kind_str()
+                );
+                if let Kind::Segment { len, .. } = rec.kind {
+                    let _ = write!(value, r#","len":{len}"#);
+                }
+                value.push('}');
+                pipe.cmd("SET")
+                    .arg(format!("{}{}:{}", self.key, slot.major, slot.seq))
+                    .arg(value)
+                    .arg("PXAT")
+                    .arg(self.expire_at_ms(rec))
+                    .arg("NX");
+            }
+        }
+    }
+
+    /// Queue the upkeep that follows a batch: trim entries past retention and set the stream's
+    /// own expiry to that of its newest entry (`newest_ms` is the newest capture this writer has
+    /// stored, which only grows), so the key vanishes by itself once this agent stops writing.
+    /// Nothing for the keys schema, whose keys each carry their own expiry.
+    pub fn push_upkeep(&self, pipe: &mut Pipeline, now_ms: u64, newest_ms: u64) {
+        if self.schema == Schema::Stream {
+            self.push_trim(pipe, now_ms);
+            pipe.cmd("PEXPIREAT")
+                .arg(&self.key)
+                .arg(newest_ms + self.retention_ms)
+                .ignore();
+        }
+    }
+
+    /// Queue an exact trim of every stream entry captured before `now − retention`.
+    pub fn push_trim(&self, pipe: &mut Pipeline, now_ms: u64) {
+        if self.schema == Schema::Stream {
+            pipe.cmd("XTRIM")
+                .arg(&self.key)
+                .arg("MINID")
+                .arg(now_ms.saturating_sub(self.retention_ms))
+                .ignore();
+        }
+    }
+
+    /// When `rec` must stop being readable, in ms since the epoch.
+    pub fn expire_at_ms(&self, rec: &Record) -> u64 {
+        rec.ts_ms() + self.retention_ms
+    }
+
+    /// Whether `rec` is already past retention at `now_ms`.
+    pub fn is_expired(&self, rec: &Record, now_ms: u64) -> bool {
+        now_ms >= self.expire_at_ms(rec)
+    }
+}
+
+/// Parse a stream entry ID `ms-seq`.
+pub fn parse_stream_id(id: &str) -> Option<Slot> {
+    let (ms, seq) = id.split_once('-')?;
+    Some(Slot {
+        major: ms.parse().ok()?,
+        seq: seq.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ts_us: u64) -> Record {
+        Record {
+            ts_us,
+            src: "10.0.0.1:5000".parse().unwrap(),
+            dst: "10.0.0.2:9000".parse().unwrap(),
+            kind: Kind::Conn,
+        }
+    }
+
+    #[test]
+    fn slots_grow_even_when_the_clock_goes_back() {
+        let mut l = Layout::new(Schema::Stream, "redtap", "a", 1000);
+        assert_eq!(l.next_slot(&rec(5_000_000)), Slot { major: 5000, seq: 0 });
+        assert_eq!(l.next_slot(&rec(5_000_900)), Slot { major: 5000, seq: 1 });
+        assert_eq!(l.next_slot(&rec(4_000_000)), Slot { major: 5000, seq: 2 });
+        assert_eq!(l.next_slot(&rec(6_000_000)), Slot { major: 6000, seq: 0 });
+        l.resume_after(Slot {
+            major: 9000,
+            seq: 4,
+        });
+        assert_eq!(l.next_slot(&rec(6_000_000)), Slot { major: 9000, seq: 5 });
+    }
+
+    #[test]
+    fn stream_ids_parse() {
+        assert_eq!(
+            parse_stream_id("1700000000000-3"),
+            Some(Slot {
+                major: 1_700_000_000_000,
+                seq: 3
+            })
+        );
+        assert_eq!(parse_stream_id("junk"), None);
+    }
+}
