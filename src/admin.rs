@@ -130,7 +130,10 @@ async fn set_weights(
         Err(e) => {
             return error(
                 e.status(),
-                format!("request body refused ({}); limit is {MAX_BODY} bytes", e.body_text()),
+                format!(
+                    "request body refused ({}); limit is {MAX_BODY} bytes",
+                    e.body_text()
+                ),
             )
         }
     };
@@ -204,7 +207,11 @@ mod tests {
             br#"[1,2]"#,
             br#"{"A":"#,
         ] {
-            assert!(parse_weights(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_weights(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -77,9 +77,13 @@ impl Swrr {
 
     /// The index of the backend for the next record.
     #[inline]
-    pub fn next(&mut self) -> usize {
+    pub fn pick(&mut self) -> usize {
         self.t += 1;
-        let (t, d, total) = (u128::from(self.t), u128::from(self.d), u128::from(self.total));
+        let (t, d, total) = (
+            u128::from(self.t),
+            u128::from(self.d),
+            u128::from(self.total),
+        );
         // Best so far: (index, deadline numerator k·d + d − 1, weight); deadline = num / w.
         let mut best: Option<(usize, u128, u128)> = None;
         // Fallback, never needed if the theorem holds: the largest deficit t·w − k·W.
@@ -289,7 +293,7 @@ impl Router {
                 .since_gen
                 .store(snap.generation, Ordering::Release);
         }
-        let i = self.swrr.next();
+        let i = self.swrr.pick();
         self.pending[i] += 1;
         i
     }
@@ -350,7 +354,7 @@ mod tests {
         let mut counts = vec![0u64; weights.len()];
         let mut worst: f64 = 0.0;
         for step in 1..=n as u64 {
-            counts[swrr.next()] += 1;
+            counts[swrr.pick()] += 1;
             for (i, &w) in weights.iter().enumerate() {
                 // Exact integer arithmetic: |W·count − N·w| / W.
                 let lhs = i128::from(total) * i128::from(counts[i]);
@@ -364,7 +368,7 @@ mod tests {
     #[test]
     fn thirty_seventy_is_exact_every_ten() {
         let mut swrr = Swrr::new(&[30, 70]);
-        let picks: Vec<usize> = (0..10).map(|_| swrr.next()).collect();
+        let picks: Vec<usize> = (0..10).map(|_| swrr.pick()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 3);
         assert!(worst_prefix_deviation(&[30, 70], 10_000) <= 1.0);
     }
@@ -373,7 +377,7 @@ mod tests {
     fn zero_weight_never_picked() {
         let mut swrr = Swrr::new(&[0, 5, 0, 1]);
         for _ in 0..1000 {
-            let i = swrr.next();
+            let i = swrr.pick();
             assert!(i == 1 || i == 3);
         }
     }

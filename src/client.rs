@@ -46,7 +46,10 @@ pub async fn set(admin: &str, weights: &BTreeMap<String, u32>) -> anyhow::Result
 
 async fn answer(resp: reqwest::Response) -> anyhow::Result<Vec<BackendView>> {
     let status = resp.status();
-    let text = resp.text().await.context("reading the admin API's answer")?;
+    let text = resp
+        .text()
+        .await
+        .context("reading the admin API's answer")?;
     if !status.is_success() {
         let msg = serde_json::from_str::<serde_json::Value>(&text)
             .ok()

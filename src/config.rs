@@ -299,7 +299,9 @@ impl Config {
             max_connections,
             idle_timeout: duration(
                 "idle-timeout",
-                args.idle_timeout.as_deref().or(file.idle_timeout.as_deref()),
+                args.idle_timeout
+                    .as_deref()
+                    .or(file.idle_timeout.as_deref()),
                 "30s",
             )?,
             grace: duration(
@@ -453,7 +455,13 @@ fn hostname() -> String {
     let h = gethostname::gethostname().to_string_lossy().into_owned();
     let h: String = h
         .chars()
-        .map(|c| if c == ':' || c.is_whitespace() { '_' } else { c })
+        .map(|c| {
+            if c == ':' || c.is_whitespace() {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect();
     if h.is_empty() {
         "redtap".into()

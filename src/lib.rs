@@ -73,8 +73,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let balance = Balance::new(names.clone(), weights);
     let metrics = Arc::new(Metrics::new(&names));
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = capture::connections::bind_listener(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let admin_listener = match config.admin {
         Some(addr) => Some(
@@ -169,7 +168,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
     tokio::pin!(drain);
-    if tokio::time::timeout(config.grace, &mut drain).await.is_err() {
+    if tokio::time::timeout(config.grace, &mut drain)
+        .await
+        .is_err()
+    {
         warn!("grace period over; dropping what is left");
         abort.cancel();
         drain.await;
@@ -200,8 +202,7 @@ async fn reload_on_sighup(
     balance: Arc<Balance>,
     shutdown: CancellationToken,
 ) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         return;
     };
     loop {

@@ -11,7 +11,11 @@ use redtap::config::{Config, LogFormat, RunArgs};
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "redtap", version, about = "Capture who sends TCP traffic to an address; keep it in weighted Redis backends for a retention window.")]
+#[command(
+    name = "redtap",
+    version,
+    about = "Capture who sends TCP traffic to an address; keep it in weighted Redis backends for a retention window."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,11 +24,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Capture on an address and store records in Redis.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show backends, weights and shares; `weights set NAME=W…` changes them live.
     Weights {
         /// The agent's admin API.
-        #[arg(long, global = true, env = "REDTAP_ADMIN", default_value = "http://127.0.0.1:9900")]
+        #[arg(
+            long,
+            global = true,
+            env = "REDTAP_ADMIN",
+            default_value = "http://127.0.0.1:9900"
+        )]
         admin: String,
         /// Print JSON instead of a table.
         #[arg(long, global = true)]
@@ -80,7 +89,11 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::Weights { admin, json, action } => rt.block_on(async {
+        Command::Weights {
+            admin,
+            json,
+            action,
+        } => rt.block_on(async {
             let result = match action {
                 None => redtap::client::backends(&admin).await,
                 Some(WeightsAction::Set { pairs }) => match redtap::client::parse_pairs(&pairs) {
@@ -93,7 +106,10 @@ fn main() -> ExitCode {
             };
             match result {
                 Ok(b) if json => {
-                    println!("{}", serde_json::to_string_pretty(&b).expect("serializable"));
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&b).expect("serializable")
+                    );
                     ExitCode::SUCCESS
                 }
                 Ok(b) => {
@@ -126,6 +142,7 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("REDTAP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -194,11 +194,8 @@ impl Writer {
             self.layout.push_store(&mut pipe, &p.rec, slot);
             newest = newest.max(p.rec.ts_ms());
         }
-        self.layout
-            .push_upkeep(&mut pipe, now_us() / 1000, newest);
-        let replies = conn
-            .req_packed_commands(&pipe, 0, pipe.len())
-            .await?;
+        self.layout.push_upkeep(&mut pipe, now_us() / 1000, newest);
+        let replies = conn.req_packed_commands(&pipe, 0, pipe.len()).await?;
         let mut first_err = None;
         for (p, reply) in batch.iter_mut().zip(replies) {
             match reply {

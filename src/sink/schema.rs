@@ -193,15 +193,45 @@ mod tests {
     #[test]
     fn slots_grow_even_when_the_clock_goes_back() {
         let mut l = Layout::new(Schema::Stream, "redtap", "a", 1000);
-        assert_eq!(l.next_slot(&rec(5_000_000)), Slot { major: 5000, seq: 0 });
-        assert_eq!(l.next_slot(&rec(5_000_900)), Slot { major: 5000, seq: 1 });
-        assert_eq!(l.next_slot(&rec(4_000_000)), Slot { major: 5000, seq: 2 });
-        assert_eq!(l.next_slot(&rec(6_000_000)), Slot { major: 6000, seq: 0 });
+        assert_eq!(
+            l.next_slot(&rec(5_000_000)),
+            Slot {
+                major: 5000,
+                seq: 0
+            }
+        );
+        assert_eq!(
+            l.next_slot(&rec(5_000_900)),
+            Slot {
+                major: 5000,
+                seq: 1
+            }
+        );
+        assert_eq!(
+            l.next_slot(&rec(4_000_000)),
+            Slot {
+                major: 5000,
+                seq: 2
+            }
+        );
+        assert_eq!(
+            l.next_slot(&rec(6_000_000)),
+            Slot {
+                major: 6000,
+                seq: 0
+            }
+        );
         l.resume_after(Slot {
             major: 9000,
             seq: 4,
         });
-        assert_eq!(l.next_slot(&rec(6_000_000)), Slot { major: 9000, seq: 5 });
+        assert_eq!(
+            l.next_slot(&rec(6_000_000)),
+            Slot {
+                major: 9000,
+                seq: 5
+            }
+        );
     }
 
     #[test]

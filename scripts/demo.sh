@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Local demo: two Redis instances weighted 30/70, redtap in front of them, live traffic, then a
+# live change of weights to 50/50 — and the shares follow. Installs redis-server if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+need redis-server redis-server
+need redis-cli redis-tools
+
+echo "==> building redtap (release)"
+cargo build --release --quiet --bin redtap --example connload
+bin=target/release/redtap
+load=target/release/examples/connload
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+port_a=$(free_port); port_b=$(free_port); listen=$(free_port); admin=$(free_port)
+for p in $port_a $port_b; do
+    redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
+        --logfile "$work/redis-$p.log" &
+    pids+=($!)
+done
+for p in $port_a $port_b; do
+    until redis-cli -p "$p" ping >/dev/null 2>&1; do sleep 0.1; done
+done
+echo "==> Redis A on :$port_a, Redis B on :$port_b"
+
+"$bin" run --listen "127.0.0.1:$listen" --admin "127.0.0.1:$admin" --capture connections \
+    --agent demo --retention 5m \
+    --backend "A=redis://127.0.0.1:$port_a@30" --backend "B=redis://127.0.0.1:$port_b@70" \
+    2>"$work/redtap.log" &
+pids+=($!)
+export REDTAP_ADMIN="http://127.0.0.1:$admin"
+until "$bin" weights >/dev/null 2>&1; do sleep 0.1; done
+echo "==> redtap captures on 127.0.0.1:$listen, admin API on $REDTAP_ADMIN"
+
+echo; echo "==> 10,000 connections at weights A=30 B=70"
+"$load" "127.0.0.1:$listen" 4 2500
+sleep 0.5
+"$bin" weights
+
+echo; echo "==> live change: redtap weights set A=50 B=50"
+"$bin" weights set A=50 B=50 >/dev/null
+echo "==> 10,000 more connections"
+"$load" "127.0.0.1:$listen" 4 2500
+sleep 0.5
+"$bin" weights
+echo "(SINCE = share since the last weight change; ACTUAL = since start)"
+
+echo; echo "==> what Redis holds (stream redtap:events:demo)"
+echo "A: $(redis-cli -p "$port_a" xlen redtap:events:demo) records   B: $(redis-cli -p "$port_b" xlen redtap:events:demo) records"
+echo "newest record in B:"
+redis-cli -p "$port_b" xrevrange redtap:events:demo + - COUNT 1
+echo; echo "==> done; stopping redtap and both Redis instances"

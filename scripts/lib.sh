@@ -1,0 +1,25 @@
+# Shared helpers for scripts/*.sh. Source it; do not run it.
+
+# need CMD PKG: make sure CMD exists, installing Debian package PKG when we are root, else
+# stopping with a message that names the package.
+need() {
+    local cmd=$1 pkg=$2
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing $pkg (for $cmd)"
+        if [ -z "${REDTAP_APT_UPDATED:-}" ]; then
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            REDTAP_APT_UPDATED=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
+        command -v "$cmd" >/dev/null 2>&1 && return 0
+    fi
+    echo "redtap: '$cmd' is missing: install it with 'sudo apt-get install $pkg' and run this again" >&2
+    exit 1
+}
+
+# free_port: print a TCP port that nothing listens on now.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
+        || echo $((20000 + RANDOM % 20000))
+}

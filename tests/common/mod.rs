@@ -1,0 +1,390 @@
+//! Test harness: real `redis-server` processes and the real `redtap` binary, on free ports.
+//!
+//! - [`RedisServer`]: a redis-server on a free port in a temp dir, killed and reaped on drop; its
+//!   log is printed if the test panics.
+//! - [`Daemon`]: the `redtap` binary with given flags, its admin API on a free port; SIGKILLed on
+//!   drop, stopped cleanly with [`Daemon::stop`].
+//! - [`eventually`]: poll a condition until a deadline instead of sleeping.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bound then released; the OS does not reuse it at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Poll `cond` every 20 ms until it holds or `within` passes; panic with `what` on timeout.
+pub fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(cond(), "timed out after {within:?} waiting for: {what}");
+}
+
+/// A running redis-server.
+pub struct RedisServer {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Start a redis-server with persistence off on a free port and wait until it answers PING.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`start`](Self::start) with extra `redis-server` arguments (e.g. `--maxmemory 1mb`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().unwrap();
+            let log = dir.path().join("redis.log");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--dir", dir.path().to_str().unwrap()])
+                .args(["--logfile", log.to_str().unwrap()])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server not found: install it (apt-get install redis-server)");
+            let mut server = RedisServer { child, port, dir };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = server.child.try_wait() {
+                    break; // port taken, most likely: try another
+                }
+                if let Ok(mut c) = server.conn() {
+                    if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                        return server;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("could not start redis-server");
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A fresh synchronous connection.
+    pub fn conn(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(2))
+    }
+
+    /// Entries in a stream (0 if it does not exist).
+    pub fn xlen(&self, key: &str) -> u64 {
+        redis::cmd("XLEN")
+            .arg(key)
+            .query(&mut self.conn().unwrap())
+            .unwrap()
+    }
+
+    /// Every entry of a stream as (id, fields).
+    pub fn xrange(&self, key: &str) -> Vec<(String, Vec<(String, String)>)> {
+        let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query(&mut self.conn().unwrap())
+            .unwrap();
+        v
+    }
+
+    /// Keys matching a pattern, by SCAN (which skips keys already expired).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut c = self.conn().unwrap();
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut c)
+                .unwrap();
+            out.extend(batch);
+            if next == 0 {
+                return out;
+            }
+            cursor = next;
+        }
+    }
+
+    /// Send a signal (e.g. "STOP", "CONT", "KILL") to the server process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- redis-server :{} log ---\n{}", self.port, self.log());
+        }
+    }
+}
+
+/// A running `redtap run`.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Where it captures.
+    pub listen: SocketAddr,
+    /// Its admin API, `http://127.0.0.1:<port>`.
+    pub admin: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The path of the built `redtap` binary.
+pub fn redtap_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_redtap")
+}
+
+impl Daemon {
+    /// Start `redtap run` with `args` (without --listen/--admin, which are chosen here) and wait
+    /// until its admin API answers.
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_on(&format!("127.0.0.1:{}", free_port()), args)
+    }
+
+    /// Like [`start`](Self::start), capturing on `listen`.
+    pub fn start_on(listen: &str, args: &[&str]) -> Self {
+        let admin_port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("redtap.log");
+        let child = Command::new(redtap_bin())
+            .arg("run")
+            .args(["--listen", listen])
+            .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+            .args(args)
+            .env("REDTAP_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child: Some(child),
+            listen: listen.parse().unwrap(),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("redtap exited early ({status}):\n{}", d.log());
+            }
+            if http_get(&format!("{}/healthz", d.admin)).is_ok() {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redtap did not start:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET /v1/backends` as JSON.
+    pub fn backends(&self) -> serde_json::Value {
+        let body = http_get(&format!("{}/v1/backends", self.admin)).unwrap().1;
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// `GET /metrics`.
+    pub fn metrics(&self) -> String {
+        http_get(&format!("{}/metrics", self.admin)).unwrap().1
+    }
+
+    /// The value of one metric line, e.g. `redtap_records_captured_total`.
+    pub fn metric(&self, name_and_labels: &str) -> f64 {
+        let m = self.metrics();
+        m.lines()
+            .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name_and_labels} not found in:\n{m}"))
+    }
+
+    /// Send SIGTERM and wait for exit, at most `within`.
+    pub fn stop(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe_free_kill(child.id(), "TERM");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("redtap did not exit within {within:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send a signal such as "HUP".
+    pub fn signal(&self, sig: &str) {
+        unsafe_free_kill(self.child.as_ref().expect("running").id(), sig);
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- redtap log ---\n{}", self.log());
+        }
+    }
+}
+
+/// `kill -SIG pid` through the kill(1) command (keeps the tests free of unsafe code).
+fn unsafe_free_kill(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// A minimal blocking HTTP/1.1 client for the admin API: (status, body).
+pub fn http(method: &str, url: &str, body: Option<&[u8]>) -> std::io::Result<(u16, String)> {
+    use std::io::Write;
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or(b"");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad HTTP answer: {text:?}")))?;
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Ok((status, dechunk(&text, body)))
+}
+
+fn dechunk(head: &str, body: &str) -> String {
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return body.to_string();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((len, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    out
+}
+
+/// `GET url`.
+pub fn http_get(url: &str) -> std::io::Result<(u16, String)> {
+    http("GET", url, None)
+}
+
+/// Open one TCP connection to `addr` from `src` (port chosen by the kernel).
+pub fn connect_from(
+    src: std::net::IpAddr,
+    addr: SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.bind(&SocketAddr::new(src, 0).into())?;
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    Ok(sock.into())
+}
+
+/// Open and close `n` TCP connections to `addr`, `concurrency` at a time. Returns how many
+/// connected. Bounded: each connect has a 5 s timeout.
+///
+/// For an IPv4 loopback target each thread connects from its own source address in
+/// 127.0.0.0/8 (127.0.1.x): the client closes first, and thousands of TIME_WAIT sockets on one
+/// source address make every new connect() hunt for a free port (we measured 1 ms a connect).
+pub fn connect_many(addr: SocketAddr, n: usize, concurrency: usize) -> usize {
+    let per = n.div_ceil(concurrency);
+    let handles: Vec<_> = (0..concurrency)
+        .map(|t| {
+            let count = per.min(n.saturating_sub(t * per));
+            std::thread::spawn(move || {
+                let src: std::net::IpAddr = match addr {
+                    SocketAddr::V4(a) if a.ip().is_loopback() => {
+                        std::net::Ipv4Addr::new(127, 0, 1, (t % 250) as u8 + 1).into()
+                    }
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                };
+                let mut ok = 0;
+                for _ in 0..count {
+                    if connect_from(src, addr).is_ok() {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).sum()
+}
