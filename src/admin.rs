@@ -9,15 +9,20 @@
 //! - `GET /metrics` — Prometheus text format.
 //! - `GET /healthz` — `ok` while the daemon runs.
 //!
+//! With a token configured (required when listening beyond loopback), every endpoint but
+//! `/healthz` needs `Authorization: Bearer <token>` and answers 401 without it.
+//!
 //! The API never touches the record hot path: a weight change publishes a new snapshot that the
 //! balancer picks up on its next record.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -28,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::balance::{Balance, MAX_WEIGHT};
+use crate::buffer::Budget;
+use crate::health::Board;
 use crate::config::BackendConfig;
 use crate::metrics::Metrics;
 
@@ -41,8 +48,16 @@ pub struct AdminState {
     pub balance: Arc<Balance>,
     /// Every metric.
     pub metrics: Arc<Metrics>,
+    /// Backend health.
+    pub board: Arc<Board>,
+    /// Waiting records.
+    pub budget: Arc<Budget>,
     /// The configured backends (for names and redacted URLs).
     pub backends: Vec<BackendConfig>,
+    /// Where weight changes are recorded.
+    pub state_file: Option<PathBuf>,
+    /// Bearer token every endpoint but `/healthz` requires, if set.
+    pub token: Option<String>,
 }
 
 /// One backend in `GET /v1/backends` and `PUT /v1/weights` answers.
@@ -68,17 +83,45 @@ pub struct BackendView {
     pub records_written: u64,
     /// Failed write attempts.
     pub write_errors: u64,
+    /// Whether the backend takes records now.
+    pub up: bool,
 }
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
-    Router::new()
+    let guarded = Router::new()
         .route("/v1/backends", get(backends))
         .route("/v1/weights", put(set_weights))
         .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(guarded)
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// With a token configured, refuse requests without `Authorization: Bearer <token>` (401).
+async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer <token>)".into(),
+            );
+        }
+    }
+    next.run(req).await
+}
+
+/// Compare without an early exit, so timing does not reveal how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serve the admin API on `listener` until `shutdown` fires.
@@ -102,7 +145,8 @@ fn view(state: &AdminState) -> Vec<BackendView> {
         .into_iter()
         .zip(&state.backends)
         .zip(&state.metrics.backends)
-        .map(|((v, b), m)| BackendView {
+        .zip(state.board.snapshot())
+        .map(|(((v, b), m), up)| BackendView {
             name: v.name,
             url: b.redacted_url(),
             weight: v.weight,
@@ -113,6 +157,7 @@ fn view(state: &AdminState) -> Vec<BackendView> {
             records_routed_since_change: v.routed_since_change,
             records_written: m.written.get(),
             write_errors: m.write_errors.get(),
+            up,
         })
         .collect()
 }
@@ -141,7 +186,7 @@ async fn set_weights(
         Ok(c) => c,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
-    match state.balance.set_weights(&changes) {
+    match crate::apply_weights(&state.balance, &changes, state.state_file.as_deref()) {
         Ok(()) => {
             info!(?changes, "weights changed through the admin API");
             Json(view(&state)).into_response()
@@ -176,7 +221,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(&state.balance),
+        state
+            .metrics
+            .render(&state.balance, &state.board, &state.budget),
     )
         .into_response()
 }

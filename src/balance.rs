@@ -11,11 +11,19 @@
 //! Guarantee (proved by the property tests below): between two weight changes, after any prefix
 //! of N records, every backend's count differs from N·w/Σw by at most 1.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::{Budget, OnFull};
+use crate::health::Board;
+use crate::metrics::{DropReason, Metrics};
+use crate::record::{now_us, Record};
 
 /// The largest weight a backend may have.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -218,6 +226,16 @@ impl Balance {
         Ok(())
     }
 
+    /// The weights now in force, by name.
+    pub fn weights_by_name(&self) -> BTreeMap<String, u32> {
+        let snap = self.snapshot.load();
+        self.names
+            .iter()
+            .cloned()
+            .zip(snap.weights.iter().copied())
+            .collect()
+    }
+
     /// Shares and counts per backend.
     pub fn view(&self) -> Vec<ShareView> {
         let snap = self.snapshot.load();
@@ -253,49 +271,94 @@ impl Balance {
     }
 }
 
+/// Where a down backend's share goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    /// To the backends that are up, in proportion to their weights.
+    Redistribute,
+    /// Nowhere: its records wait for it (bounded by the buffer).
+    Hold,
+}
+
 /// The hot-path side: owned by the one balancer task, routes records one by one.
 pub struct Router {
     balance: Arc<Balance>,
+    board: Arc<Board>,
+    on_down: OnDown,
     generation: u64,
-    swrr: Swrr,
+    health_generation: u64,
+    /// `None` when no backend can take records (all down, `redistribute`).
+    swrr: Option<Swrr>,
     /// Per-backend counts not yet published to the shared counters.
     pending: Vec<u64>,
 }
 
 impl Router {
-    /// A router over the weights now in force.
-    pub fn new(balance: Arc<Balance>) -> Self {
-        let snap = balance.snapshot.load();
-        let swrr = Swrr::new(&snap.weights);
-        let generation = snap.generation;
+    /// A router over the weights and health now in force.
+    pub fn new(balance: Arc<Balance>, board: Arc<Board>, on_down: OnDown) -> Self {
         let n = balance.names.len();
-        Router {
+        let mut r = Router {
             balance,
-            generation,
-            swrr,
+            board,
+            on_down,
+            generation: 0,
+            health_generation: 0,
+            swrr: None,
             pending: vec![0; n],
+        };
+        r.rebuild();
+        r
+    }
+
+    /// Pick up health changes; call once per batch. A change restarts the selector, so the
+    /// one-record bound holds again from the next record over the backends that are up.
+    pub fn sync_health(&mut self) {
+        if self.board.generation() != self.health_generation {
+            self.rebuild();
         }
     }
 
-    /// The backend index for the next record. A weight change applies from the first call after
-    /// it was published.
-    #[inline]
-    pub fn route(&mut self) -> usize {
+    /// Whether any backend can take a record now.
+    pub fn can_route(&self) -> bool {
+        self.swrr.is_some()
+    }
+
+    fn rebuild(&mut self) {
         let snap = self.balance.snapshot.load();
-        if snap.generation != self.generation {
+        self.health_generation = self.board.generation();
+        self.generation = snap.generation;
+        let up = self.board.snapshot();
+        let effective: Vec<u32> = snap
+            .weights
+            .iter()
+            .zip(&up)
+            .map(|(&w, &up)| match self.on_down {
+                OnDown::Redistribute if !up => 0,
+                _ => w,
+            })
+            .collect();
+        self.swrr = effective.iter().any(|&w| w > 0).then(|| Swrr::new(&effective));
+    }
+
+    /// The backend index for the next record, or `None` if no backend can take it. A weight
+    /// change applies from the first call after it was published.
+    #[inline]
+    pub fn route(&mut self) -> Option<usize> {
+        let generation = self.balance.snapshot.load().generation;
+        if generation != self.generation {
             self.flush();
-            self.generation = snap.generation;
-            self.swrr = Swrr::new(&snap.weights);
+            self.rebuild();
             for c in &self.balance.routed_since {
                 c.store(0, Ordering::Relaxed);
             }
             self.balance
                 .since_gen
-                .store(snap.generation, Ordering::Release);
+                .store(self.generation, Ordering::Release);
         }
-        let i = self.swrr.pick();
+        let i = self.swrr.as_mut()?.pick();
         self.pending[i] += 1;
-        i
+        Some(i)
     }
 
     /// Publish the counts of the records routed since the last flush. Called once per batch so
@@ -312,34 +375,133 @@ impl Router {
 }
 
 /// The balancer task: takes records from the capture queue, routes each one, and hands each
-/// backend its share as one batch. Ends when the capture queue closes and is empty; dropping
-/// `writers` then lets each writer finish.
-pub async fn run_balancer(
-    mut router: Router,
-    mut queue: tokio::sync::mpsc::Receiver<crate::record::Record>,
-    writers: Vec<tokio::sync::mpsc::Sender<Vec<crate::record::Record>>>,
-    metrics: Arc<crate::metrics::Metrics>,
-    batch_size: usize,
-) {
-    let mut buf = Vec::with_capacity(batch_size);
-    let mut per_backend: Vec<Vec<crate::record::Record>> = vec![Vec::new(); writers.len()];
-    while queue.recv_many(&mut buf, batch_size).await > 0 {
-        metrics.set_queue_depth(queue.len());
-        for rec in buf.drain(..) {
-            per_backend[router.route()].push(rec);
+/// backend its share as one batch. While no backend can take records they wait here, bounded
+/// by the buffer budget. Ends when the capture queue is closed and everything has been handed
+/// on (or dropped once `abort` fires); dropping `writers` then lets each writer finish.
+pub struct Balancer {
+    /// Routes records.
+    pub router: Router,
+    /// The capture queue.
+    pub queue: mpsc::Receiver<Record>,
+    /// One sender per writer, in backend order.
+    pub writers: Vec<mpsc::Sender<Vec<Record>>>,
+    /// Every metric.
+    pub metrics: Arc<Metrics>,
+    /// Backend health, to wake up when a backend returns.
+    pub board: Arc<Board>,
+    /// Records taken from the queue at once.
+    pub batch_size: usize,
+    /// Bound on waiting records.
+    pub budget: Arc<Budget>,
+    /// What to do when the budget is full.
+    pub on_full: OnFull,
+    /// Retention in ms: waiting records past it are dropped (`expired`).
+    pub retention_ms: u64,
+}
+
+impl Balancer {
+    /// Run until the queue closes and drains (see the type's doc).
+    pub async fn run(mut self, abort: CancellationToken) {
+        let mut buf = Vec::with_capacity(self.batch_size);
+        let mut held: VecDeque<Record> = VecDeque::new();
+        let mut closed = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.router.sync_health();
+            if self.router.can_route() && !held.is_empty() {
+                let n = held.len().min(self.batch_size);
+                let chunk: Vec<Record> = held.drain(..n).collect();
+                self.budget.release(n);
+                let mut unrouted = self.dispatch(chunk).await;
+                self.hold(&mut held, &mut unrouted);
+                continue;
+            }
+            if closed && held.is_empty() {
+                break;
+            }
+            let room = self.router.can_route()
+                || self.on_full == OnFull::DropOldest
+                || self.budget.has_room(self.batch_size);
+            tokio::select! {
+                n = self.queue.recv_many(&mut buf, self.batch_size), if !closed && room => {
+                    self.metrics.set_queue_depth(self.queue.len());
+                    if n == 0 {
+                        closed = true;
+                    } else if self.router.can_route() {
+                        let mut unrouted = self.dispatch(std::mem::take(&mut buf)).await;
+                        self.hold(&mut held, &mut unrouted);
+                    } else {
+                        self.hold(&mut held, &mut buf);
+                    }
+                }
+                _ = self.board.changed() => {}
+                _ = tick.tick() => self.evict_expired(&mut held),
+                _ = abort.cancelled(), if !abort.is_cancelled() => {}
+            }
+            if abort.is_cancelled() && closed && !self.router.can_route() {
+                self.metrics
+                    .dropped(DropReason::Shutdown, held.len() as u64);
+                self.budget.release(held.len());
+                held.clear();
+            }
         }
-        router.flush();
-        for (i, batch) in per_backend.iter_mut().enumerate() {
+        self.metrics.set_queue_depth(0);
+    }
+
+    /// Route `records` and send each backend its share. Returns the records no backend could
+    /// take (a weight change mid-batch left only down backends with weight).
+    async fn dispatch(&mut self, records: Vec<Record>) -> Vec<Record> {
+        let n = self.writers.len();
+        let mut per_backend: Vec<Vec<Record>> = vec![Vec::new(); n];
+        let mut unrouted = Vec::new();
+        for rec in records {
+            match self.router.route() {
+                Some(i) => per_backend[i].push(rec),
+                None => unrouted.push(rec),
+            }
+        }
+        self.router.flush();
+        for (i, batch) in per_backend.into_iter().enumerate() {
             if !batch.is_empty() {
-                let batch = std::mem::replace(batch, Vec::with_capacity(batch_size));
-                // A writer only goes away at shutdown, after its queue is drained.
-                if writers[i].send(batch).await.is_err() {
-                    tracing::error!(backend = i, "writer gone; records lost");
+                let len = batch.len() as u64;
+                // A writer only goes away at shutdown, after its queue has closed.
+                if self.writers[i].send(batch).await.is_err() {
+                    tracing::error!(backend = i, records = len, "writer gone; records dropped");
+                    self.metrics.dropped(DropReason::Shutdown, len);
                 }
             }
         }
+        unrouted
     }
-    metrics.set_queue_depth(0);
+
+    /// Keep records while no backend can take them, within the budget.
+    fn hold(&self, held: &mut VecDeque<Record>, buf: &mut Vec<Record>) {
+        let n = buf.len();
+        if n == 0 {
+            return;
+        }
+        held.extend(buf.drain(..));
+        self.budget.take(n);
+        let over = self.budget.used().saturating_sub(self.budget.max_records());
+        let over = over.min(held.len());
+        if over > 0 {
+            held.drain(..over);
+            self.budget.release(over);
+            self.metrics.dropped(DropReason::Overflow, over as u64);
+        }
+    }
+
+    fn evict_expired(&self, held: &mut VecDeque<Record>) {
+        let cutoff_ms = (now_us() / 1000).saturating_sub(self.retention_ms);
+        let before = held.len();
+        held.retain(|r| r.ts_ms() > cutoff_ms);
+        let gone = before - held.len();
+        if gone > 0 {
+            self.budget.release(gone);
+            self.metrics.dropped(DropReason::Expired, gone as u64);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -445,7 +607,8 @@ mod tests {
     #[test]
     fn router_follows_change_from_next_record() {
         let balance = Balance::new(vec!["A".into(), "B".into()], vec![30, 70]);
-        let mut router = Router::new(balance.clone());
+        let board = Arc::new(Board::new(2));
+        let mut router = Router::new(balance.clone(), board, OnDown::Redistribute);
         for _ in 0..100 {
             router.route();
         }
@@ -454,7 +617,7 @@ mod tests {
             .set_weights(&BTreeMap::from([("A".into(), 100), ("B".into(), 0)]))
             .unwrap();
         for _ in 0..50 {
-            assert_eq!(router.route(), 0);
+            assert_eq!(router.route(), Some(0));
         }
         router.flush();
         let v = balance.view();

@@ -8,9 +8,10 @@ use crate::admin::BackendView;
 use crate::config::parse_weight;
 
 /// Fetch `GET /v1/backends` from the agent at `admin`.
-pub async fn backends(admin: &str) -> anyhow::Result<Vec<BackendView>> {
+pub async fn backends(admin: &str, token: Option<&str>) -> anyhow::Result<Vec<BackendView>> {
     let url = format!("{}/v1/backends", admin.trim_end_matches('/'));
-    let resp = reqwest::get(&url)
+    let resp = authorized(reqwest::Client::new().get(&url), token)
+        .send()
         .await
         .with_context(|| format!("cannot reach the redtap admin API at {admin}"))?;
     answer(resp).await
@@ -33,15 +34,25 @@ pub fn parse_pairs(pairs: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
 }
 
 /// `PUT /v1/weights` on the agent at `admin`.
-pub async fn set(admin: &str, weights: &BTreeMap<String, u32>) -> anyhow::Result<Vec<BackendView>> {
+pub async fn set(
+    admin: &str,
+    token: Option<&str>,
+    weights: &BTreeMap<String, u32>,
+) -> anyhow::Result<Vec<BackendView>> {
     let url = format!("{}/v1/weights", admin.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .put(&url)
+    let resp = authorized(reqwest::Client::new().put(&url), token)
         .json(weights)
         .send()
         .await
         .with_context(|| format!("cannot reach the redtap admin API at {admin}"))?;
     answer(resp).await
+}
+
+fn authorized(req: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
+    match token {
+        Some(t) => req.bearer_auth(t),
+        None => req,
+    }
 }
 
 async fn answer(resp: reqwest::Response) -> anyhow::Result<Vec<BackendView>> {
@@ -63,13 +74,14 @@ async fn answer(resp: reqwest::Response) -> anyhow::Result<Vec<BackendView>> {
 /// A table of backends for a terminal.
 pub fn table(backends: &[BackendView]) -> String {
     let mut out = format!(
-        "{:<10} {:>6} {:>7} {:>8} {:>8} {:>12}  {}\n",
-        "BACKEND", "WEIGHT", "TARGET", "ACTUAL", "SINCE", "WRITTEN", "URL"
+        "{:<10} {:>4} {:>6} {:>7} {:>8} {:>8} {:>12}  {}\n",
+        "BACKEND", "UP", "WEIGHT", "TARGET", "ACTUAL", "SINCE", "WRITTEN", "URL"
     );
     for b in backends {
         out += &format!(
-            "{:<10} {:>6} {:>6.1}% {:>7.1}% {:>7.1}% {:>12}  {}\n",
+            "{:<10} {:>4} {:>6} {:>6.1}% {:>7.1}% {:>7.1}% {:>12}  {}\n",
             b.name,
+            if b.up { "up" } else { "DOWN" },
             b.weight,
             b.target_share * 100.0,
             b.actual_share * 100.0,

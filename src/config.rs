@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::balance::MAX_WEIGHT;
+use crate::balance::{OnDown, MAX_WEIGHT};
+use crate::health::HealthConfig;
 
 /// A configuration problem, phrased for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,20 @@ pub struct FileConfig {
     pub batch_size: Option<usize>,
     /// `text` or `json`.
     pub log_format: Option<LogFormat>,
+    /// `redistribute` or `hold`.
+    pub on_backend_down: Option<OnDown>,
+    /// Memory for records waiting on down backends, e.g. `256MiB`.
+    pub buffer_max: Option<String>,
+    /// Consecutive failures that mark a backend down.
+    pub down_after: Option<u32>,
+    /// Consecutive successful PINGs that mark it up again.
+    pub up_after: Option<u32>,
+    /// How long a Redis command may take before it counts as failed.
+    pub health_timeout: Option<String>,
+    /// Where weights set through the API are kept across restarts, or `off`.
+    pub state_file: Option<String>,
+    /// Bearer token the admin API requires.
+    pub admin_token: Option<String>,
     /// The Redis backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -164,6 +179,28 @@ pub struct RunArgs {
     /// Log format (default text).
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Where a down backend's share goes (default redistribute).
+    #[arg(long, value_enum)]
+    pub on_backend_down: Option<OnDown>,
+    /// Memory for records waiting on down backends (default 256MiB).
+    #[arg(long)]
+    pub buffer_max: Option<String>,
+    /// Consecutive failures that mark a backend down (default 2).
+    #[arg(long)]
+    pub down_after: Option<u32>,
+    /// Consecutive successful PINGs that mark it up again (default 2).
+    #[arg(long)]
+    pub up_after: Option<u32>,
+    /// How long a Redis command may take before it counts as failed (default 750ms).
+    #[arg(long)]
+    pub health_timeout: Option<String>,
+    /// File keeping weights set through the API across restarts, or `off`
+    /// (default redtap-state-<agent>.json in the working directory).
+    #[arg(long)]
+    pub state_file: Option<String>,
+    /// Bearer token the admin API requires (required when it listens beyond loopback).
+    #[arg(long, env = "REDTAP_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// The validated configuration the daemon runs with.
@@ -199,6 +236,16 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The file this came from, re-read on SIGHUP.
     pub config_path: Option<PathBuf>,
+    /// Where a down backend's share goes.
+    pub on_backend_down: OnDown,
+    /// Bytes of records allowed to wait on down backends.
+    pub buffer_max: usize,
+    /// Health thresholds.
+    pub health: HealthConfig,
+    /// Where API weight changes are kept across restarts; `None` when `off`.
+    pub state_file: Option<PathBuf>,
+    /// Bearer token the admin API requires, if any.
+    pub admin_token: Option<String>,
 }
 
 impl Config {
@@ -250,7 +297,7 @@ impl Config {
             .clone()
             .or(file.admin)
             .unwrap_or_else(|| "127.0.0.1:9900".into());
-        let admin = if admin_s == "off" {
+        let admin: Option<SocketAddr> = if admin_s == "off" {
             None
         } else {
             Some(admin_s.parse().map_err(|_| {
@@ -284,7 +331,67 @@ impl Config {
         let batch_size = args.batch_size.or(file.batch_size).unwrap_or(1024);
         positive("batch-size", batch_size)?;
 
+        let buffer_s = args
+            .buffer_max
+            .clone()
+            .or(file.buffer_max)
+            .unwrap_or_else(|| "256MiB".into());
+        let buffer_max = buffer_s
+            .parse::<bytesize::ByteSize>()
+            .map_err(|_| {
+                ConfigError(format!(
+                    "--buffer-max {buffer_s:?} is not a size; use e.g. 64MiB or 1GiB"
+                ))
+            })?
+            .as_u64() as usize;
+        let defaults = HealthConfig::default();
+        let health = HealthConfig {
+            down_after: args.down_after.or(file.down_after).unwrap_or(defaults.down_after),
+            up_after: args.up_after.or(file.up_after).unwrap_or(defaults.up_after),
+            timeout: duration(
+                "health-timeout",
+                args.health_timeout
+                    .as_deref()
+                    .or(file.health_timeout.as_deref()),
+                "750ms",
+            )?,
+            probe_every: defaults.probe_every,
+        };
+        if health.down_after == 0 || health.up_after == 0 {
+            return err("--down-after and --up-after must be at least 1");
+        }
+        if health.timeout.is_zero() {
+            return err("--health-timeout must be more than 0");
+        }
+        let state_file = match args.state_file.clone().or(file.state_file) {
+            Some(s) if s == "off" => None,
+            Some(s) => Some(PathBuf::from(s)),
+            None => Some(PathBuf::from(format!("redtap-state-{agent}.json"))),
+        };
+        let admin_token = args.admin_token.clone().or(file.admin_token);
+        if let Some(t) = &admin_token {
+            if t.len() < 16 || t.chars().any(|c| c.is_whitespace()) {
+                return err("--admin-token must be at least 16 characters, without spaces");
+            }
+        }
+        if let Some(addr) = admin {
+            if !addr.ip().is_loopback() && admin_token.is_none() {
+                return err(format!(
+                    "--admin {addr} is reachable from other hosts: set --admin-token \
+                     (or REDTAP_ADMIN_TOKEN), or listen on 127.0.0.1"
+                ));
+            }
+        }
+
         Ok(Config {
+            on_backend_down: args
+                .on_backend_down
+                .or(file.on_backend_down)
+                .unwrap_or(OnDown::Redistribute),
+            buffer_max,
+            health,
+            state_file,
+            admin_token,
             listen,
             capture: args
                 .capture

@@ -26,12 +26,15 @@
 
 pub mod admin;
 pub mod balance;
+pub mod buffer;
 pub mod capture;
 pub mod client;
 pub mod config;
+pub mod health;
 pub mod metrics;
 pub mod record;
 pub mod sink;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,11 +44,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use balance::{Balance, Router};
+use balance::{Balance, Balancer, Router};
+use buffer::{Budget, OnFull};
 use config::{CaptureMode, Config};
+use health::Board;
 use metrics::{DropReason, Metrics};
 use sink::schema::Layout;
-use sink::Writer;
+use sink::{Writer, WriterContext};
 
 /// Batches a writer's queue holds before the balancer waits.
 const WRITER_QUEUE_BATCHES: usize = 16;
@@ -61,6 +66,8 @@ pub struct Summary {
     pub dropped_expired: u64,
     /// Records dropped because the grace period ran out.
     pub dropped_shutdown: u64,
+    /// Records dropped from a full buffer.
+    pub dropped_overflow: u64,
 }
 
 /// Bind the listeners, run the pipeline until `shutdown` is cancelled, then drain.
@@ -71,7 +78,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let names: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
     let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
     let balance = Balance::new(names.clone(), weights);
+    restore_weights(&config, &balance);
     let metrics = Arc::new(Metrics::new(&names));
+    let board = Arc::new(Board::new(names.len()));
+    let budget = Arc::new(Budget::new(config.buffer_max));
+    // Connections mode can make clients wait; see buffer::OnFull.
+    let on_full = match config.capture {
+        CaptureMode::Connections => OnFull::Wait,
+    };
 
     let listener = capture::connections::bind_listener(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -86,6 +100,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // Writers, one per backend.
     let abort = CancellationToken::new();
+    let ctx = WriterContext {
+        metrics: metrics.clone(),
+        board: board.clone(),
+        budget: budget.clone(),
+        on_full,
+        health: config.health,
+        batch_size: config.batch_size,
+    };
     let mut writer_txs = Vec::new();
     let mut writer_tasks = Vec::new();
     for (i, b) in config.backends.iter().enumerate() {
@@ -97,14 +119,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             &config.agent,
             config.retention.as_millis() as u64,
         );
-        let writer = Writer::new(
-            i,
-            b.name.clone(),
-            client,
-            layout,
-            metrics.clone(),
-            config.batch_size,
-        );
+        let writer = Writer::new(i, b.name.clone(), client, layout, ctx.clone());
         let (tx, rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
         writer_txs.push(tx);
         writer_tasks.push(tokio::spawn(writer.run(rx, abort.clone())));
@@ -112,13 +127,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // Balancer.
     let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity);
-    let balancer = tokio::spawn(balance::run_balancer(
-        Router::new(balance.clone()),
-        queue_rx,
-        writer_txs,
-        metrics.clone(),
-        config.batch_size,
-    ));
+    let balancer = Balancer {
+        router: Router::new(balance.clone(), board.clone(), config.on_backend_down),
+        queue: queue_rx,
+        writers: writer_txs,
+        metrics: metrics.clone(),
+        board: board.clone(),
+        batch_size: config.batch_size,
+        budget: budget.clone(),
+        on_full,
+        retention_ms: config.retention.as_millis() as u64,
+    };
+    let balancer = tokio::spawn(balancer.run(abort.clone()));
 
     // Capture.
     let stop_capture = shutdown.child_token();
@@ -137,12 +157,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let state = admin::AdminState {
             balance: balance.clone(),
             metrics: metrics.clone(),
+            board: board.clone(),
+            budget: budget.clone(),
             backends: config.backends.clone(),
+            state_file: config.state_file.clone(),
+            token: config.admin_token.clone(),
         };
         tokio::spawn(admin::serve(l, state, shutdown.clone()))
     });
     if let Some(path) = config.config_path.clone() {
-        tokio::spawn(reload_on_sighup(path, balance.clone(), shutdown.clone()));
+        tokio::spawn(reload_on_sighup(
+            path,
+            balance.clone(),
+            config.state_file.clone(),
+            shutdown.clone(),
+        ));
     }
 
     info!(
@@ -185,12 +214,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         written: metrics.backends.iter().map(|b| b.written.get()).sum(),
         dropped_expired: metrics.dropped_count(DropReason::Expired),
         dropped_shutdown: metrics.dropped_count(DropReason::Shutdown),
+        dropped_overflow: metrics.dropped_count(DropReason::Overflow),
     };
     info!(
         captured = summary.captured,
         written = summary.written,
         dropped_expired = summary.dropped_expired,
         dropped_shutdown = summary.dropped_shutdown,
+        dropped_overflow = summary.dropped_overflow,
         "redtap stopped"
     );
     Ok(summary)
@@ -200,6 +231,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 async fn reload_on_sighup(
     path: std::path::PathBuf,
     balance: Arc<Balance>,
+    state_file: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
@@ -218,7 +250,7 @@ async fn reload_on_sighup(
                     .into_iter()
                     .map(|b| (b.name, b.weight))
                     .collect();
-                balance.set_weights(&changes).map_err(|e| e.to_string())
+                apply_weights(&balance, &changes, state_file.as_deref()).map_err(|e| e.to_string())
             });
         match result {
             Ok(()) => info!(path = %path.display(), weights = ?balance.current().weights,
@@ -226,5 +258,49 @@ async fn reload_on_sighup(
             Err(e) => error!(path = %path.display(), error = %e,
                              "SIGHUP: config not applied; weights unchanged"),
         }
+    }
+}
+
+/// Apply a weight change and record the new weights in the state file. The change stands even
+/// if the file cannot be written (that is logged).
+pub fn apply_weights(
+    balance: &Balance,
+    changes: &BTreeMap<String, u32>,
+    state_file: Option<&std::path::Path>,
+) -> Result<(), balance::WeightError> {
+    balance.set_weights(changes)?;
+    if let Some(path) = state_file {
+        if let Err(e) = state::save(path, balance.weights_by_name()) {
+            error!(path = %path.display(), error = %e, "cannot write the state file; \
+                   the new weights apply but will not survive a restart");
+        }
+    }
+    Ok(())
+}
+
+/// At start, apply the weights of the state file (see [`state`] for the rule).
+fn restore_weights(config: &Config, balance: &Balance) {
+    let Some(path) = &config.state_file else {
+        return;
+    };
+    match state::load(path) {
+        Ok(None) => {}
+        Ok(Some(saved)) => {
+            let known: BTreeMap<String, u32> = saved
+                .weights
+                .into_iter()
+                .filter(|(name, _)| balance.names().contains(name))
+                .collect();
+            if known.is_empty() {
+                return;
+            }
+            match balance.set_weights(&known) {
+                Ok(()) => info!(path = %path.display(), weights = ?balance.weights_by_name(),
+                                "weights restored from the state file"),
+                Err(e) => warn!(path = %path.display(), error = %e,
+                                "state file weights not applied; using the configured ones"),
+            }
+        }
+        Err(e) => warn!(error = %e, "using the configured weights"),
     }
 }

@@ -35,6 +35,9 @@ enum Command {
             default_value = "http://127.0.0.1:9900"
         )]
         admin: String,
+        /// Bearer token of the admin API, if it requires one.
+        #[arg(long, global = true, env = "REDTAP_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
@@ -91,13 +94,15 @@ fn main() -> ExitCode {
         }
         Command::Weights {
             admin,
+            token,
             json,
             action,
         } => rt.block_on(async {
+            let token = token.as_deref();
             let result = match action {
-                None => redtap::client::backends(&admin).await,
+                None => redtap::client::backends(&admin, token).await,
                 Some(WeightsAction::Set { pairs }) => match redtap::client::parse_pairs(&pairs) {
-                    Ok(w) => redtap::client::set(&admin, &w).await,
+                    Ok(w) => redtap::client::set(&admin, token, &w).await,
                     Err(e) => {
                         eprintln!("redtap: {e:#}");
                         return ExitCode::from(EX_USAGE);

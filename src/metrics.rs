@@ -16,6 +16,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::balance::Balance;
+use crate::buffer::Budget;
+use crate::health::Board;
 
 /// Why a captured record was not stored. Every captured record is either written or counted
 /// under exactly one of these.
@@ -25,17 +27,24 @@ pub enum DropReason {
     Expired = 0,
     /// Shutdown's grace period ran out before it could be written.
     Shutdown = 1,
+    /// It waited in a full buffer and was the oldest when another record arrived.
+    Overflow = 2,
 }
 
 impl DropReason {
     /// Every reason, so each shows in /metrics from the start.
-    pub const ALL: [DropReason; 2] = [DropReason::Expired, DropReason::Shutdown];
+    pub const ALL: [DropReason; 3] = [
+        DropReason::Expired,
+        DropReason::Shutdown,
+        DropReason::Overflow,
+    ];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Expired => "expired",
             DropReason::Shutdown => "shutdown",
+            DropReason::Overflow => "overflow",
         }
     }
 }
@@ -73,6 +82,8 @@ pub struct Metrics {
     target_share: Vec<Gauge<f64, AtomicU64>>,
     actual_share: Vec<Gauge<f64, AtomicU64>>,
     queue_depth: Gauge,
+    backend_up: Vec<Gauge>,
+    buffered: Gauge,
 }
 
 impl Metrics {
@@ -136,6 +147,18 @@ impl Metrics {
             queue_depth.clone(),
         );
 
+        let up_f = Family::<BackendLabel, Gauge>::default();
+        registry.register(
+            "backend_up",
+            "1 while the backend takes records, 0 while it is down",
+            up_f.clone(),
+        );
+        let buffered = Gauge::default();
+        registry.register(
+            "buffered_records",
+            "Records waiting because their backend (or every backend) is down",
+            buffered.clone(),
+        );
         let label = |name: &String| BackendLabel {
             backend: name.clone(),
         };
@@ -160,8 +183,13 @@ impl Metrics {
                 .iter()
                 .map(|n| actual_f.get_or_create(&label(n)).clone())
                 .collect(),
+            backend_up: backend_names
+                .iter()
+                .map(|n| up_f.get_or_create(&label(n)).clone())
+                .collect(),
             dropped,
             queue_depth,
+            buffered,
             registry,
         }
     }
@@ -184,7 +212,11 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with derived gauges brought up to date first.
-    pub fn render(&self, balance: &Balance) -> String {
+    pub fn render(&self, balance: &Balance, board: &Board, budget: &Budget) -> String {
+        for (g, up) in self.backend_up.iter().zip(board.snapshot()) {
+            g.set(i64::from(up));
+        }
+        self.buffered.set(budget.used() as i64);
         for (i, v) in balance.view().iter().enumerate() {
             self.weight[i].set(i64::from(v.weight));
             self.target_share[i].set(v.target_share);

@@ -193,6 +193,7 @@ impl Daemon {
             .args(["--admin", &format!("127.0.0.1:{admin_port}")])
             .args(args)
             .env("REDTAP_LOG", "info")
+            .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
