@@ -22,8 +22,8 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::middleware::{self, Next};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -34,8 +34,8 @@ use tracing::{info, warn};
 
 use crate::balance::{Balance, MAX_WEIGHT};
 use crate::buffer::Budget;
-use crate::health::Board;
 use crate::config::BackendConfig;
+use crate::health::Board;
 use crate::metrics::Metrics;
 
 /// Largest request body accepted.

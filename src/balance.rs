@@ -338,7 +338,10 @@ impl Router {
                 _ => w,
             })
             .collect();
-        self.swrr = effective.iter().any(|&w| w > 0).then(|| Swrr::new(&effective));
+        self.swrr = effective
+            .iter()
+            .any(|&w| w > 0)
+            .then(|| Swrr::new(&effective));
     }
 
     /// The backend index for the next record, or `None` if no backend can take it. A weight

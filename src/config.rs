@@ -346,7 +346,10 @@ impl Config {
             .as_u64() as usize;
         let defaults = HealthConfig::default();
         let health = HealthConfig {
-            down_after: args.down_after.or(file.down_after).unwrap_or(defaults.down_after),
+            down_after: args
+                .down_after
+                .or(file.down_after)
+                .unwrap_or(defaults.down_after),
             up_after: args.up_after.or(file.up_after).unwrap_or(defaults.up_after),
             timeout: duration(
                 "health-timeout",

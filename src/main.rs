@@ -36,7 +36,12 @@ enum Command {
         )]
         admin: String,
         /// Bearer token of the admin API, if it requires one.
-        #[arg(long, global = true, env = "REDTAP_ADMIN_TOKEN", hide_env_values = true)]
+        #[arg(
+            long,
+            global = true,
+            env = "REDTAP_ADMIN_TOKEN",
+            hide_env_values = true
+        )]
         token: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long, global = true)]

@@ -254,26 +254,13 @@ fn sigterm_mid_stream_loses_nothing() {
     let status = d.stop(Duration::from_secs(10));
     assert!(status.success(), "exit {status}\n{}", d.log());
     let connected = load.join().unwrap();
-    let log = d.log();
-    let summary = log
-        .lines()
-        .find(|l| l.contains("redtap stopped"))
-        .unwrap_or_else(|| panic!("no summary in log:\n{log}"));
-    let field = |k: &str| -> u64 {
-        let at = summary.find(&format!("{k}=")).unwrap() + k.len() + 1;
-        summary[at..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let (captured, written) = (field("captured"), field("written"));
+    let summary = d.summary();
+    let (captured, written) = (summary.captured, summary.written);
     let stored = a.xlen(STREAM) + b.xlen(STREAM);
     assert!(captured >= 1000);
-    assert_eq!(written, captured, "{summary}");
+    assert_eq!(written, captured, "{summary:?}");
     assert_eq!(stored, captured, "every captured record is in Redis");
-    assert_eq!(field("dropped_shutdown"), 0);
+    assert_eq!(summary.dropped_shutdown, 0);
     assert!(
         stored <= connected as u64,
         "stored {stored} > connected {connected}"

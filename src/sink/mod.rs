@@ -148,8 +148,7 @@ impl Writer {
                 let n = self.pending.len();
                 self.forget(n, DropReason::Shutdown);
             }
-            if self.tracker.is_up() && !self.pending.is_empty() && Instant::now() >= self.next_try
-            {
+            if self.tracker.is_up() && !self.pending.is_empty() && Instant::now() >= self.next_try {
                 self.write_batch().await;
                 continue;
             }
@@ -177,8 +176,7 @@ impl Writer {
         if self.tracker.is_up() {
             self.pending.len() < self.ctx.batch_size
         } else {
-            self.ctx.on_full == OnFull::DropOldest
-                || self.ctx.budget.has_room(self.ctx.batch_size)
+            self.ctx.on_full == OnFull::DropOldest || self.ctx.budget.has_room(self.ctx.batch_size)
         }
     }
 

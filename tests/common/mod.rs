@@ -14,6 +14,13 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released; the OS does not reuse it at once).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -41,6 +48,7 @@ pub struct RedisServer {
     /// Its port on 127.0.0.1.
     pub port: u16,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -51,35 +59,78 @@ impl RedisServer {
 
     /// Like [`start`](Self::start) with extra `redis-server` arguments (e.g. `--maxmemory 1mb`).
     pub fn start_with(extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         for _ in 0..5 {
-            let port = free_port();
             let dir = tempfile::tempdir().unwrap();
-            let log = dir.path().join("redis.log");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .args(["--dir", dir.path().to_str().unwrap()])
-                .args(["--logfile", log.to_str().unwrap()])
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server not found: install it (apt-get install redis-server)");
-            let mut server = RedisServer { child, port, dir };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = server.child.try_wait() {
-                    break; // port taken, most likely: try another
-                }
-                if let Ok(mut c) = server.conn() {
-                    if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                        return server;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            let port = free_port();
+            let child = spawn_redis(port, dir.path(), &extra);
+            let mut server = RedisServer {
+                child,
+                port,
+                dir,
+                extra: extra.clone(),
+            };
+            if server.wait_ready() {
+                return server;
             }
         }
         panic!("could not start redis-server");
+    }
+
+    /// Start with an append-only file fsynced on every write, so that what it acknowledged
+    /// survives [`kill9`](Self::kill9) and [`restart`](Self::restart).
+    pub fn start_durable() -> Self {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
+
+    /// SIGKILL the server and reap it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start the server again on the same port and data directory.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.child = spawn_redis(self.port, self.dir.path(), &self.extra);
+            if self.wait_ready() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until it answers PING; false if it exited (port taken) or never answered.
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok(mut c) = self.conn() {
+                match redis::cmd("PING").query::<String>(&mut c) {
+                    Ok(_) => return true,
+                    // Started with --requirepass: up, and refusing strangers.
+                    Err(e) if e.code() == Some("NOAUTH") => return true,
+                    Err(_) => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -149,6 +200,20 @@ impl RedisServer {
     }
 }
 
+fn spawn_redis(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
+    let log = dir.join("redis.log");
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--dir", dir.to_str().unwrap()])
+        .args(["--logfile", log.to_str().unwrap()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server not found: install it (apt-get install redis-server)")
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -159,6 +224,16 @@ impl Drop for RedisServer {
     }
 }
 
+/// The counts of the daemon's exit summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub captured: u64,
+    pub written: u64,
+    pub dropped_expired: u64,
+    pub dropped_shutdown: u64,
+    pub dropped_overflow: u64,
+}
+
 /// A running `redtap run`.
 pub struct Daemon {
     child: Option<Child>,
@@ -167,7 +242,9 @@ pub struct Daemon {
     /// Its admin API, `http://127.0.0.1:<port>`.
     pub admin: String,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The working directory (state file lives here).
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 /// The path of the built `redtap` binary.
@@ -184,16 +261,24 @@ impl Daemon {
 
     /// Like [`start`](Self::start), capturing on `listen`.
     pub fn start_on(listen: &str, args: &[&str]) -> Self {
-        let admin_port = free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("redtap.log");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut d = Self::start_in(&dir, listen, &format!("127.0.0.1:{}", free_port()), args);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Start in working directory `dir` (kept by the caller, e.g. across a restart), with the
+    /// admin API on `admin`.
+    pub fn start_in(dir: &std::path::Path, listen: &str, admin: &str, args: &[&str]) -> Self {
+        let log = dir.join(format!("redtap-{}.log", now_nanos()));
         let child = Command::new(redtap_bin())
             .arg("run")
             .args(["--listen", listen])
-            .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+            .args(["--admin", admin])
             .args(args)
             .env("REDTAP_LOG", "info")
-            .current_dir(dir.path())
+            .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -201,9 +286,10 @@ impl Daemon {
         let mut d = Daemon {
             child: Some(child),
             listen: listen.parse().unwrap(),
-            admin: format!("http://127.0.0.1:{admin_port}"),
+            admin: format!("http://{admin}"),
             log,
-            _dir: dir,
+            dir: dir.to_path_buf(),
+            _tmp: None,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -240,6 +326,48 @@ impl Daemon {
             .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("metric {name_and_labels} not found in:\n{m}"))
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Resident set size of the daemon, in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    /// The daemon's summary line at exit: (captured, written, dropped_expired, dropped_shutdown,
+    /// dropped_overflow).
+    pub fn summary(&self) -> Summary {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("redtap stopped"))
+            .unwrap_or_else(|| panic!("no summary in log:\n{log}"));
+        let field = |k: &str| -> u64 {
+            let at = line.find(&format!("{k}=")).unwrap() + k.len() + 1;
+            line[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        Summary {
+            captured: field("captured"),
+            written: field("written"),
+            dropped_expired: field("dropped_expired"),
+            dropped_shutdown: field("dropped_shutdown"),
+            dropped_overflow: field("dropped_overflow"),
+        }
     }
 
     /// Send SIGTERM and wait for exit, at most `within`.
@@ -388,4 +516,29 @@ pub fn connect_many(addr: SocketAddr, n: usize, concurrency: usize) -> usize {
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).sum()
+}
+
+/// Open and close `total` connections to `addr` in a background thread, `per_tick` every
+/// `tick` (bounded in count; each connect has a 5 s timeout). Joins to the number connected.
+pub fn paced_connections(
+    addr: SocketAddr,
+    total: usize,
+    per_tick: usize,
+    tick: Duration,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut done = 0;
+        let mut ok = 0;
+        let mut next = Instant::now();
+        while done < total {
+            let n = per_tick.min(total - done);
+            ok += connect_many(addr, n, n.min(4));
+            done += n;
+            next += tick;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        ok
+    })
 }
