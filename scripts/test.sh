@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 need redis-server redis-server
 need cc gcc
+need openssl openssl
+need prlimit util-linux
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast "$@"

@@ -61,9 +61,79 @@ pub struct BackendConfig {
     pub url: String,
     /// Relative weight, 0..=10000; 0 means "no new records".
     pub weight: u32,
+    /// `rediss://` only: PEM file of the CA that signed the server's certificate (default: the
+    /// system's roots).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// `rediss://` only: PEM client certificate, for servers that check clients.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// `rediss://` only: PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl BackendConfig {
+    /// A Redis client for this backend, with TLS certificates loaded for `rediss://`.
+    pub fn client(&self) -> Result<redis::Client, ConfigError> {
+        let bad = |e: &dyn std::fmt::Display| {
+            ConfigError(format!(
+                "backend {:?}: bad URL {:?}: {e}",
+                self.name,
+                self.redacted_url()
+            ))
+        };
+        if !self.url.starts_with("rediss://") {
+            if self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_key.is_some() {
+                return err(format!(
+                    "backend {:?}: TLS files given for a redis:// URL; use rediss://",
+                    self.name
+                ));
+            }
+            return redis::Client::open(self.url.as_str()).map_err(|e| bad(&e));
+        }
+        // rustls needs one process-wide crypto provider; a second install is a harmless no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let read = |what: &str, p: &Option<PathBuf>| -> Result<Option<Vec<u8>>, ConfigError> {
+            p.as_ref()
+                .map(|p| {
+                    std::fs::read(p).map_err(|e| {
+                        ConfigError(format!(
+                            "backend {:?}: cannot read {what} {}: {e}",
+                            self.name,
+                            p.display()
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let root_cert = read("--tls-ca", &self.tls_ca)?;
+        let client_tls = match (
+            read("--tls-cert", &self.tls_cert)?,
+            read("--tls-key", &self.tls_key)?,
+        ) {
+            (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+            (None, None) => None,
+            _ => {
+                return err(format!(
+                    "backend {:?}: --tls-cert and --tls-key go together",
+                    self.name
+                ))
+            }
+        };
+        redis::Client::build_with_tls(
+            self.url.as_str(),
+            redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            },
+        )
+        .map_err(|e| bad(&e))
+    }
+
     /// The URL with any password replaced by `***`, safe for logs, metrics and API answers.
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
@@ -201,6 +271,15 @@ pub struct RunArgs {
     /// Bearer token the admin API requires (required when it listens beyond loopback).
     #[arg(long, env = "REDTAP_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// CA certificate (PEM) for rediss:// backends that have none of their own.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for rediss:// backends that have none of their own.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// Client private key (PEM) that goes with --tls-cert.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The validated configuration the daemon runs with.
@@ -274,7 +353,7 @@ impl Config {
             return err("--listen needs a port other than 0");
         }
 
-        let backends = if args.backends.is_empty() {
+        let mut backends: Vec<BackendConfig> = if args.backends.is_empty() {
             file.backends
         } else {
             args.backends
@@ -282,6 +361,14 @@ impl Config {
                 .map(|s| parse_backend_flag(s))
                 .collect::<Result<_, _>>()?
         };
+        for b in backends
+            .iter_mut()
+            .filter(|b| b.url.starts_with("rediss://"))
+        {
+            b.tls_ca = b.tls_ca.take().or_else(|| args.tls_ca.clone());
+            b.tls_cert = b.tls_cert.take().or_else(|| args.tls_cert.clone());
+            b.tls_key = b.tls_key.take().or_else(|| args.tls_key.clone());
+        }
         validate_backends(&backends)?;
 
         let retention = duration(
@@ -463,6 +550,9 @@ pub fn parse_backend_flag(s: &str) -> Result<BackendConfig, ConfigError> {
         name: name.to_string(),
         url: url.to_string(),
         weight,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
     })
 }
 
@@ -516,19 +606,7 @@ fn validate_backends(backends: &[BackendConfig]) -> Result<(), ConfigError> {
                 b.redacted_url()
             ));
         }
-        if parsed.scheme() == "rediss" {
-            return err(format!(
-                "backend {:?}: rediss:// (TLS) is not supported by this build",
-                b.name
-            ));
-        }
-        redis::Client::open(b.url.as_str()).map_err(|e| {
-            ConfigError(format!(
-                "backend {:?}: bad URL {:?}: {e}",
-                b.name,
-                b.redacted_url()
-            ))
-        })?;
+        b.client()?;
     }
     if backends.iter().all(|b| b.weight == 0) {
         return err("at least one backend must have a non-zero weight");

@@ -111,8 +111,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut writer_txs = Vec::new();
     let mut writer_tasks = Vec::new();
     for (i, b) in config.backends.iter().enumerate() {
-        let client = redis::Client::open(b.url.as_str())
-            .with_context(|| format!("backend {}: bad URL", b.name))?;
+        let client = b.client()?;
         let layout = Layout::new(
             config.schema,
             &config.prefix,

@@ -413,3 +413,50 @@ fn redis_password_is_used_and_never_shown() {
         assert!(!text.contains(pass), "password shown in the {what}");
     }
 }
+
+#[test]
+fn out_of_file_descriptors_backs_off_without_spinning() {
+    let r = RedisServer::start();
+    let br = backend("A", &r, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let admin = format!("127.0.0.1:{}", common::free_port());
+    // 64 descriptors: the runtime, Redis and the admin API take some; clients take the rest.
+    let d = Daemon::start_wrapped(
+        &["prlimit", "--nofile=64", "--"],
+        dir.path(),
+        &listen,
+        &admin,
+        &["--agent", "t", "--backend", &br],
+    );
+    let clients: Vec<_> = (0..100)
+        .map(|i| {
+            common::connect_from(
+                std::net::Ipv4Addr::new(127, 0, 4, 1 + i as u8).into(),
+                d.listen,
+            )
+            .unwrap()
+        })
+        .collect();
+    eventually(Duration::from_secs(5), "accept fails with EMFILE", || {
+        d.log().contains("accept failed")
+    });
+    let before = d.cpu_ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = d.cpu_ticks() - before;
+    // A busy loop would burn about 200 ticks (2 s); backing off uses a few.
+    assert!(
+        used < 50,
+        "{used} CPU ticks in 2 s while out of descriptors"
+    );
+    drop(clients);
+    eventually(
+        Duration::from_secs(15),
+        "every client recorded once descriptors free up",
+        || r.xlen(STREAM) == 100,
+    );
+    assert_eq!(connect_many(d.listen, 10, 2), 10);
+    eventually(Duration::from_secs(5), "service continues", || {
+        r.xlen(STREAM) == 110
+    });
+}

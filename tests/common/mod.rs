@@ -271,8 +271,28 @@ impl Daemon {
     /// Start in working directory `dir` (kept by the caller, e.g. across a restart), with the
     /// admin API on `admin`.
     pub fn start_in(dir: &std::path::Path, listen: &str, admin: &str, args: &[&str]) -> Self {
+        Self::start_wrapped(&[], dir, listen, admin, args)
+    }
+
+    /// Like [`start_in`](Self::start_in), run through a wrapper command such as
+    /// `["prlimit", "--nofile=64", "--"]`.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        dir: &std::path::Path,
+        listen: &str,
+        admin: &str,
+        args: &[&str],
+    ) -> Self {
         let log = dir.join(format!("redtap-{}.log", now_nanos()));
-        let child = Command::new(redtap_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(redtap_bin());
+                c
+            }
+            None => Command::new(redtap_bin()),
+        };
+        let child = cmd
             .arg("run")
             .args(["--listen", listen])
             .args(["--admin", admin])
@@ -331,6 +351,15 @@ impl Daemon {
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// CPU time (user + system) the daemon has used, in clock ticks (from /proc).
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     }
 
     /// Resident set size of the daemon, in KiB (from /proc).
