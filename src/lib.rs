@@ -70,23 +70,128 @@ pub struct Summary {
     pub dropped_overflow: u64,
 }
 
+/// The record path behind capture, running: the balancer and one writer per backend.
+pub struct Pipeline {
+    /// Where capture sends records. Every clone must be dropped for [`Pipeline::finish`] to
+    /// complete.
+    pub queue: mpsc::Sender<record::Record>,
+    /// Weights and routing counters.
+    pub balance: Arc<Balance>,
+    /// Every metric.
+    pub metrics: Arc<Metrics>,
+    /// Backend health.
+    pub board: Arc<Board>,
+    /// Records waiting on down backends.
+    pub budget: Arc<Budget>,
+    abort: CancellationToken,
+    balancer: tokio::task::JoinHandle<()>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Start the balancer and writers for `config` (weights restored from the state file).
+    /// Must be called inside a Tokio runtime. Connects to Redis lazily.
+    pub fn start(config: &Config, on_full: OnFull) -> anyhow::Result<Pipeline> {
+        let names: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
+        let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
+        let balance = Balance::new(names.clone(), weights);
+        restore_weights(config, &balance);
+        let metrics = Arc::new(Metrics::new(&names));
+        let board = Arc::new(Board::new(names.len()));
+        let budget = Arc::new(Budget::new(config.buffer_max));
+        let abort = CancellationToken::new();
+        let ctx = WriterContext {
+            metrics: metrics.clone(),
+            board: board.clone(),
+            budget: budget.clone(),
+            on_full,
+            health: config.health,
+            batch_size: config.batch_size,
+        };
+        let mut writer_txs = Vec::new();
+        let mut writers = Vec::new();
+        for (i, b) in config.backends.iter().enumerate() {
+            let layout = Layout::new(
+                config.schema,
+                &config.prefix,
+                &config.agent,
+                config.retention.as_millis() as u64,
+            );
+            let writer = Writer::new(i, b.name.clone(), b.client()?, layout, ctx.clone());
+            let (tx, rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
+            writer_txs.push(tx);
+            writers.push(tokio::spawn(writer.run(rx, abort.clone())));
+        }
+        let (queue, queue_rx) = mpsc::channel(config.queue_capacity);
+        let balancer = Balancer {
+            router: Router::new(balance.clone(), board.clone(), config.on_backend_down),
+            queue: queue_rx,
+            writers: writer_txs,
+            metrics: metrics.clone(),
+            board: board.clone(),
+            batch_size: config.batch_size,
+            budget: budget.clone(),
+            on_full,
+            retention_ms: config.retention.as_millis() as u64,
+        };
+        let balancer = tokio::spawn(balancer.run(abort.clone()));
+        Ok(Pipeline {
+            queue,
+            balance,
+            metrics,
+            board,
+            budget,
+            abort,
+            balancer,
+            writers,
+        })
+    }
+
+    /// Drop this handle's queue sender, wait for `capture_done` (which must drop the other
+    /// senders), then for every queued record to be written; after `grace`, drop what is left
+    /// (counted as `shutdown`). Returns what happened to every record.
+    pub async fn finish(
+        self,
+        grace: std::time::Duration,
+        capture_done: impl std::future::Future<Output = ()>,
+    ) -> Summary {
+        let Pipeline {
+            queue,
+            metrics,
+            abort,
+            balancer,
+            writers,
+            ..
+        } = self;
+        drop(queue);
+        let drain = async {
+            capture_done.await;
+            let _ = balancer.await;
+            for t in writers {
+                let _ = t.await;
+            }
+        };
+        tokio::pin!(drain);
+        if tokio::time::timeout(grace, &mut drain).await.is_err() {
+            warn!("grace period over; dropping what is left");
+            abort.cancel();
+            drain.await;
+        }
+        Summary {
+            captured: metrics.captured.get(),
+            written: metrics.backends.iter().map(|b| b.written.get()).sum(),
+            dropped_expired: metrics.dropped_count(DropReason::Expired),
+            dropped_shutdown: metrics.dropped_count(DropReason::Shutdown),
+            dropped_overflow: metrics.dropped_count(DropReason::Overflow),
+        }
+    }
+}
+
 /// Bind the listeners, run the pipeline until `shutdown` is cancelled, then drain.
 ///
 /// `config` must come from [`Config::load`]. Errors are start-up failures (a port in use…);
 /// once running, Redis failures are retried and accounted, never returned.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Summary> {
-    let names: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
-    let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
-    let balance = Balance::new(names.clone(), weights);
-    restore_weights(&config, &balance);
-    let metrics = Arc::new(Metrics::new(&names));
-    let board = Arc::new(Board::new(names.len()));
-    let budget = Arc::new(Budget::new(config.buffer_max));
-    // Connections mode can make clients wait; see buffer::OnFull.
-    let on_full = match config.capture {
-        CaptureMode::Connections => OnFull::Wait,
-    };
-
     let listener = capture::connections::bind_listener(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let admin_listener = match config.admin {
@@ -98,48 +203,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None => None,
     };
 
-    // Writers, one per backend.
-    let abort = CancellationToken::new();
-    let ctx = WriterContext {
-        metrics: metrics.clone(),
-        board: board.clone(),
-        budget: budget.clone(),
-        on_full,
-        health: config.health,
-        batch_size: config.batch_size,
+    // Connections mode can make clients wait; see buffer::OnFull.
+    let on_full = match config.capture {
+        CaptureMode::Connections => OnFull::Wait,
     };
-    let mut writer_txs = Vec::new();
-    let mut writer_tasks = Vec::new();
-    for (i, b) in config.backends.iter().enumerate() {
-        let client = b.client()?;
-        let layout = Layout::new(
-            config.schema,
-            &config.prefix,
-            &config.agent,
-            config.retention.as_millis() as u64,
-        );
-        let writer = Writer::new(i, b.name.clone(), client, layout, ctx.clone());
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
-        writer_txs.push(tx);
-        writer_tasks.push(tokio::spawn(writer.run(rx, abort.clone())));
-    }
+    let pipeline = Pipeline::start(&config, on_full)?;
 
-    // Balancer.
-    let (queue_tx, queue_rx) = mpsc::channel(config.queue_capacity);
-    let balancer = Balancer {
-        router: Router::new(balance.clone(), board.clone(), config.on_backend_down),
-        queue: queue_rx,
-        writers: writer_txs,
-        metrics: metrics.clone(),
-        board: board.clone(),
-        batch_size: config.batch_size,
-        budget: budget.clone(),
-        on_full,
-        retention_ms: config.retention.as_millis() as u64,
-    };
-    let balancer = tokio::spawn(balancer.run(abort.clone()));
-
-    // Capture.
     let stop_capture = shutdown.child_token();
     let capture = match config.capture {
         CaptureMode::Connections => {
@@ -147,17 +216,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 max_connections: config.max_connections,
                 idle_timeout: config.idle_timeout,
             };
-            tokio::spawn(c.run(listener, queue_tx, metrics.clone(), stop_capture))
+            tokio::spawn(c.run(
+                listener,
+                pipeline.queue.clone(),
+                pipeline.metrics.clone(),
+                stop_capture,
+            ))
         }
     };
 
     // Admin API and SIGHUP reloads.
     let admin_task = admin_listener.map(|l| {
         let state = admin::AdminState {
-            balance: balance.clone(),
-            metrics: metrics.clone(),
-            board: board.clone(),
-            budget: budget.clone(),
+            balance: pipeline.balance.clone(),
+            metrics: pipeline.metrics.clone(),
+            board: pipeline.board.clone(),
+            budget: pipeline.budget.clone(),
             backends: config.backends.clone(),
             state_file: config.state_file.clone(),
             token: config.admin_token.clone(),
@@ -167,7 +241,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if let Some(path) = config.config_path.clone() {
         tokio::spawn(reload_on_sighup(
             path,
-            balance.clone(),
+            pipeline.balance.clone(),
             config.state_file.clone(),
             shutdown.clone(),
         ));
@@ -188,33 +262,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     shutdown.cancelled().await;
     info!(grace = ?config.grace, "shutting down: capture stopped, writing out queued records");
-    let drain = async {
-        let _ = capture.await;
-        let _ = balancer.await;
-        for t in writer_tasks {
-            let _ = t.await;
-        }
-    };
-    tokio::pin!(drain);
-    if tokio::time::timeout(config.grace, &mut drain)
-        .await
-        .is_err()
-    {
-        warn!("grace period over; dropping what is left");
-        abort.cancel();
-        drain.await;
-    }
+    let summary = pipeline
+        .finish(config.grace, async {
+            let _ = capture.await;
+        })
+        .await;
     if let Some(t) = admin_task {
         let _ = t.await;
     }
-
-    let summary = Summary {
-        captured: metrics.captured.get(),
-        written: metrics.backends.iter().map(|b| b.written.get()).sum(),
-        dropped_expired: metrics.dropped_count(DropReason::Expired),
-        dropped_shutdown: metrics.dropped_count(DropReason::Shutdown),
-        dropped_overflow: metrics.dropped_count(DropReason::Overflow),
-    };
     info!(
         captured = summary.captured,
         written = summary.written,

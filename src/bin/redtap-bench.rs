@@ -1,0 +1,619 @@
+//! redtap's benchmark harness: starts its own redis-server processes, runs redtap and the load,
+//! and prints a table with the reference measured side by side in the same run.
+//!
+//! ```text
+//! cargo run --release --bin redtap-bench -- [--smoke] [sink|connections|balance]...
+//! ```
+//!
+//! Scenarios (all by default):
+//! - `sink` — records made in-process → balancer → writers → two Redis backends, per schema,
+//!   against `redis-benchmark` sending the same commands with the same pipeline depth and one
+//!   connection per server.
+//! - `connections` — a load generator opening and closing TCP connections against
+//!   `redtap run --capture connections`, and against a minimal accept-and-discard server; plus
+//!   capture → visible-in-Redis latency at half the maximum rate.
+//! - `balance` — share error after 1,000,000 records with the weights changed 100 times.
+//!
+//! `--smoke` runs everything small and fast, to prove the harness works (CI runs it).
+//! Timing never appears in the test suite; it lives here.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redtap::balance::{Balance, OnDown, Router, Swrr};
+use redtap::buffer::OnFull;
+use redtap::config::{Config, FileConfig, RunArgs, Schema};
+use redtap::health::Board;
+use redtap::record::{now_us, Kind, Record};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("minimal-server") {
+        return minimal_server(args[1].parse().expect("ADDR"));
+    }
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let mut scenarios: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if scenarios.is_empty() {
+        scenarios = vec!["sink", "connections", "balance"];
+    }
+    println!(
+        "redtap-bench {} on {} cores ({})",
+        if smoke { "(smoke)" } else { "" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        redis_version()
+    );
+    for s in scenarios {
+        match s {
+            "sink" => {
+                for schema in [Schema::Stream, Schema::Keys] {
+                    sink(schema, smoke);
+                }
+            }
+            "connections" => connections(smoke),
+            "balance" => balance(smoke),
+            other => {
+                eprintln!("unknown scenario {other:?}: use sink, connections or balance");
+                std::process::exit(64);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers.
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A redis-server on a free port, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", dir.path().to_str().unwrap()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: apt-get install redis-server");
+        let r = Redis {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while r.conn().is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn conn(&self) -> redis::RedisResult<redis::Connection> {
+        let mut c = redis::Client::open(self.url())?.get_connection()?;
+        redis::cmd("PING").query::<String>(&mut c)?;
+        Ok(c)
+    }
+
+    fn used_memory(&self) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query(&mut self.conn().unwrap())
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn flush(&self) {
+        let _: () = redis::cmd("FLUSHALL")
+            .arg("SYNC")
+            .query(&mut self.conn().unwrap())
+            .unwrap();
+    }
+
+    /// Records of one agent held here, either schema.
+    fn count(&self, schema: Schema, agent: &str) -> u64 {
+        let mut c = self.conn().unwrap();
+        match schema {
+            Schema::Stream => redis::cmd("XLEN")
+                .arg(format!("redtap:events:{agent}"))
+                .query(&mut c)
+                .unwrap(),
+            Schema::Keys => redis::cmd("DBSIZE").query(&mut c).unwrap(),
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redis_version() -> String {
+    Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("v="))
+                .map_or("redis ?".into(), |v| format!("redis {v}"))
+        })
+        .unwrap_or_else(|_| "no redis-server".into())
+}
+
+/// (user + system) CPU seconds of a process, from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// Peak resident set size of a process in MiB, from /proc.
+fn peak_rss_mib(pid: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap()
+        / 1024.0
+}
+
+fn config(backends: &[(&str, &Redis, u32)], schema: Schema, agent: &str, listen: u16) -> Config {
+    let args = RunArgs {
+        listen: Some(format!("127.0.0.1:{listen}")),
+        backends: backends
+            .iter()
+            .map(|(n, r, w)| format!("{n}={}@{w}", r.url()))
+            .collect(),
+        schema: Some(schema),
+        agent: Some(agent.into()),
+        admin: Some("off".into()),
+        state_file: Some("off".into()),
+        ..Default::default()
+    };
+    Config::resolve(FileConfig::default(), &args).unwrap()
+}
+
+fn row(what: &str, value: String, note: &str) {
+    println!("  {what:<44} {value:>16}  {note}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// sink: in-process records → balancer → writers → Redis, against redis-benchmark.
+
+fn sink(schema: Schema, smoke: bool) {
+    let n: u64 = if smoke { 20_000 } else { 1_000_000 };
+    let (a, b) = (Redis::start(), Redis::start());
+    let cfg = config(&[("A", &a, 30), ("B", &b, 70)], schema, "bench", 9);
+    let batch = cfg.batch_size;
+    let mem_before = a.used_memory() + b.used_memory();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pid = std::process::id().to_string();
+    let cpu0 = cpu_seconds(&pid);
+    let t0 = Instant::now();
+    let summary = rt.block_on(async {
+        let pipeline = redtap::Pipeline::start(&cfg, OnFull::Wait).unwrap();
+        let queue = pipeline.queue.clone();
+        let metrics = pipeline.metrics.clone();
+        let producer = tokio::spawn(async move {
+            let base = now_us();
+            for i in 0..n {
+                let rec = Record {
+                    ts_us: base + i / 4,
+                    src: SocketAddr::new(
+                        Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8).into(),
+                        40_000 + (i % 20_000) as u16,
+                    ),
+                    dst: "127.0.0.1:9000".parse().unwrap(),
+                    kind: Kind::Conn,
+                };
+                metrics.captured.inc();
+                queue.send(rec).await.unwrap();
+            }
+        });
+        pipeline
+            .finish(Duration::from_secs(600), async {
+                producer.await.unwrap();
+            })
+            .await
+    });
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&pid) - cpu0;
+    let stored = a.count(schema, "bench") + b.count(schema, "bench");
+    let mem = (a.used_memory() + b.used_memory()).saturating_sub(mem_before);
+    assert_eq!(summary.written, n, "sink lost records: {summary:?}");
+    assert_eq!(stored, n, "Redis holds {stored} of {n}");
+    let ours = n as f64 / elapsed;
+
+    // The reference: redis-benchmark, same commands, one connection per server, same depth,
+    // both servers at once, split 30/70 like the records.
+    a.flush();
+    b.flush();
+    let ts = now_us();
+    let cmd: Vec<String> = match schema {
+        Schema::Stream => "XADD bench:events * src 10.1.2.3 dst 127.0.0.1 sport 40000 dport 9000"
+            .split(' ')
+            .map(String::from)
+            .chain(["ts".into(), ts.to_string(), "kind".into(), "conn".into()])
+            .collect(),
+        Schema::Keys => vec![
+            "SET".into(),
+            "bench:ev:__rand_int__".into(),
+            format!(
+                r#"{{"src":"10.1.2.3","dst":"127.0.0.1","sport":40000,"dport":9000,"ts":{ts},"kind":"conn"}}"#
+            ),
+            "PXAT".into(),
+            (ts / 1000 + 300_000).to_string(),
+            "NX".into(),
+        ],
+    };
+    let t1 = Instant::now();
+    let runs: Vec<Child> = [(&a, n * 3 / 10), (&b, n * 7 / 10)]
+        .iter()
+        .map(|(r, count)| {
+            Command::new("redis-benchmark")
+                .args(["-h", "127.0.0.1", "-p", &r.port.to_string(), "-c", "1"])
+                .args(["-P", &batch.to_string(), "-n", &count.to_string()])
+                .args(["-r", "100000000", "-q"])
+                .args(&cmd)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-benchmark not found: apt-get install redis-tools")
+        })
+        .collect();
+    for mut c in runs {
+        c.wait().unwrap();
+    }
+    let reference = n as f64 / t1.elapsed().as_secs_f64();
+    let ref_mem = (a.used_memory() + b.used_memory()).saturating_sub(mem_before);
+    let ref_stored = a.count(schema, "x") + b.count(schema, "x");
+    let _ = ref_stored;
+
+    println!("\nsink, schema {schema:?}: {n} records → 2 backends at 30/70, batch {batch}");
+    row("redtap records/s", format!("{ours:.0}"), "");
+    row(
+        "redis-benchmark records/s (same commands)",
+        format!("{reference:.0}"),
+        &format!("-c 1 -P {batch} per server, both at once"),
+    );
+    row("ratio redtap / redis-benchmark", format!("{:.2}×", ours / reference), "");
+    row(
+        "redtap CPU per record",
+        format!("{:.2} µs", cpu * 1e6 / n as f64),
+        "(user+sys) of the bench process, producer included",
+    );
+    row("peak RSS", format!("{:.1} MiB", peak_rss_mib(&pid)), "bench process");
+    row(
+        "Redis memory per record (redtap)",
+        format!("{:.1} B", mem as f64 / n as f64),
+        "used_memory delta / records",
+    );
+    row(
+        "Redis memory per record (redis-benchmark)",
+        format!("{:.1} B", ref_mem as f64 / n as f64),
+        "",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// connections: redtap run --capture connections against a minimal accept-and-discard server.
+
+fn sibling(name: &str) -> PathBuf {
+    let me = std::env::current_exe().unwrap();
+    let path = me.parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} not built: cargo build --release --bins",
+        path.display()
+    );
+    path
+}
+
+/// A minimal accept-and-discard server: the same runtime and backlog as redtap, no records.
+fn minimal_server(addr: SocketAddr) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::AsyncReadExt;
+        let l = redtap::capture::connections::bind_listener(addr).unwrap();
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut b = [0u8; 4096];
+                while let Ok(n) = s.read(&mut b).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Open and close connections to `addr` from `threads` threads for `dur`, each thread from its
+/// own loopback source address. With `pace`, at most that many connections a second in all.
+fn load(addr: SocketAddr, threads: usize, dur: Duration, pace: Option<f64>) -> u64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + dur;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let src: SocketAddr = (Ipv4Addr::new(127, 0, 9, 1 + t as u8), 0).into();
+                let gap = pace.map(|p| Duration::from_secs_f64(threads as f64 / p));
+                let mut next = Instant::now();
+                while Instant::now() < stop {
+                    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .unwrap();
+                    s.bind(&src.into()).unwrap();
+                    if s.connect_timeout(&addr.into(), Duration::from_secs(5)).is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(s);
+                    if let Some(gap) = gap {
+                        next += gap;
+                        if let Some(w) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(w);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    done.load(Ordering::Relaxed)
+}
+
+fn wait_for_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn connections(smoke: bool) {
+    let dur = Duration::from_secs(if smoke { 1 } else { 5 });
+    let threads = 4;
+    let (a, b) = (Redis::start(), Redis::start());
+
+    // Reference first: the minimal server.
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let minimal = Proc(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["minimal-server", &addr.to_string()])
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(addr);
+    let t0 = Instant::now();
+    let ref_n = load(addr, threads, dur, None);
+    let ref_rate = ref_n as f64 / t0.elapsed().as_secs_f64();
+    drop(minimal);
+
+    // redtap.
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin = free_port();
+    let work = tempfile::tempdir().unwrap();
+    let redtap = Proc(
+        Command::new(sibling("redtap"))
+            .args(["run", "--capture", "connections", "--listen", &addr.to_string()])
+            .args(["--admin", &format!("127.0.0.1:{admin}"), "--agent", "bench"])
+            .args(["--backend", &format!("A={}@30", a.url())])
+            .args(["--backend", &format!("B={}@70", b.url())])
+            .current_dir(work.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = redtap.0.id().to_string();
+    wait_for_port(addr);
+    let mem0 = a.used_memory() + b.used_memory();
+    let cpu0 = cpu_seconds(&pid);
+    let t0 = Instant::now();
+    let n = load(addr, threads, dur, None);
+    let stored = || a.count(Schema::Stream, "bench") + b.count(Schema::Stream, "bench");
+    // The probe connection above is a record too.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored() < n {
+        assert!(Instant::now() < deadline, "only {} of {n} stored", stored());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rate = stored() as f64 / t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&pid) - cpu0;
+    let mem = (a.used_memory() + b.used_memory()).saturating_sub(mem0);
+
+    // Latency: capture → readable in Redis, at half the maximum rate.
+    let pace = rate / 2.0;
+    let lat = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = [a.port, b.port]
+        .into_iter()
+        .map(|port| {
+            let (lat, stop) = (lat.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                    .unwrap()
+                    .get_connection()
+                    .unwrap();
+                let mut last = "$".to_string();
+                while !stop.load(Ordering::Relaxed) {
+                    let reply: redis::streams::StreamReadReply = match redis::cmd("XREAD")
+                        .arg("BLOCK")
+                        .arg(100)
+                        .arg("STREAMS")
+                        .arg("redtap:events:bench")
+                        .arg(&last)
+                        .query(&mut c)
+                    {
+                        Ok(r) => r,
+                        Err(_) => continue,
+                    };
+                    let now = now_us();
+                    for key in reply.keys {
+                        for id in key.ids {
+                            if let Some(redis::Value::BulkString(ts)) = id.map.get("ts") {
+                                let ts: u64 = String::from_utf8_lossy(ts).parse().unwrap_or(now);
+                                lat.lock().unwrap().push(now.saturating_sub(ts));
+                            }
+                            last = id.id;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    load(addr, threads, dur, Some(pace));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    let mut lat = lat.lock().unwrap().clone();
+    lat.sort_unstable();
+    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)));
+    let rss = peak_rss_mib(&pid);
+    drop(redtap);
+
+    println!("\nconnections: {threads} client threads, {dur:?}, redtap → 2 backends at 30/70");
+    row("minimal accept-and-discard server conn/s", format!("{ref_rate:.0}"), "");
+    row("redtap records stored/s", format!("{rate:.0}"), &format!("{n} connections"));
+    row("ratio redtap / minimal server", format!("{:.2}×", rate / ref_rate), "");
+    row(
+        "redtap CPU per record",
+        format!("{:.2} µs", cpu * 1e6 / n as f64),
+        "(user+sys) of redtap",
+    );
+    row("redtap peak RSS", format!("{rss:.1} MiB"), "");
+    row(
+        "Redis memory per record",
+        format!("{:.1} B", mem as f64 / n as f64),
+        "stream schema",
+    );
+    if let (Some(p50), Some(p99)) = (pct(0.5), pct(0.99)) {
+        row(
+            "capture → visible latency p50 / p99",
+            format!("{:.2} / {:.2} ms", *p50 as f64 / 1e3, *p99 as f64 / 1e3),
+            &format!("{} records at {pace:.0}/s", lat.len()),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// balance: share error with weights changing during the run.
+
+fn balance(smoke: bool) {
+    let n: u64 = if smoke { 100_000 } else { 1_000_000 };
+    let changes = 100;
+    let names: Vec<String> = ["A", "B", "C"].iter().map(|s| s.to_string()).collect();
+    let bal = Balance::new(names.clone(), vec![30, 70, 0]);
+    let board = Arc::new(Board::new(3));
+    let mut router = Router::new(bal.clone(), board, OnDown::Redistribute);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut worst: f64 = 0.0;
+    let per = n / changes;
+    let t0 = Instant::now();
+    for _ in 0..changes {
+        let mut weights: Vec<u32> = (0..3).map(|_| (rand() % 10_001) as u32).collect();
+        if weights.iter().all(|&w| w == 0) {
+            weights[0] = 1;
+        }
+        let map: BTreeMap<String, u32> = names.iter().cloned().zip(weights.clone()).collect();
+        bal.set_weights(&map).unwrap();
+        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        let mut counts = [0u64; 3];
+        for step in 1..=per {
+            counts[router.route().unwrap()] += 1;
+            for i in 0..3 {
+                let dev = (i128::from(total) * i128::from(counts[i])
+                    - i128::from(step) * i128::from(weights[i]))
+                .unsigned_abs() as f64
+                    / total as f64;
+                worst = worst.max(dev);
+            }
+        }
+    }
+    let elapsed = t0.elapsed();
+    // The selector alone, without the checking above.
+    let mut s = Swrr::new(&[30, 70, 1]);
+    let t1 = Instant::now();
+    let mut sink = 0usize;
+    for _ in 0..n {
+        sink = sink.wrapping_add(s.pick());
+    }
+    let pick_ns = t1.elapsed().as_nanos() as f64 / n as f64;
+    std::hint::black_box(sink);
+    println!("\nbalance: {n} records, 3 backends, weights changed {changes} times at random");
+    row(
+        "worst deviation from N·w/Σw, any backend",
+        format!("{worst:.3} records"),
+        "over every prefix of every segment",
+    );
+    row("bound promised", "≤ 1 record".into(), "σ = 1 − 1/(2n−2) = 0.75 for 3");
+    row("selector cost", format!("{pick_ns:.1} ns/record"), "Swrr::pick");
+    let _ = elapsed;
+    let _ = Path::new(".");
+}
