@@ -66,6 +66,8 @@ pub struct BackendMetrics {
     pub written: Counter,
     /// Failed write attempts (whole batches or single commands).
     pub write_errors: Counter,
+    /// Pipelines sent.
+    pub batches: Counter,
 }
 
 /// The registry and handles to every metric.
@@ -107,6 +109,12 @@ impl Metrics {
             "write_errors",
             "Failed Redis write attempts, per backend",
             errors.clone(),
+        );
+        let batches = Family::<BackendLabel, Counter>::default();
+        registry.register(
+            "write_batches",
+            "Pipelined batches sent, per backend",
+            batches.clone(),
         );
         let dropped = Family::<ReasonLabel, Counter>::default();
         registry.register(
@@ -169,6 +177,7 @@ impl Metrics {
                 .map(|n| BackendMetrics {
                     written: written.get_or_create(&label(n)).clone(),
                     write_errors: errors.get_or_create(&label(n)).clone(),
+                    batches: batches.get_or_create(&label(n)).clone(),
                 })
                 .collect(),
             weight: backend_names

@@ -52,6 +52,13 @@ impl Record {
 ///
 /// Letters: F(IN) S(YN) R(ST) P(SH) A(CK) U(RG) E(CE) W (CWR). A segment with no flag set is `.`.
 pub fn flags_str(flags: u8) -> String {
+    let mut s = String::new();
+    write_flags(&mut s, flags);
+    s
+}
+
+/// Write the letters of [`flags_str`] into `out` without allocating.
+pub fn write_flags(out: &mut impl std::fmt::Write, flags: u8) {
     const LETTERS: [(u8, char); 8] = [
         (0x01, 'F'),
         (0x02, 'S'),
@@ -62,15 +69,13 @@ pub fn flags_str(flags: u8) -> String {
         (0x40, 'E'),
         (0x80, 'W'),
     ];
-    let s: String = LETTERS
-        .iter()
-        .filter(|(bit, _)| flags & bit != 0)
-        .map(|(_, c)| *c)
-        .collect();
-    if s.is_empty() {
-        ".".to_string()
-    } else {
-        s
+    if flags == 0 {
+        let _ = out.write_char('.');
+    }
+    for (bit, c) in LETTERS {
+        if flags & bit != 0 {
+            let _ = out.write_char(c);
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! and prints a table with the reference measured side by side in the same run.
 //!
 //! ```text
-//! cargo run --release --bin redtap-bench -- [--smoke] [sink|connections|balance]...
+//! cargo run --release --bin redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|balance]...
 //! ```
 //!
 //! Scenarios (all by default):
@@ -58,6 +58,8 @@ fn main() {
                     sink(schema, smoke);
                 }
             }
+            "sink-stream" => sink(Schema::Stream, smoke),
+            "sink-keys" => sink(Schema::Keys, smoke),
             "connections" => connections(smoke),
             "balance" => balance(smoke),
             other => {
@@ -250,12 +252,16 @@ fn sink(schema: Schema, smoke: bool) {
                 queue.send(rec).await.unwrap();
             }
         });
-        pipeline
+        let metrics = pipeline.metrics.clone();
+        let summary = pipeline
             .finish(Duration::from_secs(600), async {
                 producer.await.unwrap();
             })
-            .await
+            .await;
+        let batches: u64 = metrics.backends.iter().map(|b| b.batches.get()).sum();
+        (summary, batches)
     });
+    let (summary, batches) = summary;
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(&pid) - cpu0;
     let stored = a.count(schema, "bench") + b.count(schema, "bench");
@@ -317,6 +323,11 @@ fn sink(schema: Schema, smoke: bool) {
         &format!("-c 1 -P {batch} per server, both at once"),
     );
     row("ratio redtap / redis-benchmark", format!("{:.2}×", ours / reference), "");
+    row(
+        "redtap records per pipeline",
+        format!("{:.0}", n as f64 / batches as f64),
+        &format!("{batches} pipelines"),
+    );
     row(
         "redtap CPU per record",
         format!("{:.2} µs", cpu * 1e6 / n as f64),

@@ -274,6 +274,7 @@ impl Writer {
             newest = newest.max(p.rec.ts_ms());
         }
         self.layout.push_upkeep(&mut pipe, now_us() / 1000, newest);
+        self.metrics.batches.inc();
         let replies = self
             .with_timeout(conn.req_packed_commands(&pipe, 0, pipe.len()))
             .await?;

@@ -87,17 +87,32 @@ impl Layout {
     /// Queue the command that stores `rec` at `slot`. Storing the same slot twice stores it
     /// once: XADD refuses an ID not above the stream's top, and SET … NX keeps the first value.
     pub fn push_store(&self, pipe: &mut Pipeline, rec: &Record, slot: Slot) {
-        let (src, dst) = (rec.src.ip().to_string(), rec.dst.ip().to_string());
+        // Formatted on the stack: this runs once per record, and heap strings were the largest
+        // cost of building a batch (see BENCHMARKS.md).
+        let mut src = StackBuf::new();
+        let mut dst = StackBuf::new();
+        let _ = write!(src, "{}", rec.src.ip());
+        let _ = write!(dst, "{}", rec.dst.ip());
+        let mut flags = StackBuf::new();
+        let kind: &str = match rec.kind {
+            Kind::Conn => "conn",
+            Kind::Segment { flags: f, .. } => {
+                crate::record::write_flags(&mut flags, f);
+                flags.as_str()
+            }
+        };
         match self.schema {
             Schema::Stream => {
+                let mut id = StackBuf::new();
+                let _ = write!(id, "{}-{}", slot.major, slot.seq);
                 let cmd = pipe
                     .cmd("XADD")
                     .arg(&self.key)
-                    .arg(format!("{}-{}", slot.major, slot.seq))
+                    .arg(id.as_str())
                     .arg("src")
-                    .arg(src)
+                    .arg(src.as_str())
                     .arg("dst")
-                    .arg(dst)
+                    .arg(dst.as_str())
                     .arg("sport")
                     .arg(rec.src.port())
                     .arg("dport")
@@ -105,25 +120,30 @@ impl Layout {
                     .arg("ts")
                     .arg(rec.ts_us)
                     .arg("kind")
-                    .arg(rec.kind_str().as_ref());
+                    .arg(kind);
                 if let Kind::Segment { len, .. } = rec.kind {
                     cmd.arg("len").arg(len);
                 }
             }
             Schema::Keys => {
-                let mut value = format!(
-                    r#"{{"src":"{src}","dst":"{dst}","sport":{},"dport":{},"ts":{},"kind":"{}""#,
+                let mut value = String::with_capacity(128);
+                let _ = write!(
+                    value,
+                    r#"{{"src":"{}","dst":"{}","sport":{},"dport":{},"ts":{},"kind":"{kind}""#,
+                    src.as_str(),
+                    dst.as_str(),
                     rec.src.port(),
                     rec.dst.port(),
                     rec.ts_us,
-                    rec.kind_str()
                 );
                 if let Kind::Segment { len, .. } = rec.kind {
                     let _ = write!(value, r#","len":{len}"#);
                 }
                 value.push('}');
+                let mut key = String::with_capacity(self.key.len() + 24);
+                let _ = write!(key, "{}{}:{}", self.key, slot.major, slot.seq);
                 pipe.cmd("SET")
-                    .arg(format!("{}{}:{}", self.key, slot.major, slot.seq))
+                    .arg(key)
                     .arg(value)
                     .arg("PXAT")
                     .arg(self.expire_at_ms(rec))
@@ -165,6 +185,46 @@ impl Layout {
     /// Whether `rec` is already past retention at `now_ms`.
     pub fn is_expired(&self, rec: &Record, now_ms: u64) -> bool {
         now_ms >= self.expire_at_ms(rec)
+    }
+}
+
+/// A small string formatted on the stack (IP addresses, IDs, flags: at most 64 bytes).
+pub struct StackBuf {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl StackBuf {
+    /// Empty.
+    pub fn new() -> Self {
+        StackBuf {
+            buf: [0; 64],
+            len: 0,
+        }
+    }
+
+    /// The text written so far.
+    pub fn as_str(&self) -> &str {
+        // Only `write_str` fills the buffer, and it copies whole `&str`s.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl Default for StackBuf {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Write for StackBuf {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }
 
