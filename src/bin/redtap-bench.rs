@@ -322,7 +322,11 @@ fn sink(schema: Schema, smoke: bool) {
         format!("{reference:.0}"),
         &format!("-c 1 -P {batch} per server, both at once"),
     );
-    row("ratio redtap / redis-benchmark", format!("{:.2}×", ours / reference), "");
+    row(
+        "ratio redtap / redis-benchmark",
+        format!("{:.2}×", ours / reference),
+        "",
+    );
     row(
         "redtap records per pipeline",
         format!("{:.0}", n as f64 / batches as f64),
@@ -333,7 +337,11 @@ fn sink(schema: Schema, smoke: bool) {
         format!("{:.2} µs", cpu * 1e6 / n as f64),
         "(user+sys) of the bench process, producer included",
     );
-    row("peak RSS", format!("{:.1} MiB", peak_rss_mib(&pid)), "bench process");
+    row(
+        "peak RSS",
+        format!("{:.1} MiB", peak_rss_mib(&pid)),
+        "bench process",
+    );
     row(
         "Redis memory per record (redtap)",
         format!("{:.1} B", mem as f64 / n as f64),
@@ -398,10 +406,13 @@ fn load(addr: SocketAddr, threads: usize, dur: Duration, pace: Option<f64>) -> u
                 let gap = pace.map(|p| Duration::from_secs_f64(threads as f64 / p));
                 let mut next = Instant::now();
                 while Instant::now() < stop {
-                    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                        .unwrap();
+                    let s =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                            .unwrap();
                     s.bind(&src.into()).unwrap();
-                    if s.connect_timeout(&addr.into(), Duration::from_secs(5)).is_ok() {
+                    if s.connect_timeout(&addr.into(), Duration::from_secs(5))
+                        .is_ok()
+                    {
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                     drop(s);
@@ -464,7 +475,13 @@ fn connections(smoke: bool) {
     let work = tempfile::tempdir().unwrap();
     let redtap = Proc(
         Command::new(sibling("redtap"))
-            .args(["run", "--capture", "connections", "--listen", &addr.to_string()])
+            .args([
+                "run",
+                "--capture",
+                "connections",
+                "--listen",
+                &addr.to_string(),
+            ])
             .args(["--admin", &format!("127.0.0.1:{admin}"), "--agent", "bench"])
             .args(["--backend", &format!("A={}@30", a.url())])
             .args(["--backend", &format!("B={}@70", b.url())])
@@ -544,9 +561,21 @@ fn connections(smoke: bool) {
     drop(redtap);
 
     println!("\nconnections: {threads} client threads, {dur:?}, redtap → 2 backends at 30/70");
-    row("minimal accept-and-discard server conn/s", format!("{ref_rate:.0}"), "");
-    row("redtap records stored/s", format!("{rate:.0}"), &format!("{n} connections"));
-    row("ratio redtap / minimal server", format!("{:.2}×", rate / ref_rate), "");
+    row(
+        "minimal accept-and-discard server conn/s",
+        format!("{ref_rate:.0}"),
+        "",
+    );
+    row(
+        "redtap records stored/s",
+        format!("{rate:.0}"),
+        &format!("{n} connections"),
+    );
+    row(
+        "ratio redtap / minimal server",
+        format!("{:.2}×", rate / ref_rate),
+        "",
+    );
     row(
         "redtap CPU per record",
         format!("{:.2} µs", cpu * 1e6 / n as f64),
@@ -623,8 +652,16 @@ fn balance(smoke: bool) {
         format!("{worst:.3} records"),
         "over every prefix of every segment",
     );
-    row("bound promised", "≤ 1 record".into(), "σ = 1 − 1/(2n−2) = 0.75 for 3");
-    row("selector cost", format!("{pick_ns:.1} ns/record"), "Swrr::pick");
+    row(
+        "bound promised",
+        "≤ 1 record".into(),
+        "σ = 1 − 1/(2n−2) = 0.75 for 3",
+    );
+    row(
+        "selector cost",
+        format!("{pick_ns:.1} ns/record"),
+        "Swrr::pick",
+    );
     let _ = elapsed;
     let _ = Path::new(".");
 }

@@ -9,7 +9,10 @@
 //! (it waited in a full buffer), `shutdown` (the grace period ran out). A batch is one pipeline;
 //! a retry resends only what did not succeed, so nothing is stored twice (see [`State`]).
 //!
-//! While its backend is up a writer takes one batch at a time from its queue, so a slow Redis
+//! Up to [`WINDOW`] pipelines are in flight at once on the backend's one connection, so Redis
+//! works on one batch while the writer builds the next.
+//!
+//! While its backend is up a writer takes a few batches at a time from its queue, so a slow Redis
 //! slows the balancer and, through the record queue, capture (backpressure). While it is down it
 //! keeps what it holds, PINGs until the backend is back, and — in `hold` mode, where records
 //! keep coming — takes more only within the shared buffer budget.
@@ -19,6 +22,8 @@
 pub mod schema;
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +48,12 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// An up backend with no writes for this long is PINGed.
 const IDLE_PING: Duration = Duration::from_millis(500);
+
+/// Pipelines in flight at once per backend.
+pub const WINDOW: usize = 2;
+
+/// The answer to one pipeline, as it arrives.
+type Reply = Pin<Box<dyn Future<Output = redis::RedisResult<Vec<Value>>> + Send>>;
 
 /// The error XADD gives for an ID at or below the stream's top: the entry was stored by an
 /// earlier attempt whose answer was lost.
@@ -87,6 +98,13 @@ pub struct Writer {
     backoff: Duration,
     /// Last time the backend answered anything.
     last_ok: Instant,
+    /// Pipelines sent and not yet answered, oldest first, with their chunk number.
+    inflight: VecDeque<(u64, Reply)>,
+    /// Number of the next chunk sent.
+    next_chunk: u64,
+    /// A chunk failed: send nothing more until every chunk in flight has settled, so a retry
+    /// never overtakes the first attempt.
+    draining: bool,
 }
 
 /// A record waiting to be written.
@@ -102,7 +120,9 @@ enum State {
     New,
     /// Sent at this slot with no answer (connection lost, timeout): it may be stored, so it is
     /// resent at the same slot, where a second copy is refused.
-    Sent(Slot),
+    Unknown(Slot),
+    /// In the pipeline of chunk `chunk`; `retry` if an earlier attempt may have stored it.
+    InFlight { slot: Slot, retry: bool, chunk: u64 },
     /// Stored.
     Stored,
 }
@@ -132,6 +152,9 @@ impl Writer {
             next_try: now,
             backoff: BACKOFF_MIN,
             last_ok: now,
+            inflight: VecDeque::new(),
+            next_chunk: 0,
+            draining: false,
         }
     }
 
@@ -148,17 +171,28 @@ impl Writer {
                 let n = self.pending.len();
                 self.forget(n, DropReason::Shutdown);
             }
-            if self.tracker.is_up() && !self.pending.is_empty() && Instant::now() >= self.next_try {
-                self.write_batch().await;
+            if self.can_launch() {
+                self.launch().await;
                 continue;
             }
-            if closed && self.pending.is_empty() {
+            if closed && self.pending.is_empty() && self.inflight.is_empty() {
                 break;
             }
             let take = !closed && self.has_room();
             let retry_at = self.next_try;
-            let retrying = self.tracker.is_up() && !self.pending.is_empty();
+            let retrying = self.tracker.is_up() && self.unsent() > 0 && self.inflight.is_empty();
+            let answer = async {
+                match self.inflight.front_mut() {
+                    Some((chunk, reply)) => (*chunk, reply.await),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                biased;
+                (chunk, result) = answer => {
+                    self.inflight.pop_front();
+                    self.settle(chunk, result);
+                }
                 batch = rx.recv(), if take => match batch {
                     Some(batch) => self.accept(batch),
                     None => closed = true,
@@ -174,7 +208,7 @@ impl Writer {
     /// Whether to take another batch from the queue now.
     fn has_room(&self) -> bool {
         if self.tracker.is_up() {
-            self.pending.len() < self.ctx.batch_size
+            self.pending.len() < self.ctx.batch_size * WINDOW
         } else {
             self.ctx.on_full == OnFull::DropOldest || self.ctx.budget.has_room(self.ctx.batch_size)
         }
@@ -217,18 +251,113 @@ impl Writer {
         self.ctx.budget.release(back);
     }
 
-    /// Send the oldest batch as one pipeline and settle each record: stored records leave,
-    /// refused ones are retried with a new slot, and when the answer is lost (connection error,
-    /// timeout) the whole batch is retried at the same slots.
-    async fn write_batch(&mut self) {
+    /// Records waiting for a pipeline (not in flight).
+    fn unsent(&self) -> usize {
+        self.pending
+            .iter()
+            .filter(|p| matches!(p.state, State::New | State::Unknown(_)))
+            .count()
+    }
+
+    /// Whether to send another pipeline now.
+    fn can_launch(&self) -> bool {
+        self.tracker.is_up()
+            && !self.draining
+            && self.inflight.len() < WINDOW
+            && Instant::now() >= self.next_try
+            && self.unsent() > 0
+    }
+
+    /// Build and send a pipeline of the oldest unsent records (at most one batch) plus upkeep.
+    /// Its answer is settled later, in order, by [`settle`](Self::settle).
+    async fn launch(&mut self) {
         self.drop_expired();
-        let n = self.pending.len().min(self.ctx.batch_size);
+        let mut conn = match self.connect().await {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                self.metrics.write_errors.inc();
+                warn!(backend = %self.name, error = %e, "cannot connect; will retry");
+                self.conn = None;
+                self.failed();
+                self.judge(false);
+                return;
+            }
+        };
+        let chunk = self.next_chunk;
+        self.next_chunk += 1;
+        let mut pipe = Pipeline::with_capacity(self.ctx.batch_size + 2);
+        let mut newest = self.newest_ms;
+        let mut n = 0;
+        for p in self.pending.iter_mut() {
+            if n == self.ctx.batch_size {
+                break;
+            }
+            let (slot, retry) = match p.state {
+                State::New => (self.layout.next_slot(&p.rec), false),
+                State::Unknown(slot) => (slot, true),
+                _ => continue,
+            };
+            p.state = State::InFlight { slot, retry, chunk };
+            self.layout.push_store(&mut pipe, &p.rec, slot);
+            newest = newest.max(p.rec.ts_ms());
+            n += 1;
+        }
         if n == 0 {
             return;
         }
-        let outcome = self.send(n).await;
-        let ok = match outcome {
-            Ok(refused) => {
+        self.layout.push_upkeep(&mut pipe, now_us() / 1000, newest);
+        self.newest_ms = newest;
+        self.metrics.batches.inc();
+        let timeout = self.tracker.config().timeout;
+        let mut reply: Reply = Box::pin(async move {
+            let len = pipe.len();
+            with_timeout(timeout, conn.req_packed_commands(&pipe, 0, len)).await
+        });
+        // Poll once now: that queues the pipeline on the connection, so pipelines go out in the
+        // order they were built even though their answers are awaited later.
+        let waker = std::task::Waker::noop();
+        if let std::task::Poll::Ready(result) = reply
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+        {
+            reply = Box::pin(std::future::ready(result));
+        }
+        self.inflight.push_back((chunk, reply));
+    }
+
+    /// Settle the records of `chunk` from its answer: stored records leave; records Redis
+    /// refused are retried with a new slot; if the answer was lost (connection error, timeout)
+    /// they are retried at the same slot.
+    fn settle(&mut self, chunk: u64, result: redis::RedisResult<Vec<Value>>) {
+        let in_chunk =
+            |p: &Pending| matches!(p.state, State::InFlight { chunk: c, .. } if c == chunk);
+        let ok = match result {
+            Ok(replies) => {
+                let mut replies = replies.into_iter();
+                let mut refused = None;
+                for p in self.pending.iter_mut().filter(|p| in_chunk(p)) {
+                    let State::InFlight { retry, .. } = p.state else {
+                        unreachable!()
+                    };
+                    p.state = match replies.next() {
+                        Some(Value::ServerError(e)) => {
+                            let duplicate = e.details().is_some_and(|d| d.contains(XADD_DUPLICATE));
+                            if duplicate && retry {
+                                // An earlier attempt stored it; its answer was lost.
+                                State::Stored
+                            } else {
+                                // Refused: surely not stored. (A duplicate on a first attempt
+                                // means a later pipeline overtook this one: take a new ID.)
+                                if !duplicate {
+                                    refused.get_or_insert_with(|| format!("{e:?}"));
+                                }
+                                State::New
+                            }
+                        }
+                        Some(_) => State::Stored,
+                        None => State::New,
+                    };
+                }
                 let before = self.pending.len();
                 self.pending.retain(|p| p.state != State::Stored);
                 let stored = before - self.pending.len();
@@ -242,6 +371,11 @@ impl Writer {
                 stored > 0 || clean
             }
             Err(e) => {
+                for p in self.pending.iter_mut().filter(|p| in_chunk(p)) {
+                    if let State::InFlight { slot, .. } = p.state {
+                        p.state = State::Unknown(slot);
+                    }
+                }
                 self.metrics.write_errors.inc();
                 warn!(backend = %self.name, error = %e, "write failed; will retry");
                 self.conn = None;
@@ -252,46 +386,19 @@ impl Writer {
             self.last_ok = Instant::now();
             self.backoff = BACKOFF_MIN;
         } else {
-            self.next_try = Instant::now() + self.backoff;
-            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            self.failed();
+        }
+        if self.inflight.is_empty() {
+            self.draining = false;
         }
         self.judge(ok);
     }
 
-    /// Pipeline the first `n` pending records plus upkeep. `Ok(Some(err))`: Redis answered but
-    /// refused some records (they are `New` again); `Err`: the answer was lost.
-    async fn send(&mut self, n: usize) -> redis::RedisResult<Option<String>> {
-        let mut conn = self.connect().await?.clone();
-        let mut pipe = Pipeline::with_capacity(n + 2);
-        let mut newest = self.newest_ms;
-        for p in self.pending.iter_mut().take(n) {
-            let slot = match p.state {
-                State::Sent(slot) => slot,
-                _ => self.layout.next_slot(&p.rec),
-            };
-            p.state = State::Sent(slot);
-            self.layout.push_store(&mut pipe, &p.rec, slot);
-            newest = newest.max(p.rec.ts_ms());
-        }
-        self.layout.push_upkeep(&mut pipe, now_us() / 1000, newest);
-        self.metrics.batches.inc();
-        let replies = self
-            .with_timeout(conn.req_packed_commands(&pipe, 0, pipe.len()))
-            .await?;
-        let mut refused = None;
-        for (p, reply) in self.pending.iter_mut().take(n).zip(replies) {
-            match reply {
-                Value::ServerError(e)
-                    if !e.details().is_some_and(|d| d.contains(XADD_DUPLICATE)) =>
-                {
-                    p.state = State::New;
-                    refused.get_or_insert_with(|| format!("{e:?}"));
-                }
-                _ => p.state = State::Stored,
-            }
-        }
-        self.newest_ms = newest;
-        Ok(refused)
+    /// After a failure: back off, and send nothing until what is in flight has settled.
+    fn failed(&mut self) {
+        self.next_try = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.draining = !self.inflight.is_empty();
     }
 
     /// Periodic work: evict expired records, trim an idle stream, PING an idle or down backend.
@@ -333,9 +440,11 @@ impl Writer {
     async fn ping(&mut self) -> bool {
         let result: redis::RedisResult<()> = async {
             let mut conn = self.connect().await?.clone();
-            let pong: String = self
-                .with_timeout(redis::cmd("PING").query_async(&mut conn))
-                .await?;
+            let pong: String = with_timeout(
+                self.tracker.config().timeout,
+                redis::cmd("PING").query_async(&mut conn),
+            )
+            .await?;
             debug!(backend = %self.name, %pong, "ping");
             Ok(())
         }
@@ -379,20 +488,6 @@ impl Writer {
         Ok(self.conn.as_mut().expect("just set"))
     }
 
-    /// Bound a Redis round trip by the health timeout (a hung server never answers).
-    async fn with_timeout<T>(
-        &self,
-        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> redis::RedisResult<T> {
-        match tokio::time::timeout(self.tracker.config().timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(redis::RedisError::from((
-                redis::ErrorKind::IoError,
-                "timed out waiting for Redis",
-            ))),
-        }
-    }
-
     /// Trim the stream so entries leave on time even when nothing new arrives.
     async fn trim(&mut self) {
         let Some(conn) = self.conn.as_mut() else {
@@ -401,7 +496,9 @@ impl Writer {
         let mut conn = conn.clone();
         let mut pipe = Pipeline::new();
         self.layout.push_trim(&mut pipe, now_us() / 1000);
-        if let Err(e) = self.with_timeout(pipe.exec_async(&mut conn)).await {
+        if let Err(e) =
+            with_timeout(self.tracker.config().timeout, pipe.exec_async(&mut conn)).await
+        {
             debug!(backend = %self.name, error = %e, "trim failed");
             self.conn = None;
         }
@@ -420,6 +517,20 @@ impl Writer {
             warn!(backend = %self.name, records = n, "records past retention dropped");
             self.forget(n, DropReason::Expired);
         }
+    }
+}
+
+/// Bound a Redis round trip by the health timeout (a hung server never answers).
+async fn with_timeout<T>(
+    timeout: Duration,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::IoError,
+            "timed out waiting for Redis",
+        ))),
     }
 }
 

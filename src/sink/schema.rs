@@ -105,8 +105,9 @@ impl Layout {
             Schema::Stream => {
                 let mut id = StackBuf::new();
                 let _ = write!(id, "{}-{}", slot.major, slot.seq);
-                let cmd = pipe
-                    .cmd("XADD")
+                // Sized up front: one allocation per command instead of a string of reallocs.
+                let mut cmd = redis::Cmd::with_capacity(17, self.key.len() + 128);
+                cmd.arg("XADD")
                     .arg(&self.key)
                     .arg(id.as_str())
                     .arg("src")
@@ -124,6 +125,7 @@ impl Layout {
                 if let Kind::Segment { len, .. } = rec.kind {
                     cmd.arg("len").arg(len);
                 }
+                pipe.add_command(cmd);
             }
             Schema::Keys => {
                 let mut value = String::with_capacity(128);
