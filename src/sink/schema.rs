@@ -31,7 +31,12 @@ pub struct Layout {
     /// The last slot handed out; slots only grow, so a retried write reuses its slot and a new
     /// record never takes an old one.
     last: Slot,
+    /// The newest capture (ms) whose expiry was last sent for the stream key.
+    expiry_sent_ms: u64,
 }
+
+/// How far the newest capture moves on before the stream key's expiry is pushed out again.
+pub const EXPIRY_STEP_MS: u64 = 100;
 
 /// The stream key of an agent: `<prefix>:events:<agent>`.
 pub fn stream_key(prefix: &str, agent: &str) -> String {
@@ -55,6 +60,7 @@ impl Layout {
             key,
             retention_ms,
             last: Slot { major: 0, seq: 0 },
+            expiry_sent_ms: 0,
         }
     }
 
@@ -154,18 +160,25 @@ impl Layout {
         }
     }
 
-    /// Queue the upkeep that follows a batch: trim entries past retention and set the stream's
-    /// own expiry to that of its newest entry (`newest_ms` is the newest capture this writer has
-    /// stored, which only grows), so the key vanishes by itself once this agent stops writing.
-    /// Nothing for the keys schema, whose keys each carry their own expiry.
-    pub fn push_upkeep(&self, pipe: &mut Pipeline, now_ms: u64, newest_ms: u64) {
-        if self.schema == Schema::Stream {
-            self.push_trim(pipe, now_ms);
+    /// Queue what keeps a stream's key alive while this agent writes and lets it vanish once
+    /// the agent stops: its expiry follows the newest entry (`newest_ms`, the newest capture
+    /// this writer has stored, which only grows). Sent when the newest capture has moved on by
+    /// [`EXPIRY_STEP_MS`], so the key may expire up to that much before its newest entry would —
+    /// well inside the one-second retention promise. Nothing for the keys schema, whose keys
+    /// each carry their own expiry.
+    pub fn push_expiry(&mut self, pipe: &mut Pipeline, newest_ms: u64) {
+        if self.schema == Schema::Stream && newest_ms >= self.expiry_sent_ms + EXPIRY_STEP_MS {
             pipe.cmd("PEXPIREAT")
                 .arg(&self.key)
                 .arg(newest_ms + self.retention_ms)
                 .ignore();
+            self.expiry_sent_ms = newest_ms;
         }
+    }
+
+    /// Forget which expiry was sent (its pipeline may have been lost): the next batch sends it.
+    pub fn expiry_unknown(&mut self) {
+        self.expiry_sent_ms = 0;
     }
 
     /// Queue an exact trim of every stream entry captured before `now − retention`.
