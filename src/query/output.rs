@@ -195,20 +195,45 @@ fn partial_line(w: &mut impl Write, failures: &[Failure]) -> io::Result<()> {
     )
 }
 
-/// The JSON object of one record (the `query --format json` line).
-pub fn row_json(r: &Row) -> serde_json::Value {
-    json!({
-        "ts": rfc3339_us(r.ts_us),
-        "ts_us": r.ts_us,
-        "src": r.src.to_string(),
-        "sport": r.sport,
-        "dst": r.dst.to_string(),
-        "dport": r.dport,
-        "kind": r.kind,
-        "len": r.len,
-        "backend": &*r.backend,
-        "agent": &*r.agent,
-    })
+/// The JSON object of one record (one line of `query --format json`); see docs/query.md.
+#[derive(Debug, serde::Serialize)]
+pub struct RowJson<'a> {
+    /// Capture time, RFC 3339 UTC with µs.
+    pub ts: String,
+    /// Capture time, µs since the epoch.
+    pub ts_us: u64,
+    /// Sender IP.
+    pub src: std::net::IpAddr,
+    /// Sender port.
+    pub sport: u16,
+    /// Destination IP.
+    pub dst: std::net::IpAddr,
+    /// Destination port.
+    pub dport: u16,
+    /// `conn` or TCP flags.
+    pub kind: &'a str,
+    /// Payload length (packet records), else null.
+    pub len: Option<u32>,
+    /// Backend it was read from.
+    pub backend: &'a str,
+    /// Agent that wrote it.
+    pub agent: &'a str,
+}
+
+/// The JSON form of one record.
+pub fn row_json(r: &Row) -> RowJson<'_> {
+    RowJson {
+        ts: rfc3339_us(r.ts_us),
+        ts_us: r.ts_us,
+        src: r.src,
+        sport: r.sport,
+        dst: r.dst,
+        dport: r.dport,
+        kind: &r.kind,
+        len: r.len,
+        backend: &r.backend,
+        agent: &r.agent,
+    }
 }
 
 fn failures_json(failures: &[Failure]) -> serde_json::Value {
