@@ -709,3 +709,35 @@ fn reads_back_what_the_daemon_captured() {
     assert_eq!(s["backends"][0]["share"], 0.3);
     assert_eq!(s["backends"][1]["target_share"], 0.7);
 }
+
+#[test]
+fn tail_since_shows_earlier_records_once_then_new_ones() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let t = now_us() - 30_000_000;
+    put_stream(&a, "s", &[rec(t, "10.0.0.1", 1, 80)]);
+    put_keys(&b, "k", &[rec(t + 1, "10.0.0.2", 2, 80)], 300_000);
+    let (ba, bb) = (be("A", &a, 1), be("B", &b, 1));
+    let tail = Tail::start(&[
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+        "--since",
+        "1m",
+        "--format",
+        "json",
+    ]);
+    eventually(Duration::from_secs(10), "the earlier records", || {
+        tail.records().len() >= 2
+    });
+    put_keys(&b, "k", &[rec(now_us(), "10.0.0.3", 3, 80)], 300_000);
+    eventually(Duration::from_secs(10), "the new record", || {
+        tail.records().iter().any(|r| r["sport"] == 3)
+    });
+    let sports: Vec<u64> = tail
+        .records()
+        .iter()
+        .map(|r| r["sport"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sports.len(), 3, "each record once: {sports:?}");
+}

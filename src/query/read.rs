@@ -581,6 +581,7 @@ pub async fn follow(
         keys_lag_us: keys_lag.as_micros() as u64,
         streams: HashMap::new(),
         seen_keys: HashSet::new(),
+        first_look: true,
         tx,
     };
     tokio::select! {
@@ -601,6 +602,8 @@ struct Follower {
     streams: HashMap<String, (Arc<str>, String)>,
     /// Keys-schema records already shown, inside the lag window: (agent, ts µs, seq).
     seen_keys: HashSet<(Arc<str>, u64, u64)>,
+    /// Whether no discovery has succeeded yet.
+    first_look: bool,
     tx: mpsc::Sender<TailEvent>,
 }
 
@@ -647,7 +650,13 @@ impl Follower {
         loop {
             if last_discover.is_none_or(|t| t.elapsed() >= discover_every) {
                 last_discover = Some(tokio::time::Instant::now());
-                let floor = self.start_us.max(now_us().saturating_sub(self.keys_lag_us));
+                // The first look shows every key since the start; later ones only keys at
+                // most `keys_lag` old (older ones were seen, or arrived too late to follow).
+                let floor = if self.first_look {
+                    self.start_us
+                } else {
+                    self.start_us.max(now_us().saturating_sub(self.keys_lag_us))
+                };
                 let window = Window {
                     from_us: floor,
                     to_us: u64::MAX,
@@ -666,6 +675,7 @@ impl Follower {
                 if let Err(e) = self.new_keys(conn, h).await? {
                     return Some(e);
                 }
+                self.first_look = false;
             }
             if self.streams.is_empty() {
                 tokio::time::sleep(discover_every / 2).await;
