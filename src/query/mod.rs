@@ -423,7 +423,7 @@ pub async fn top(
 }
 
 /// What one backend holds, for `stats`.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendStats {
     /// Backend name.
     pub name: String,

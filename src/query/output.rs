@@ -7,8 +7,6 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
-use serde_json::json;
-
 use super::{Failure, Row, Stats, Top, TopBy};
 
 /// How `query` and `tail` print records.
@@ -236,10 +234,25 @@ pub fn row_json(r: &Row) -> RowJson<'_> {
     }
 }
 
-fn failures_json(failures: &[Failure]) -> serde_json::Value {
+/// A backend that did not answer, in JSON.
+#[derive(Debug, serde::Serialize)]
+pub struct FailureJson<'a> {
+    /// Backend name.
+    pub backend: &'a str,
+    /// Its URL, password redacted.
+    pub url: &'a str,
+    /// What went wrong.
+    pub error: &'a str,
+}
+
+fn failures_json(failures: &[Failure]) -> Vec<FailureJson<'_>> {
     failures
         .iter()
-        .map(|f| json!({"backend": f.backend, "url": f.url, "error": f.error}))
+        .map(|f| FailureJson {
+            backend: &f.backend,
+            url: &f.url,
+            error: &f.error,
+        })
         .collect()
 }
 
@@ -293,33 +306,72 @@ pub fn top_table(t: &Top, by: TopBy, now_us: u64) -> String {
     s
 }
 
+/// `top --format json`; see docs/query.md.
+#[derive(Debug, serde::Serialize)]
+pub struct TopJson<'a> {
+    /// `src`, `dst` or `pair`.
+    pub by: &'static str,
+    /// Start of the window read (after retention), RFC 3339.
+    pub from: String,
+    /// End of the window read, RFC 3339.
+    pub to: String,
+    /// Records that passed the filters.
+    pub total: u64,
+    /// Distinct groups among them.
+    pub groups: u64,
+    /// Whether some backend did not answer.
+    pub partial: bool,
+    /// The backends that did not answer.
+    pub failures: Vec<FailureJson<'a>>,
+    /// The busiest groups, most records first.
+    pub top: Vec<TalkerJson<'a>>,
+}
+
+/// One group of `top --format json`.
+#[derive(Debug, serde::Serialize)]
+pub struct TalkerJson<'a> {
+    /// 1 for the busiest.
+    pub rank: usize,
+    /// `10.0.0.1`, `192.0.2.1:9000` or `10.0.0.1 > 192.0.2.1:9000`.
+    pub key: &'a str,
+    /// Records.
+    pub count: u64,
+    /// count / total.
+    pub share: f64,
+    /// First capture, RFC 3339.
+    pub first: String,
+    /// Last capture, RFC 3339.
+    pub last: String,
+}
+
 /// `top` as one JSON document.
-pub fn top_json(t: &Top, by: TopBy, from_us: u64, to_us: u64) -> serde_json::Value {
-    let top: Vec<_> = t
-        .talkers
-        .iter()
-        .enumerate()
-        .map(|(i, x)| {
-            json!({
-                "rank": i + 1,
-                "key": x.key,
-                "count": x.count,
-                "share": if t.total == 0 { 0.0 } else { x.count as f64 / t.total as f64 },
-                "first": rfc3339_us(x.first_us),
-                "last": rfc3339_us(x.last_us),
+pub fn top_json(t: &Top, by: TopBy, from_us: u64, to_us: u64) -> TopJson<'_> {
+    TopJson {
+        by: by_name(by).0,
+        from: rfc3339_us(from_us),
+        to: rfc3339_us(to_us),
+        total: t.total,
+        groups: t.groups,
+        partial: t.outcome.is_partial(),
+        failures: failures_json(&t.outcome.failures),
+        top: t
+            .talkers
+            .iter()
+            .enumerate()
+            .map(|(i, x)| TalkerJson {
+                rank: i + 1,
+                key: &x.key,
+                count: x.count,
+                share: if t.total == 0 {
+                    0.0
+                } else {
+                    x.count as f64 / t.total as f64
+                },
+                first: rfc3339_us(x.first_us),
+                last: rfc3339_us(x.last_us),
             })
-        })
-        .collect();
-    json!({
-        "by": by_name(by).0,
-        "from": rfc3339_us(from_us),
-        "to": rfc3339_us(to_us),
-        "total": t.total,
-        "groups": t.groups,
-        "partial": t.outcome.is_partial(),
-        "failures": failures_json(&t.outcome.failures),
-        "top": top,
-    })
+            .collect(),
+    }
 }
 
 /// `stats` as a table.
@@ -380,37 +432,82 @@ pub fn stats_table(s: &Stats) -> String {
     out
 }
 
+/// `stats --format json`; see docs/query.md.
+#[derive(Debug, serde::Serialize)]
+pub struct StatsJson<'a> {
+    /// When the counts were taken, RFC 3339.
+    pub now: String,
+    /// The retention applied, ms.
+    pub retention_ms: u64,
+    /// Records inside retention, all reachable backends.
+    pub total: u64,
+    /// Whether some backend did not answer.
+    pub partial: bool,
+    /// The backends that did not answer.
+    pub failures: Vec<FailureJson<'a>>,
+    /// One entry per configured backend, in configured order.
+    pub backends: Vec<BackendJson<'a>>,
+}
+
+/// One backend of `stats --format json`.
+#[derive(Debug, serde::Serialize)]
+pub struct BackendJson<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// URL, password redacted.
+    pub url: &'a str,
+    /// Configured weight.
+    pub weight: u32,
+    /// weight / sum of weights.
+    pub target_share: f64,
+    /// Whether it answered.
+    pub reachable: bool,
+    /// Why not; null when reachable.
+    pub error: Option<&'a str>,
+    /// Records inside retention.
+    pub records: u64,
+    /// Records Redis holds, including any past retention not yet removed.
+    pub held: u64,
+    /// records / total; null when unreachable or when there are no records.
+    pub share: Option<f64>,
+    /// Oldest capture inside retention, RFC 3339, or null.
+    pub oldest: Option<String>,
+    /// Newest capture, RFC 3339, or null.
+    pub newest: Option<String>,
+    /// INFO memory used_memory in bytes (the whole instance), or null.
+    pub used_memory: Option<u64>,
+    /// Records inside retention per agent.
+    pub agents: &'a std::collections::BTreeMap<String, u64>,
+}
+
 /// `stats` as one JSON document.
-pub fn stats_json(s: &Stats, retention: Duration) -> serde_json::Value {
-    let backends: Vec<_> = s
-        .backends
-        .iter()
-        .map(|b| {
-            json!({
-                "name": b.name,
-                "url": b.url,
-                "weight": b.weight,
-                "target_share": b.target_share,
-                "reachable": b.reachable,
-                "error": b.error,
-                "records": b.records,
-                "held": b.held,
-                "share": b.share,
-                "oldest": b.oldest_us.map(rfc3339_us),
-                "newest": b.newest_us.map(rfc3339_us),
-                "used_memory": b.used_memory,
-                "agents": b.agents,
+pub fn stats_json(s: &Stats, retention: Duration) -> StatsJson<'_> {
+    StatsJson {
+        now: rfc3339_us(s.now_us),
+        retention_ms: retention.as_millis() as u64,
+        total: s.total,
+        partial: s.outcome.is_partial(),
+        failures: failures_json(&s.outcome.failures),
+        backends: s
+            .backends
+            .iter()
+            .map(|b| BackendJson {
+                name: &b.name,
+                url: &b.url,
+                weight: b.weight,
+                target_share: b.target_share,
+                reachable: b.reachable,
+                error: b.error.as_deref(),
+                records: b.records,
+                held: b.held,
+                share: b.share,
+                oldest: b.oldest_us.map(rfc3339_us),
+                newest: b.newest_us.map(rfc3339_us),
+                used_memory: b.used_memory,
+                agents: &b.agents,
             })
-        })
-        .collect();
-    json!({
-        "now": rfc3339_us(s.now_us),
-        "retention_ms": retention.as_millis() as u64,
-        "total": s.total,
-        "partial": s.outcome.is_partial(),
-        "failures": failures_json(&s.outcome.failures),
-        "backends": backends,
-    })
+            .collect(),
+    }
 }
 
 #[cfg(test)]
