@@ -478,6 +478,27 @@ fn one_backend_down_gives_the_rest_and_exit_2() {
         .unwrap()
         .contains("unreachable"));
 
+    // A hung server (stopped, its port still open) is reported after the connect timeout.
+    let hung = RedisServer::start();
+    hung.signal("STOP");
+    let bh = be("H", &hung, 1);
+    let (code, out, err) = redtap(&[
+        "query",
+        "--backend",
+        &ba,
+        "--backend",
+        &bh,
+        "--format",
+        "json",
+    ]);
+    hung.signal("CONT");
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(out.lines().count(), 12);
+    assert!(
+        err.contains("backend H") && err.contains("timed out"),
+        "{err}"
+    );
+
     // Every backend down: still a clear message and exit 2, with an empty answer.
     let (code, out, err) = redtap(&["query", "--backend", &dead, "--format", "json"]);
     assert_eq!((code, out.as_str()), (2, ""), "{err}");
