@@ -307,7 +307,17 @@ fn window(
         Some(s) => parse_time("until", s, now)?,
         None => now,
     };
-    Ok(Window::new(since_us, until_us, sources.retention, now))
+    let w = Window::new(since_us, until_us, sources.retention, now);
+    if w.is_empty() {
+        eprintln!(
+            "redtap: nothing to read: the window ends ({}) before it starts ({}, the later of \
+             --since and the retention limit of {})",
+            output::rfc3339_us(w.to_us),
+            output::rfc3339_us(w.from_us),
+            humantime::format_duration(sources.retention)
+        );
+    }
+    Ok(w)
 }
 
 /// Print each failure on stderr.
