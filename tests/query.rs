@@ -762,3 +762,53 @@ fn tail_since_shows_earlier_records_once_then_new_ones() {
         .collect();
     assert_eq!(sports.len(), 3, "each record once: {sports:?}");
 }
+
+#[test]
+fn a_backend_dying_mid_read_keeps_what_was_read_and_exits_2() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let t0 = now_us() - 100_000_000;
+    let many: Vec<Rec> = (0..50_000u64)
+        .map(|i| rec(t0 + i * 1000, "10.0.0.1", (i % 60000) as u16, 80))
+        .collect();
+    put_stream(&a, "big", &many);
+    let few: Vec<Rec> = (0..100u64)
+        .map(|i| rec(t0 + i * 500_000 + 1, "10.0.0.2", 7, 80))
+        .collect();
+    put_stream(&b, "small", &few);
+    let (ba, bb) = (be("A", &a, 1), be("B", &b, 1));
+    let mut child = Command::new(redtap_bin())
+        .args([
+            "query",
+            "--format",
+            "json",
+            "--backend",
+            &ba,
+            "--backend",
+            &bb,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    // The query now waits on the full stdout pipe, far from done with A's 50 000 records.
+    a.signal("KILL");
+    let rest: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("backend A") && err.contains("read failed"),
+        "{err}"
+    );
+    let from_a = rest.iter().filter(|r| r["backend"] == "A").count();
+    assert!(from_a + 1 < many.len(), "A was cut short ({from_a})");
+    assert_eq!(rest.iter().filter(|r| r["backend"] == "B").count(), 100);
+    assert!(ts_of(&rest).windows(2).all(|w| w[0] <= w[1]));
+}
