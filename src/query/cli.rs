@@ -112,8 +112,10 @@ pub struct FilterArgs {
 /// `redtap query`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueryArgs {
+    /// Where to read.
     #[command(flatten)]
     pub source: SourceArgs,
+    /// Which records.
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Start: a duration ago (5m) or an RFC 3339 time (default: the whole retention window).
@@ -133,8 +135,10 @@ pub struct QueryArgs {
 /// `redtap top`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TopArgs {
+    /// Where to read.
     #[command(flatten)]
     pub source: SourceArgs,
+    /// Which records.
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Start: a duration ago (5m) or an RFC 3339 time (default: the whole retention window).
@@ -157,8 +161,10 @@ pub struct TopArgs {
 /// `redtap tail`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TailArgs {
+    /// Where to read.
     #[command(flatten)]
     pub source: SourceArgs,
+    /// Which records.
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Also show records captured since then (a duration ago or RFC 3339); default: only new.
@@ -172,6 +178,7 @@ pub struct TailArgs {
 /// `redtap stats`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatsArgs {
+    /// Where to read.
     #[command(flatten)]
     pub source: SourceArgs,
     /// Output format.

@@ -323,8 +323,7 @@ async fn discover_all(
 }
 
 /// What `top` groups by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TopBy {
     /// The sender's IP.
     Src,

@@ -223,7 +223,7 @@ pub fn spawn_readers(
     filter: Filter,
     progress: Arc<Progress>,
     ahead: usize,
-) -> Vec<mpsc::Receiver<Result<Vec<Row>, super::read::BackendError>>> {
+) -> Vec<mpsc::Receiver<Result<Vec<Row>, BackendError>>> {
     let mut out = Vec::new();
     for (agent, key) in holdings.streams {
         let (tx, rx) = mpsc::channel(ahead);
