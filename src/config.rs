@@ -566,7 +566,7 @@ pub fn parse_weight(s: &str) -> Result<u32, String> {
     }
 }
 
-fn validate_backends(backends: &[BackendConfig]) -> Result<(), ConfigError> {
+pub fn validate_backends(backends: &[BackendConfig]) -> Result<(), ConfigError> {
     if backends.is_empty() {
         return err("at least one --backend NAME=URL@WEIGHT is required");
     }

@@ -17,6 +17,8 @@
 //! - [`admin`]: the HTTP API (`/v1/backends`, `/v1/weights`, `/metrics`, `/healthz`).
 //! - [`metrics`]: every metric, in one place.
 //! - [`client`]: the `redtap weights` command-line client of the admin API.
+//! - [`query`]: reading records back (`redtap query`, `top`, `tail`, `stats`) across every
+//!   backend; read-only, beside the pipeline rather than in it.
 //!
 //! One shutdown path: the caller cancels the token passed to [`run`]; capture stops accepting,
 //! the queue drains through the balancer into the writers, and the writers finish within the
@@ -32,6 +34,7 @@ pub mod client;
 pub mod config;
 pub mod health;
 pub mod metrics;
+pub mod query;
 pub mod record;
 pub mod sink;
 pub mod state;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use redtap::config::{Config, LogFormat, RunArgs};
+use redtap::query::cli::{CliError, Exit, QueryArgs, StatsArgs, TailArgs, TopArgs};
 
 /// Exit code for a usage or configuration error (EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -49,6 +50,14 @@ enum Command {
         #[command(subcommand)]
         action: Option<WeightsAction>,
     },
+    /// Print the records of a time window from every backend, oldest first.
+    Query(Box<QueryArgs>),
+    /// The busiest senders (or destinations, or pairs) of a time window.
+    Top(Box<TopArgs>),
+    /// Follow new records from every backend until Ctrl-C.
+    Tail(Box<TailArgs>),
+    /// Per backend: records held, oldest and newest, memory, share against weight.
+    Stats(Box<StatsArgs>),
 }
 
 #[derive(Subcommand)]
@@ -132,6 +141,29 @@ fn main() -> ExitCode {
                 }
             }
         }),
+        Command::Query(a) => read_exit(rt.block_on(redtap::query::cli::query(&a, stdout()))),
+        Command::Top(a) => read_exit(rt.block_on(redtap::query::cli::top(&a, stdout()))),
+        Command::Stats(a) => read_exit(rt.block_on(redtap::query::cli::stats(&a, stdout()))),
+        Command::Tail(a) => read_exit(rt.block_on(async {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            redtap::query::cli::tail(&a, stdout(), shutdown).await
+        })),
+    }
+}
+
+fn stdout() -> std::io::StdoutLock<'static> {
+    std::io::stdout().lock()
+}
+
+/// Exit code of a read command: 0 complete, 2 partial, 64 usage, 1 output error.
+fn read_exit(r: Result<Exit, CliError>) -> ExitCode {
+    match r {
+        Ok(exit) => ExitCode::from(exit.code()),
+        Err(e) => {
+            eprintln!("redtap: {e}");
+            ExitCode::from(e.code())
+        }
     }
 }
 

@@ -1,0 +1,585 @@
+//! The arguments of `redtap query | top | tail | stats` and the glue the binary calls.
+//!
+//! Owns: resolving backends, retention and prefix from flags and the config file (the same
+//! `--backend NAME=URL@WEIGHT` syntax and file as `redtap run`), parsing times, the progress
+//! line, and the exit rule: [`Exit::Complete`] (0) when every backend answered,
+//! [`Exit::Partial`] (2) when some did not — the others' results are still printed and each
+//! failure is named on stderr — and [`CliError`] for usage (64) or output (1) errors.
+
+use std::io::{IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+
+use super::output::{self, DocFormat, RowFormat, RowWriter};
+use super::read::Selection;
+use super::{Failure, Filter, Outcome, Progress, Sources, TailEvent, TopBy, Window};
+use crate::config::{self, ConfigError, Schema};
+use crate::record::now_us;
+
+/// How a read command ended, when it could print an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Every backend answered: exit 0.
+    Complete,
+    /// Some backend did not; the rest was printed: exit 2.
+    Partial,
+}
+
+impl Exit {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Complete => 0,
+            Exit::Partial => 2,
+        }
+    }
+
+    fn of(o: &Outcome) -> Exit {
+        if o.is_partial() {
+            Exit::Partial
+        } else {
+            Exit::Complete
+        }
+    }
+}
+
+/// A read command that could not answer at all.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad flags or config file: exit 64.
+    #[error(transparent)]
+    Usage(#[from] ConfigError),
+    /// Writing the answer failed (other than a closed pipe, which ends quietly): exit 1.
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl CliError {
+    /// The process exit code.
+    pub fn code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 64,
+            CliError::Output(_) => 1,
+        }
+    }
+}
+
+/// Where to read: shared by every read command.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct SourceArgs {
+    /// The TOML configuration file of `redtap run`: its backends, retention and prefix.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// A Redis backend as NAME=URL@WEIGHT (as for `redtap run`); replaces the file's backends.
+    #[arg(long = "backend", value_name = "NAME=URL@WEIGHT")]
+    pub backends: Vec<String>,
+    /// Records older than this are never shown (default: the file's, else 5m).
+    #[arg(long)]
+    pub retention: Option<String>,
+    /// Key prefix (default: the file's, else redtap).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Only this agent's records (default: every agent found).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Only this layout (default: read both).
+    #[arg(long, value_enum)]
+    pub schema: Option<Schema>,
+    /// Show scan progress on stderr even when it is not a terminal.
+    #[arg(long)]
+    pub progress: bool,
+}
+
+/// Which records: shared by `query`, `top` and `tail`.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct FilterArgs {
+    /// Only senders in this network (CIDR like 10.0.0.0/8, or one address).
+    #[arg(long, value_name = "CIDR")]
+    pub src: Option<String>,
+    /// Only destinations in this network.
+    #[arg(long, value_name = "CIDR")]
+    pub dst: Option<String>,
+    /// Only records whose source or destination port is N (like tcpdump's `port N`).
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+}
+
+/// `redtap query`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueryArgs {
+    /// Where to read.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Which records.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Start: a duration ago (5m) or an RFC 3339 time (default: the whole retention window).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// End: a duration ago (1m), an RFC 3339 time, or `now` (default now).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Print at most N records (the oldest N of the window).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: RowFormat,
+}
+
+/// `redtap top`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopArgs {
+    /// Where to read.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Which records.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Start: a duration ago (5m) or an RFC 3339 time (default: the whole retention window).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// End: a duration ago, an RFC 3339 time, or `now` (default now).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Group by sender IP, destination IP:port, or both.
+    #[arg(long, value_enum, default_value = "src")]
+    pub by: TopBy,
+    /// How many groups to show.
+    #[arg(short = 'n', long = "top", default_value_t = 20)]
+    pub n: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: DocFormat,
+}
+
+/// `redtap tail`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TailArgs {
+    /// Where to read.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Which records.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Also show records captured since then (a duration ago or RFC 3339); default: only new.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: RowFormat,
+}
+
+/// `redtap stats`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatsArgs {
+    /// Where to read.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: DocFormat,
+}
+
+/// Resolve `args` (flags over the file) into [`Sources`]. The file's `agent` and `schema`
+/// describe one writer and are not used: a read covers every agent and both layouts unless
+/// `--agent` / `--schema` narrow it.
+pub fn sources(args: &SourceArgs) -> Result<Sources, ConfigError> {
+    let file = match &args.config {
+        Some(p) => config::read_file(p)?,
+        None => config::FileConfig::default(),
+    };
+    let backends = if args.backends.is_empty() {
+        file.backends
+    } else {
+        args.backends
+            .iter()
+            .map(|s| config::parse_backend_flag(s))
+            .collect::<Result<_, _>>()?
+    };
+    config::validate_backends(&backends)?;
+    let retention_s = args
+        .retention
+        .clone()
+        .or(file.retention)
+        .unwrap_or_else(|| "5m".into());
+    let retention = humantime::parse_duration(&retention_s).map_err(|e| {
+        ConfigError(format!(
+            "--retention {retention_s:?} is not a duration ({e}); use e.g. 30s, 5m"
+        ))
+    })?;
+    let prefix = args
+        .prefix
+        .clone()
+        .or(file.prefix)
+        .unwrap_or_else(|| "redtap".into());
+    for (name, v) in [("prefix", Some(&prefix)), ("agent", args.agent.as_ref())] {
+        if let Some(v) = v {
+            if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c == ':') {
+                return Err(ConfigError(format!(
+                    "--{name} {v:?} must be non-empty, without spaces or ':'"
+                )));
+            }
+        }
+    }
+    Ok(Sources {
+        backends,
+        selection: Selection {
+            prefix,
+            agent: args.agent.clone(),
+            schema: args.schema,
+        },
+        retention,
+    })
+}
+
+/// Parse a filter's flags.
+pub fn filter(args: &FilterArgs) -> Result<Filter, ConfigError> {
+    let net = |flag: &str, v: &Option<String>| -> Result<Option<ipnet::IpNet>, ConfigError> {
+        let Some(s) = v else { return Ok(None) };
+        if let Ok(n) = s.parse::<ipnet::IpNet>() {
+            return Ok(Some(n.trunc()));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| Some(ip.into()))
+            .map_err(|_| {
+                ConfigError(format!(
+                    "--{flag} {s:?} is not a network or address (e.g. 10.0.0.0/8, 192.0.2.7, 2001:db8::/32)"
+                ))
+            })
+    };
+    Ok(Filter {
+        src: net("src", &args.src)?,
+        dst: net("dst", &args.dst)?,
+        port: args.port,
+    })
+}
+
+/// A point in time as µs since the epoch: `now`, a duration ago (`5m`, `90s`), or RFC 3339
+/// (`2026-11-24T03:40:00Z`, `2026-11-24T04:40:00+01:00`, fractions allowed).
+pub fn parse_time(flag: &str, s: &str, now_us: u64) -> Result<u64, ConfigError> {
+    let s = s.trim();
+    if s == "now" {
+        return Ok(now_us);
+    }
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(now_us.saturating_sub(d.as_micros() as u64));
+    }
+    parse_rfc3339(s).ok_or_else(|| {
+        ConfigError(format!(
+            "--{flag} {s:?} is neither a duration ago (5m, 90s) nor an RFC 3339 time \
+             (2026-11-24T03:40:00Z)"
+        ))
+    })
+}
+
+fn parse_rfc3339(s: &str) -> Option<u64> {
+    // humantime reads UTC only; apply a numeric offset ourselves.
+    let (base, offset_s): (String, i64) = if let Some(b) = s.strip_suffix(['Z', 'z']) {
+        (b.to_string(), 0)
+    } else if s.len() > 6 && matches!(&s.as_bytes()[s.len() - 6], b'+' | b'-') {
+        let (b, off) = s.split_at(s.len() - 6);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (h, m) = off[1..].split_once(':')?;
+        let secs = h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60;
+        (b.to_string(), sign * secs)
+    } else {
+        return None;
+    };
+    if !base.contains('T') && !base.contains('t') && !base.contains(' ') {
+        return None;
+    }
+    let t = humantime::parse_rfc3339_weak(&base).ok()?;
+    let us = t.duration_since(UNIX_EPOCH).ok()?.as_micros() as i64;
+    u64::try_from(us - offset_s * 1_000_000).ok()
+}
+
+/// The window of `--since` / `--until` under retention.
+fn window(
+    sources: &Sources,
+    since: &Option<String>,
+    until: &Option<String>,
+    now: u64,
+) -> Result<Window, ConfigError> {
+    let since_us = match since {
+        Some(s) => parse_time("since", s, now)?,
+        None => 0,
+    };
+    let until_us = match until {
+        Some(s) => parse_time("until", s, now)?,
+        None => now,
+    };
+    let w = Window::new(since_us, until_us, sources.retention, now);
+    if w.is_empty() {
+        eprintln!(
+            "redtap: nothing to read: the window ends ({}) before it starts ({}, the later of \
+             --since and the retention limit of {})",
+            output::rfc3339_us(w.to_us),
+            output::rfc3339_us(w.from_us),
+            humantime::format_duration(sources.retention)
+        );
+    }
+    Ok(w)
+}
+
+/// Print each failure on stderr.
+fn report(failures: &[Failure]) {
+    for f in failures {
+        eprintln!("redtap: {f}; its records are missing from this answer (partial, exit 2)");
+    }
+}
+
+/// A progress line on stderr while a read runs: redrawn in place on a terminal, or one line a
+/// second with `--progress` when stderr is not a terminal.
+struct ProgressLine {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ProgressLine {
+    fn start(forced: bool, p: &Arc<Progress>) -> Self {
+        let stop = CancellationToken::new();
+        let tty = std::io::stderr().is_terminal();
+        if !tty && !forced {
+            return ProgressLine { stop, task: None };
+        }
+        let (p, s) = (p.clone(), stop.clone());
+        let every = Duration::from_millis(if tty { 200 } else { 1000 });
+        let task = tokio::spawn(async move {
+            let line = |p: &Progress| {
+                format!(
+                    "redtap: {} keys scanned, {} records read",
+                    p.keys_scanned.load(Ordering::Relaxed),
+                    p.records_read.load(Ordering::Relaxed)
+                )
+            };
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => break,
+                    _ = tick.tick() => {
+                        if tty {
+                            eprint!("\r\x1b[2K{}", line(&p));
+                        } else {
+                            eprintln!("{}", line(&p));
+                        }
+                    }
+                }
+            }
+            if tty {
+                eprint!("\r\x1b[2K");
+            } else {
+                eprintln!("{} (done)", line(&p));
+            }
+        });
+        ProgressLine {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    async fn finish(self) {
+        self.stop.cancel();
+        if let Some(t) = self.task {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Turn a write result into "keep going", "stop quietly" (closed pipe) or an error to return.
+fn wrote(r: std::io::Result<()>, err: &mut Option<std::io::Error>) -> ControlFlow<()> {
+    match r {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                *err = Some(e);
+            }
+            ControlFlow::Break(())
+        }
+    }
+}
+
+fn finish_output(r: std::io::Result<()>) -> Result<(), CliError> {
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// `redtap query`: print the records of the window, oldest first, to `out`.
+pub async fn query(args: &QueryArgs, out: impl Write) -> Result<Exit, CliError> {
+    let sources = sources(&args.source)?;
+    let filter = filter(&args.filter)?;
+    let now = now_us();
+    let window = window(&sources, &args.since, &args.until, now)?;
+    let with_date =
+        output::utc_day(window.from_us.min(window.to_us)) != output::utc_day(window.to_us);
+    let mut w = RowWriter::new(std::io::BufWriter::new(out), args.format, with_date);
+    finish_output(w.header())?;
+    let progress = Arc::new(Progress::default());
+    let line = ProgressLine::start(args.source.progress, &progress);
+    let mut err = None;
+    let mut shown = 0u64;
+    let limit = args.limit.unwrap_or(usize::MAX) as u64;
+    let mut outcome = if limit == 0 {
+        Outcome::default()
+    } else {
+        super::read_merged(&sources, window, &filter, &progress, |r| {
+            shown += 1;
+            wrote(w.row(&r), &mut err)?;
+            if shown >= limit {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .await
+    };
+    line.finish().await;
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    outcome.rows = shown;
+    finish_output(w.footer(shown, &outcome.failures))?;
+    finish_output(w.flush())?;
+    report(&outcome.failures);
+    Ok(Exit::of(&outcome))
+}
+
+/// `redtap top`: the busiest groups of the window.
+pub async fn top(args: &TopArgs, mut out: impl Write) -> Result<Exit, CliError> {
+    let sources = sources(&args.source)?;
+    let filter = filter(&args.filter)?;
+    let now = now_us();
+    let window = window(&sources, &args.since, &args.until, now)?;
+    let progress = Arc::new(Progress::default());
+    let line = ProgressLine::start(args.source.progress, &progress);
+    let t = super::top(&sources, window, &filter, args.by, args.n, &progress).await;
+    line.finish().await;
+    let text = match args.format {
+        DocFormat::Table => output::top_table(&t, args.by, now),
+        DocFormat::Json => {
+            let v = output::top_json(&t, args.by, window.from_us, window.to_us);
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&v).expect("serializable")
+            )
+        }
+    };
+    finish_output(out.write_all(text.as_bytes()).and_then(|_| out.flush()))?;
+    report(&t.outcome.failures);
+    Ok(Exit::of(&t.outcome))
+}
+
+/// `redtap stats`: what each backend holds against its weight.
+pub async fn stats(args: &StatsArgs, mut out: impl Write) -> Result<Exit, CliError> {
+    let sources = sources(&args.source)?;
+    let progress = Arc::new(Progress::default());
+    let line = ProgressLine::start(args.source.progress, &progress);
+    let s = super::stats(&sources, &progress).await;
+    line.finish().await;
+    let text = match args.format {
+        DocFormat::Table => output::stats_table(&s),
+        DocFormat::Json => {
+            let v = output::stats_json(&s, sources.retention);
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&v).expect("serializable")
+            )
+        }
+    };
+    finish_output(out.write_all(text.as_bytes()).and_then(|_| out.flush()))?;
+    report(&s.outcome.failures);
+    Ok(Exit::of(&s.outcome))
+}
+
+/// `redtap tail`: print new records as they arrive until `shutdown` (Ctrl-C). Failures are
+/// reported on stderr when they happen; the exit is [`Exit::Partial`] if any backend was down
+/// at some point.
+pub async fn tail(
+    args: &TailArgs,
+    out: impl Write,
+    shutdown: CancellationToken,
+) -> Result<Exit, CliError> {
+    let sources = sources(&args.source)?;
+    let filter = filter(&args.filter)?;
+    let now = now_us();
+    let start = match &args.since {
+        Some(s) => parse_time("since", s, now)?,
+        None => now,
+    };
+    let mut w = RowWriter::new(out, args.format, false);
+    finish_output(w.header().and_then(|_| w.flush()))?;
+    let mut err = None;
+    let outcome = super::tail(&sources, &filter, start, shutdown, |ev| match ev {
+        TailEvent::Rows(rows) => {
+            for r in &rows {
+                wrote(w.row(r), &mut err)?;
+            }
+            wrote(w.flush(), &mut err)
+        }
+        TailEvent::Down(f) => {
+            eprintln!("redtap: {f}; retrying — its records are missing until it answers");
+            ControlFlow::Continue(())
+        }
+        TailEvent::Up(name) => {
+            eprintln!("redtap: backend {name} answers again");
+            ControlFlow::Continue(())
+        }
+    })
+    .await;
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    Ok(Exit::of(&outcome))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_as_durations_or_rfc3339() {
+        let now = 1_800_000_000_000_000;
+        assert_eq!(parse_time("since", "5m", now).unwrap(), now - 300_000_000);
+        assert_eq!(parse_time("since", "now", now).unwrap(), now);
+        assert_eq!(
+            parse_time("until", "2027-01-15T08:00:00Z", now).unwrap(),
+            1_800_000_000_000_000
+        );
+        assert_eq!(
+            parse_time("until", "2027-01-15T09:00:00.5+01:00", now).unwrap(),
+            1_800_000_000_500_000
+        );
+        assert_eq!(
+            parse_time("until", "2027-01-15T07:30:00-00:30", now).unwrap(),
+            1_800_000_000_000_000
+        );
+        let e = parse_time("until", "yesterday", now).unwrap_err();
+        assert!(e.0.contains("RFC 3339"), "{e}");
+    }
+
+    #[test]
+    fn filters_parse() {
+        let f = filter(&FilterArgs {
+            src: Some("10.1.2.3/8".into()),
+            dst: Some("192.0.2.7".into()),
+            port: Some(80),
+        })
+        .unwrap();
+        assert_eq!(f.src.unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(f.dst.unwrap().to_string(), "192.0.2.7/32");
+        let e = filter(&FilterArgs {
+            src: Some("10.0.0/8".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("--src"), "{e}");
+    }
+}

@@ -1,0 +1,832 @@
+//! Reading one backend: connect, discover agents and keys by SCAN, page through ranges, parse.
+//!
+//! Owns the Redis commands of the read side and the parsing of what the writer stored (see
+//! [`crate::sink::schema`]): stream entries `src dst sport dport ts kind [len]` and key values
+//! `{"src","dst","sport","dport","ts","kind"[,"len"]}`. Unknown `kind`s are passed through; an
+//! entry missing a field is skipped. It never writes to Redis.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    reads_schema, retention_floor_us, Failure, Filter, Progress, Row, TailEvent, Window, PAGE,
+};
+use crate::config::{BackendConfig, Schema};
+use crate::record::now_us;
+
+/// Time allowed to connect to a backend.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time allowed for one answer (a page, a SCAN step, an XREAD BLOCK).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one XREAD of a tail blocks.
+const TAIL_BLOCK_MS: u64 = 500;
+
+/// Why a backend did not (fully) answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// It could not be reached: not running, wrong URL, firewall, wrong password.
+    #[error("unreachable: {0}")]
+    Unreachable(redis::RedisError),
+    /// It was reached but a read failed part way (connection lost, timeout, error reply).
+    #[error("read failed: {0}")]
+    Read(redis::RedisError),
+    /// A reader task ended abnormally (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Which keys a read looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selection {
+    /// Key prefix (`redtap`).
+    pub prefix: String,
+    /// Only this agent; every agent when `None`.
+    pub agent: Option<String>,
+    /// Only this layout; both when `None`.
+    pub schema: Option<Schema>,
+}
+
+/// A keys-schema record known by its name only: `<prefix>:ev:<agent>:<ts_us>:<seq>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyName {
+    /// Capture time, µs.
+    pub ts_us: u64,
+    /// Index into [`Holdings::key_agents`].
+    pub agent: u32,
+    /// Sequence within `ts_us`.
+    pub seq: u64,
+}
+
+/// What a backend holds for a [`Selection`].
+#[derive(Debug, Clone, Default)]
+pub struct Holdings {
+    /// Stream schema: (agent, stream key).
+    pub streams: Vec<(Arc<str>, String)>,
+    /// Keys schema: records whose name puts them inside the discovery window, unordered.
+    pub keys: Vec<KeyName>,
+    /// Agent names [`KeyName::agent`] points into.
+    pub key_agents: Vec<Arc<str>>,
+    /// Keys schema: records seen outside the discovery window.
+    pub keys_outside: u64,
+}
+
+/// Connect to `b` with bounded connect and answer times.
+pub async fn connect(b: &BackendConfig) -> Result<MultiplexedConnection, BackendError> {
+    let client = redis::Client::open(b.url.as_str()).map_err(BackendError::Unreachable)?;
+    let cfg = AsyncConnectionConfig::new()
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_response_timeout(RESPONSE_TIMEOUT);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
+        .map_err(BackendError::Unreachable)?;
+    // A stopped server accepts TCP connections in the kernel; make sure it answers.
+    redis::cmd("PING")
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(BackendError::Unreachable)?;
+    Ok(conn)
+}
+
+/// `s` with glob characters escaped for SCAN MATCH.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Find the streams and keys of `sel`. Keys-schema names outside `window` (when given) are
+/// only counted. One SCAN of the keyspace at most, plus a TYPE per stream candidate.
+pub async fn discover(
+    conn: &mut MultiplexedConnection,
+    sel: &Selection,
+    window: Option<Window>,
+    progress: &Progress,
+) -> Result<Holdings, BackendError> {
+    let streams_on = reads_schema(sel.schema, Schema::Stream);
+    let keys_on = reads_schema(sel.schema, Schema::Keys);
+    let prefix = glob_escape(&sel.prefix);
+    let mut h = Holdings::default();
+    let mut agents: HashMap<String, u32> = HashMap::new();
+    let mut candidates: Vec<String> = Vec::new();
+
+    let pattern = match (&sel.agent, streams_on, keys_on) {
+        (Some(a), _, _) => {
+            if streams_on {
+                candidates.push(crate::sink::schema::stream_key(&sel.prefix, a));
+            }
+            keys_on.then(|| format!("{prefix}:ev:{}:*", glob_escape(a)))
+        }
+        (None, true, true) => Some(format!("{prefix}:ev*")), // both `ev:` and `events:`
+        (None, true, false) => Some(format!("{prefix}:events:*")),
+        (None, false, _) => Some(format!("{prefix}:ev:*")),
+    };
+    let events = format!("{}:events:", sel.prefix);
+    let ev = format!("{}:ev:", sel.prefix);
+    if let Some(pattern) = pattern {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(conn)
+                .await
+                .map_err(BackendError::Read)?;
+            progress.add_keys(batch.len() as u64);
+            for key in batch {
+                if let Some(agent) = key.strip_prefix(&events) {
+                    if streams_on && sel.agent.is_none() && !agent.contains(':') {
+                        candidates.push(key);
+                    }
+                } else if let Some(rest) = key.strip_prefix(&ev) {
+                    if !keys_on {
+                        continue;
+                    }
+                    let Some((agent, ts_us, seq)) = parse_key_rest(rest) else {
+                        continue;
+                    };
+                    if window.is_some_and(|w| !w.contains(ts_us)) {
+                        h.keys_outside += 1;
+                        continue;
+                    }
+                    let idx = match agents.get(agent) {
+                        Some(&i) => i,
+                        None => {
+                            let i = h.key_agents.len() as u32;
+                            h.key_agents.push(agent.into());
+                            agents.insert(agent.to_string(), i);
+                            i
+                        }
+                    };
+                    h.keys.push(KeyName {
+                        ts_us,
+                        agent: idx,
+                        seq,
+                    });
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    candidates.sort();
+    candidates.dedup();
+    for key in candidates {
+        let t: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(conn)
+            .await
+            .map_err(BackendError::Read)?;
+        if t == "stream" {
+            let agent = key[events.len()..].into();
+            h.streams.push((agent, key));
+        }
+    }
+    Ok(h)
+}
+
+/// `<agent>:<ts_us>:<seq>` → its parts.
+fn parse_key_rest(rest: &str) -> Option<(&str, u64, u64)> {
+    let mut it = rest.rsplitn(3, ':');
+    let seq = it.next()?.parse().ok()?;
+    let ts = it.next()?.parse().ok()?;
+    let agent = it.next()?;
+    (!agent.is_empty() && !agent.contains(':')).then_some((agent, ts, seq))
+}
+
+/// Start one reader task per stream and one for all of the keys; each sends pages of rows that
+/// pass `window` and `filter`, in capture order, ending its channel when done or after an error.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_readers(
+    conn: MultiplexedConnection,
+    backend: Arc<str>,
+    sel: &Selection,
+    mut holdings: Holdings,
+    window: Window,
+    filter: Filter,
+    progress: Arc<Progress>,
+    ahead: usize,
+) -> Vec<mpsc::Receiver<Result<Vec<Row>, BackendError>>> {
+    let mut out = Vec::new();
+    for (agent, key) in holdings.streams {
+        let (tx, rx) = mpsc::channel(ahead);
+        out.push(rx);
+        let r = Reader {
+            conn: conn.clone(),
+            backend: backend.clone(),
+            window,
+            filter: filter.clone(),
+            progress: progress.clone(),
+            tx,
+        };
+        tokio::spawn(r.stream(key, agent));
+    }
+    if !holdings.keys.is_empty() {
+        // Order by time, then agent name, then sequence.
+        let names = &holdings.key_agents;
+        holdings.keys.sort_unstable_by(|a, b| {
+            (a.ts_us, &names[a.agent as usize], a.seq).cmp(&(
+                b.ts_us,
+                &names[b.agent as usize],
+                b.seq,
+            ))
+        });
+        let (tx, rx) = mpsc::channel(ahead);
+        out.push(rx);
+        let r = Reader {
+            conn,
+            backend,
+            window,
+            filter,
+            progress,
+            tx,
+        };
+        tokio::spawn(r.keys(sel.prefix.clone(), holdings.keys, holdings.key_agents));
+    }
+    out
+}
+
+/// One reader task's state.
+struct Reader {
+    conn: MultiplexedConnection,
+    backend: Arc<str>,
+    window: Window,
+    filter: Filter,
+    progress: Arc<Progress>,
+    tx: mpsc::Sender<Result<Vec<Row>, BackendError>>,
+}
+
+impl Reader {
+    /// Page through one stream with XRANGE over the window's entry IDs (IDs are capture ms).
+    async fn stream(mut self, key: String, agent: Arc<str>) {
+        let mut start = (self.window.from_us / 1000).to_string();
+        let end = (self.window.to_us / 1000).to_string();
+        loop {
+            let reply: Value = match redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&start)
+                .arg(&end)
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(&mut self.conn)
+                .await
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = self.tx.send(Err(BackendError::Read(e))).await;
+                    return;
+                }
+            };
+            let entries = entries(&reply);
+            let n = entries.len();
+            self.progress.add_records(n as u64);
+            let Some(last) = entries.last().map(|e| e.0) else {
+                return;
+            };
+            start = format!("({last}");
+            let rows: Vec<Row> = entries
+                .into_iter()
+                .filter_map(|(_, fields)| row_from_fields(fields, &self.backend, &agent))
+                .filter(|r| self.window.contains(r.ts_us) && self.filter.matches(r))
+                .collect();
+            if !rows.is_empty() && self.tx.send(Ok(rows)).await.is_err() {
+                return; // the merge stopped (limit reached)
+            }
+            if n < PAGE {
+                return;
+            }
+        }
+    }
+
+    /// Fetch keys by name, in the given order, with MGET. Expired keys come back nil.
+    async fn keys(mut self, prefix: String, names: Vec<KeyName>, agents: Vec<Arc<str>>) {
+        for page in names.chunks(PAGE) {
+            let mut cmd = redis::cmd("MGET");
+            for k in page {
+                cmd.arg(format!(
+                    "{prefix}:ev:{}:{}:{}",
+                    agents[k.agent as usize], k.ts_us, k.seq
+                ));
+            }
+            let values: Vec<Option<Vec<u8>>> = match cmd.query_async(&mut self.conn).await {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = self.tx.send(Err(BackendError::Read(e))).await;
+                    return;
+                }
+            };
+            self.progress.add_records(page.len() as u64);
+            let rows: Vec<Row> = page
+                .iter()
+                .zip(values)
+                .filter_map(|(k, v)| row_from_json(&v?, &self.backend, &agents[k.agent as usize]))
+                .filter(|r| self.window.contains(r.ts_us) && self.filter.matches(r))
+                .collect();
+            if !rows.is_empty() && self.tx.send(Ok(rows)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The entries of an XRANGE / XREVRANGE answer: (ID, field list).
+fn entries(v: &Value) -> Vec<(&str, &Value)> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|e| match e {
+            Value::Array(pair) if pair.len() == 2 => Some((text(&pair[0])?, &pair[1])),
+            _ => None,
+        })
+        .collect()
+}
+
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// A stream entry's fields → a row; `None` if a required field is missing or malformed.
+pub fn row_from_fields(fields: &Value, backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
+    let pairs: Vec<(&str, &str)> = match fields {
+        Value::Array(flat) => flat
+            .chunks_exact(2)
+            .filter_map(|p| Some((text(&p[0])?, text(&p[1])?)))
+            .collect(),
+        Value::Map(m) => m
+            .iter()
+            .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+            .collect(),
+        _ => return None,
+    };
+    let (mut src, mut dst, mut sport, mut dport, mut ts, mut kind, mut len) =
+        (None, None, None, None, None, None, None);
+    for (k, v) in pairs {
+        match k {
+            "src" => src = v.parse::<IpAddr>().ok(),
+            "dst" => dst = v.parse::<IpAddr>().ok(),
+            "sport" => sport = v.parse::<u16>().ok(),
+            "dport" => dport = v.parse::<u16>().ok(),
+            "ts" => ts = v.parse::<u64>().ok(),
+            "kind" => kind = Some(v),
+            "len" => len = v.parse::<u32>().ok(),
+            _ => {}
+        }
+    }
+    Some(Row {
+        ts_us: ts?,
+        src: src?,
+        sport: sport?,
+        dst: dst?,
+        dport: dport?,
+        kind: kind?.to_string(),
+        len,
+        backend: backend.clone(),
+        agent: agent.clone(),
+    })
+}
+
+/// The value the keys schema stores.
+#[derive(serde::Deserialize)]
+struct KeyValue {
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    ts: u64,
+    kind: String,
+    #[serde(default)]
+    len: Option<u32>,
+}
+
+/// A keys-schema value → a row; `None` if it is not the JSON the writer stores.
+pub fn row_from_json(v: &[u8], backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
+    let k: KeyValue = serde_json::from_slice(v).ok()?;
+    Some(Row {
+        ts_us: k.ts,
+        src: k.src,
+        sport: k.sport,
+        dst: k.dst,
+        dport: k.dport,
+        kind: k.kind,
+        len: k.len,
+        backend: backend.clone(),
+        agent: agent.clone(),
+    })
+}
+
+/// What `stats` learns from one backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldStats {
+    /// Records held, including any past retention.
+    pub held: u64,
+    /// Records inside retention, per agent.
+    pub agents: BTreeMap<String, u64>,
+    /// Oldest capture inside retention, µs.
+    pub oldest_us: Option<u64>,
+    /// Newest capture, µs.
+    pub newest_us: Option<u64>,
+    /// `used_memory` from INFO memory.
+    pub used_memory: Option<u64>,
+}
+
+/// Count one backend's records: inside retention (captured at or after `floor_us`) and held.
+pub async fn backend_stats(
+    conn: &mut MultiplexedConnection,
+    sel: &Selection,
+    floor_us: u64,
+    progress: &Progress,
+) -> Result<HeldStats, BackendError> {
+    let window = Window {
+        from_us: floor_us,
+        to_us: u64::MAX,
+    };
+    let h = discover(conn, sel, Some(window), progress).await?;
+    let mut s = HeldStats::default();
+    let floor_ms = floor_us / 1000;
+    let none: Arc<str> = "".into();
+    let first_ts = |v: &Value| {
+        entries(v)
+            .first()
+            .and_then(|(_, f)| row_from_fields(f, &none, &none))
+            .map(|r| r.ts_us)
+    };
+    for (agent, key) in &h.streams {
+        let len: u64 = q(conn, redis::cmd("XLEN").arg(key)).await?;
+        // Entries before the floor that trimming has not removed yet.
+        let mut stale = 0u64;
+        let mut start = "-".to_string();
+        loop {
+            let v: Value = q(
+                conn,
+                redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg(&start)
+                    .arg(format!("({floor_ms}"))
+                    .arg("COUNT")
+                    .arg(PAGE),
+            )
+            .await?;
+            let e = entries(&v);
+            stale += e.len() as u64;
+            match e.last() {
+                Some((id, _)) if e.len() == PAGE => start = format!("({id}"),
+                _ => break,
+            }
+        }
+        let oldest: Value = q(
+            conn,
+            redis::cmd("XRANGE")
+                .arg(key)
+                .arg(floor_ms)
+                .arg("+")
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await?;
+        let newest: Value = q(
+            conn,
+            redis::cmd("XREVRANGE")
+                .arg(key)
+                .arg("+")
+                .arg(floor_ms)
+                .arg("COUNT")
+                .arg(1),
+        )
+        .await?;
+        s.held += len;
+        *s.agents.entry(agent.to_string()).or_default() += len.saturating_sub(stale);
+        merge_min(&mut s.oldest_us, first_ts(&oldest));
+        merge_max(&mut s.newest_us, first_ts(&newest));
+    }
+    s.held += h.keys.len() as u64 + h.keys_outside;
+    for k in &h.keys {
+        *s.agents
+            .entry(h.key_agents[k.agent as usize].to_string())
+            .or_default() += 1;
+        merge_min(&mut s.oldest_us, Some(k.ts_us));
+        merge_max(&mut s.newest_us, Some(k.ts_us));
+    }
+    let info: String = q(conn, redis::cmd("INFO").arg("memory")).await?;
+    s.used_memory = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok());
+    Ok(s)
+}
+
+async fn q<T: redis::FromRedisValue>(
+    conn: &mut MultiplexedConnection,
+    cmd: &redis::Cmd,
+) -> Result<T, BackendError> {
+    cmd.query_async(conn).await.map_err(BackendError::Read)
+}
+
+fn merge_min(a: &mut Option<u64>, b: Option<u64>) {
+    *a = match (*a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    };
+}
+
+fn merge_max(a: &mut Option<u64>, b: Option<u64>) {
+    *a = match (*a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    };
+}
+
+/// Follow one backend for `tail` until `stop`: report rows, and when it goes down or comes
+/// back. Reconnects with backoff.
+#[allow(clippy::too_many_arguments)]
+pub async fn follow(
+    b: BackendConfig,
+    sel: Selection,
+    retention: Duration,
+    filter: Filter,
+    start_us: u64,
+    discover_every: Duration,
+    keys_lag: Duration,
+    tx: mpsc::Sender<TailEvent>,
+    stop: CancellationToken,
+) {
+    let mut f = Follower {
+        backend: b.name.as_str().into(),
+        sel,
+        retention,
+        filter,
+        start_us,
+        keys_lag_us: keys_lag.as_micros() as u64,
+        streams: HashMap::new(),
+        seen_keys: HashSet::new(),
+        first_look: true,
+        tx,
+    };
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = f.run(&b, discover_every) => {}
+    }
+}
+
+/// A tail's memory of one backend.
+struct Follower {
+    backend: Arc<str>,
+    sel: Selection,
+    retention: Duration,
+    filter: Filter,
+    start_us: u64,
+    keys_lag_us: u64,
+    /// Stream key → (agent, last ID read).
+    streams: HashMap<String, (Arc<str>, String)>,
+    /// Keys-schema records already shown, inside the lag window: (agent, ts µs, seq).
+    seen_keys: HashSet<(Arc<str>, u64, u64)>,
+    /// Whether no discovery has succeeded yet.
+    first_look: bool,
+    tx: mpsc::Sender<TailEvent>,
+}
+
+impl Follower {
+    async fn run(&mut self, b: &BackendConfig, discover_every: Duration) {
+        let mut backoff = Duration::from_millis(200);
+        let mut down = false;
+        loop {
+            let err = match connect(b).await {
+                Ok(mut conn) => {
+                    backoff = Duration::from_millis(200);
+                    if down && self.tx.send(TailEvent::Up(b.name.clone())).await.is_err() {
+                        return;
+                    }
+                    match self.follow_conn(&mut conn, discover_every).await {
+                        Some(e) => e,
+                        None => return, // nobody listens any more
+                    }
+                }
+                Err(e) => e,
+            };
+            down = true;
+            let ev = TailEvent::Down(Failure {
+                backend: b.name.clone(),
+                url: b.redacted_url(),
+                error: err.to_string(),
+            });
+            if self.tx.send(ev).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Follow over one connection: `Some(error)` when it fails, `None` when the receiver is gone.
+    async fn follow_conn(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        discover_every: Duration,
+    ) -> Option<BackendError> {
+        let mut last_discover: Option<tokio::time::Instant> = None;
+        let progress = Progress::default();
+        loop {
+            if last_discover.is_none_or(|t| t.elapsed() >= discover_every) {
+                last_discover = Some(tokio::time::Instant::now());
+                // The first look shows every key since the start; later ones only keys at
+                // most `keys_lag` old (older ones were seen, or arrived too late to follow).
+                let floor = if self.first_look {
+                    self.start_us
+                } else {
+                    self.start_us.max(now_us().saturating_sub(self.keys_lag_us))
+                };
+                let window = Window {
+                    from_us: floor,
+                    to_us: u64::MAX,
+                };
+                let mut h = match discover(conn, &self.sel, Some(window), &progress).await {
+                    Ok(h) => h,
+                    Err(e) => return Some(e),
+                };
+                let start_id = format!("{}-{}", (self.start_us / 1000).saturating_sub(1), u64::MAX);
+                for (agent, key) in std::mem::take(&mut h.streams) {
+                    self.streams
+                        .entry(key)
+                        .or_insert_with(|| (agent, start_id.clone()));
+                }
+                self.seen_keys.retain(|k| k.1 >= floor);
+                if let Err(e) = self.new_keys(conn, h).await? {
+                    return Some(e);
+                }
+                self.first_look = false;
+            }
+            if self.streams.is_empty() {
+                tokio::time::sleep(discover_every / 2).await;
+                continue;
+            }
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT")
+                .arg(PAGE)
+                .arg("BLOCK")
+                .arg(TAIL_BLOCK_MS)
+                .arg("STREAMS");
+            let order: Vec<String> = self.streams.keys().cloned().collect();
+            for k in &order {
+                cmd.arg(k);
+            }
+            for k in &order {
+                cmd.arg(&self.streams[k].1);
+            }
+            let reply: Value = match cmd.query_async(conn).await {
+                Ok(v) => v,
+                Err(e) => return Some(BackendError::Read(e)),
+            };
+            let mut rows = Vec::new();
+            for (key, entries_v) in xread_streams(&reply) {
+                let Some((agent, last)) = self.streams.get_mut(key) else {
+                    continue;
+                };
+                let es = entries(entries_v);
+                if let Some((id, _)) = es.last() {
+                    *last = id.to_string();
+                }
+                rows.extend(
+                    es.into_iter()
+                        .filter_map(|(_, f)| row_from_fields(f, &self.backend, agent)),
+                );
+            }
+            if !self.send_rows(rows).await {
+                return None;
+            }
+        }
+    }
+
+    /// Fetch and send keys-schema records not shown yet. Outer `None`: the receiver is gone.
+    async fn new_keys(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        h: Holdings,
+    ) -> Option<Result<(), BackendError>> {
+        let mut fresh: Vec<KeyName> = h
+            .keys
+            .into_iter()
+            .filter(|k| {
+                let agent = &h.key_agents[k.agent as usize];
+                !self.seen_keys.contains(&(agent.clone(), k.ts_us, k.seq))
+            })
+            .collect();
+        fresh.sort_unstable();
+        for page in fresh.chunks(PAGE) {
+            let mut cmd = redis::cmd("MGET");
+            for k in page {
+                cmd.arg(format!(
+                    "{}:ev:{}:{}:{}",
+                    self.sel.prefix, h.key_agents[k.agent as usize], k.ts_us, k.seq
+                ));
+            }
+            let values: Vec<Option<Vec<u8>>> = match cmd.query_async(conn).await {
+                Ok(v) => v,
+                Err(e) => return Some(Err(BackendError::Read(e))),
+            };
+            let mut rows = Vec::new();
+            for (k, v) in page.iter().zip(values) {
+                let agent = &h.key_agents[k.agent as usize];
+                self.seen_keys.insert((agent.clone(), k.ts_us, k.seq));
+                if let Some(r) = v.and_then(|v| row_from_json(&v, &self.backend, agent)) {
+                    rows.push(r);
+                }
+            }
+            if !self.send_rows(rows).await {
+                return None;
+            }
+        }
+        Some(Ok(()))
+    }
+
+    /// Filter, order and send; `false` when the receiver is gone.
+    async fn send_rows(&self, mut rows: Vec<Row>) -> bool {
+        let floor = retention_floor_us(self.retention, now_us()).max(self.start_us);
+        rows.retain(|r| r.ts_us >= floor && self.filter.matches(r));
+        if rows.is_empty() {
+            return true;
+        }
+        rows.sort_by(|a, b| a.ts_us.cmp(&b.ts_us).then_with(|| a.agent.cmp(&b.agent)));
+        self.tx.send(TailEvent::Rows(rows)).await.is_ok()
+    }
+}
+
+/// The (stream key, entries) pairs of an XREAD answer (RESP2 array or RESP3 map).
+fn xread_streams(v: &Value) -> Vec<(&str, &Value)> {
+    match v {
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|s| match s {
+                Value::Array(p) if p.len() == 2 => Some((text(&p[0])?, &p[1])),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(m) => m.iter().filter_map(|(k, e)| Some((text(k)?, e))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_parse() {
+        assert_eq!(
+            parse_key_rest("agent-1:1700000000000123:4"),
+            Some(("agent-1", 1_700_000_000_000_123, 4))
+        );
+        assert_eq!(parse_key_rest("a:b:1:2"), None);
+        assert_eq!(parse_key_rest(":1:2"), None);
+        assert_eq!(parse_key_rest("a:x:2"), None);
+    }
+
+    #[test]
+    fn glob_is_escaped() {
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn both_record_kinds_parse() {
+        let b: Arc<str> = "A".into();
+        let a: Arc<str> = "x".into();
+        let r = row_from_json(
+            br#"{"src":"10.0.0.1","dst":"10.0.0.2","sport":5,"dport":80,"ts":7,"kind":"PA","len":1460}"#,
+            &b,
+            &a,
+        )
+        .unwrap();
+        assert_eq!((r.kind.as_str(), r.len), ("PA", Some(1460)));
+        let fields = Value::Array(
+            [
+                "src", "::1", "dst", "::1", "sport", "1", "dport", "2", "ts", "3", "kind", "conn",
+            ]
+            .iter()
+            .map(|s| Value::BulkString(s.as_bytes().to_vec()))
+            .collect(),
+        );
+        let r = row_from_fields(&fields, &b, &a).unwrap();
+        assert_eq!((r.kind.as_str(), r.len, r.ts_us), ("conn", None, 3));
+    }
+}
