@@ -463,9 +463,13 @@ fn connections(smoke: bool) {
             .unwrap(),
     );
     wait_for_port(addr);
+    let ref_pid = minimal.0.id().to_string();
+    let ref_cpu0 = cpu_seconds(&ref_pid);
     let t0 = Instant::now();
     let ref_n = load(addr, threads, dur, None);
     let ref_rate = ref_n as f64 / t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(200));
+    let ref_cpu = cpu_seconds(&ref_pid) - ref_cpu0;
     drop(minimal);
 
     // redtap.
@@ -579,7 +583,12 @@ fn connections(smoke: bool) {
     row(
         "redtap CPU per record",
         format!("{:.2} µs", cpu * 1e6 / n as f64),
-        "(user+sys) of redtap",
+        "(user+sys) of redtap, accept and close included",
+    );
+    row(
+        "minimal server CPU per connection",
+        format!("{:.2} µs", ref_cpu * 1e6 / ref_n as f64),
+        "the kernel's accept/close share of the above",
     );
     row("redtap peak RSS", format!("{rss:.1} MiB"), "");
     row(
