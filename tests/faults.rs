@@ -460,3 +460,37 @@ fn out_of_file_descriptors_backs_off_without_spinning() {
         r.xlen(STREAM) == 110
     });
 }
+
+#[test]
+fn hold_mode_keeps_the_weighting_and_delivers_when_the_backend_returns() {
+    let a = RedisServer::start();
+    let mut b = RedisServer::start_durable();
+    let (ba, bb) = (backend("A", &a, 50), backend("B", &b, 50));
+    let d = Daemon::start(&[
+        "--agent",
+        "t",
+        "--on-backend-down",
+        "hold",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ]);
+    b.kill9();
+    assert_eq!(connect_many(d.listen, 1000, 4), 1000);
+    eventually(Duration::from_secs(5), "B marked down", || !is_up(&d, 1));
+    eventually(Duration::from_secs(10), "A's half stored", || {
+        a.xlen(STREAM) == 500
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.xlen(STREAM), 500, "A never takes B's share in hold mode");
+    assert!(
+        metric(&d, "redtap_buffered_records") > 0.0,
+        "B's records wait"
+    );
+    b.restart();
+    eventually(Duration::from_secs(10), "B's half delivered", || {
+        b.xlen(STREAM) == 500
+    });
+    assert_eq!(stored_ids(&[&a, &b]).len(), 1000);
+}

@@ -425,6 +425,12 @@ impl Writer {
     /// Record an outcome with the health tracker and log a transition.
     fn judge(&mut self, ok: bool) -> Option<Transition> {
         let t = self.tracker.record(ok, &self.ctx.board);
+        if t == Some(Transition::Down) {
+            // What it holds now waits for it: count it against the buffer budget.
+            let extra = self.pending.len().saturating_sub(self.budgeted);
+            self.ctx.budget.take(extra);
+            self.budgeted += extra;
+        }
         match t {
             Some(Transition::Down) => error!(
                 backend = %self.name, waiting = self.pending.len(),
