@@ -26,8 +26,20 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CaptureMode {
+    /// One record per TCP segment sent to the address (needs CAP_NET_RAW); the default.
+    Packets,
     /// One record per accepted TCP connection; needs no privileges.
     Connections,
+}
+
+/// Whether redtap accepts connections on the listen address itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ServeMode {
+    /// Accept on the port and discard what clients send, so their handshakes complete.
+    Sink,
+    /// Bind nothing: a passive tap on a port another program serves (packets mode only).
+    None,
 }
 
 /// How records are laid out in Redis (see docs/redis-schema.md).
@@ -87,8 +99,14 @@ pub fn redact_url(raw: &str) -> String {
 pub struct FileConfig {
     /// Address and port to capture on.
     pub listen: Option<String>,
-    /// `connections`.
+    /// `packets` or `connections`.
     pub capture: Option<CaptureMode>,
+    /// `sink` or `none`.
+    pub serve: Option<ServeMode>,
+    /// Extra capture filter in tcpdump syntax, ANDed with the built-in one (packets mode).
+    pub filter: Option<String>,
+    /// Size of the kernel capture ring, e.g. `64MiB` (packets mode).
+    pub ring_size: Option<String>,
     /// How long a record stays readable, counted from its capture, e.g. `5m`.
     pub retention: Option<String>,
     /// Admin API address, or `off`.
@@ -131,9 +149,18 @@ pub struct RunArgs {
     /// How long each record stays readable, from its capture time (default 5m).
     #[arg(long)]
     pub retention: Option<String>,
-    /// Capture mode (default connections).
+    /// Capture mode (default packets; connections needs no privileges).
     #[arg(long, value_enum)]
     pub capture: Option<CaptureMode>,
+    /// Accept and discard on the listen address (sink, default) or bind nothing (none).
+    #[arg(long, value_enum)]
+    pub serve: Option<ServeMode>,
+    /// Packets mode: extra filter in tcpdump syntax, ANDed with "TCP to the listen address".
+    #[arg(long, value_name = "EXPR")]
+    pub filter: Option<String>,
+    /// Packets mode: size of the kernel capture ring, e.g. 64MiB (default 64MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub ring_size: Option<String>,
     /// Admin API listen address, or `off` (default 127.0.0.1:9900).
     #[arg(long)]
     pub admin: Option<String>,
@@ -173,6 +200,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Capture mode.
     pub capture: CaptureMode,
+    /// Whether redtap accepts on the listen address.
+    pub serve: ServeMode,
+    /// Extra capture filter (tcpdump syntax), packets mode.
+    pub filter: Option<String>,
+    /// Kernel capture ring size in bytes, packets mode.
+    pub ring_size: usize,
     /// The backends, in order; names are unique and at least one weight is non-zero.
     pub backends: Vec<BackendConfig>,
     /// How long a record stays readable from its capture time.
@@ -284,12 +317,40 @@ impl Config {
         let batch_size = args.batch_size.or(file.batch_size).unwrap_or(1024);
         positive("batch-size", batch_size)?;
 
+        let capture = args
+            .capture
+            .or(file.capture)
+            .unwrap_or(CaptureMode::Packets);
+        let serve = args.serve.or(file.serve).unwrap_or(ServeMode::Sink);
+        if capture == CaptureMode::Connections && serve == ServeMode::None {
+            return err(
+                "--serve none needs --capture packets: connections mode records what it accepts",
+            );
+        }
+        let filter = args.filter.clone().or(file.filter);
+        if filter.as_deref().is_some_and(|f| f.trim().is_empty()) {
+            return err("--filter is empty; leave it out to capture every segment to --listen");
+        }
+        let ring_s = args
+            .ring_size
+            .clone()
+            .or(file.ring_size)
+            .unwrap_or_else(|| "64MiB".into());
+        let ring_size = parse_bytes(&ring_s).ok_or_else(|| {
+            ConfigError(format!(
+                "--ring-size {ring_s:?} is not a size; use e.g. 8MiB, 64MiB, 1GiB"
+            ))
+        })?;
+        if !(1 << 20..=1 << 31).contains(&ring_size) {
+            return err(format!("--ring-size {ring_s:?} must be from 1MiB to 2GiB"));
+        }
+
         Ok(Config {
             listen,
-            capture: args
-                .capture
-                .or(file.capture)
-                .unwrap_or(CaptureMode::Connections),
+            capture,
+            serve,
+            filter,
+            ring_size,
             backends,
             retention,
             admin,
@@ -435,6 +496,22 @@ fn duration(name: &str, value: Option<&str>, default: &str) -> Result<Duration, 
     })
 }
 
+/// A byte size such as `65536`, `512KiB`, `64MiB`, `1GiB` (K/M/G, with or without `iB`/`B`,
+/// all powers of 1024).
+pub fn parse_bytes(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: usize = s[..digits].parse().ok()?;
+    let shift = match s[digits..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1usize << shift)
+}
+
 fn positive(name: &str, v: usize) -> Result<(), ConfigError> {
     if v == 0 {
         return err(format!("--{name} must be at least 1"));
@@ -527,6 +604,28 @@ mod tests {
         assert_eq!(c.retention, Duration::from_secs(10));
         assert_eq!(c.backends.len(), 1);
         assert_eq!(c.agent, format!("{}-9000", hostname()));
+    }
+
+    #[test]
+    fn packets_is_the_default_and_sizes_parse() {
+        let c = Config::resolve(FileConfig::default(), &args(&["A=redis://x@1"])).unwrap();
+        assert_eq!(c.capture, CaptureMode::Packets);
+        assert_eq!(c.serve, ServeMode::Sink);
+        assert_eq!(c.ring_size, 64 << 20);
+        assert_eq!(parse_bytes("8MiB"), Some(8 << 20));
+        assert_eq!(parse_bytes("1g"), Some(1 << 30));
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes("MiB"), None);
+        assert_eq!(parse_bytes("3 parsecs"), None);
+        let mut a = args(&["A=redis://x@1"]);
+        a.ring_size = Some("100".into());
+        let e = Config::resolve(FileConfig::default(), &a).unwrap_err();
+        assert!(e.0.contains("--ring-size"), "{e}");
+        let mut a = args(&["A=redis://x@1"]);
+        a.capture = Some(CaptureMode::Connections);
+        a.serve = Some(ServeMode::None);
+        let e = Config::resolve(FileConfig::default(), &a).unwrap_err();
+        assert!(e.0.contains("--serve none"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  capture ──Record──▶ [queue] ──▶ balance ──Vec<Record>──▶ sink (one writer per backend) ──▶ Redis
-//!  (connections)       bounded     per-record SWRR          batched, pipelined, retried
+//!  (packets|           bounded     per-record SWRR          batched, pipelined, retried
+//!   connections)
 //!                                     ▲
 //!  admin (HTTP API, SIGHUP) ──weights─┘ (immutable snapshot, swapped atomically)
 //! ```
@@ -11,7 +12,8 @@
 //! Layout:
 //! - [`config`]: flags + TOML → one validated [`config::Config`], before anything binds.
 //! - [`record`]: the [`record::Record`] that flows one way through the pipeline.
-//! - [`capture`]: produces records (connections mode: one per accepted connection).
+//! - [`capture`]: produces records (packets mode: one per TCP segment to the address, from a
+//!   libpcap ring; connections mode: one per accepted connection).
 //! - [`balance`]: weights, the smooth weighted round robin, target vs actual shares.
 //! - [`sink`]: per-backend Redis writers and the data layouts ([`sink::schema`]).
 //! - [`admin`]: the HTTP API (`/v1/backends`, `/v1/weights`, `/metrics`, `/healthz`).
@@ -42,8 +44,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use balance::{Balance, Router};
-use config::{CaptureMode, Config};
-use metrics::{DropReason, Metrics};
+use config::{CaptureMode, Config, ServeMode};
+use metrics::{DropReason, KernelDrop, Metrics};
 use sink::schema::Layout;
 use sink::Writer;
 
@@ -61,20 +63,46 @@ pub struct Summary {
     pub dropped_expired: u64,
     /// Records dropped because the grace period ran out.
     pub dropped_shutdown: u64,
+    /// Records dropped because the capture queue was full (packets mode).
+    pub dropped_queue_full: u64,
+    /// Frames the kernel dropped before redtap read them (packets mode).
+    pub kernel_drops: u64,
+    /// Frames that could not be decoded (packets mode).
+    pub frames_malformed: u64,
 }
 
 /// Bind the listeners, run the pipeline until `shutdown` is cancelled, then drain.
 ///
 /// `config` must come from [`Config::load`]. Errors are start-up failures (a port in use…);
-/// once running, Redis failures are retried and accounted, never returned.
+/// one the operator must fix in the command line or privileges carries a
+/// [`config::ConfigError`] (the binary exits 64). Once running, Redis failures are retried and
+/// accounted, never returned.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Summary> {
     let names: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
     let weights: Vec<u32> = config.backends.iter().map(|b| b.weight).collect();
     let balance = Balance::new(names.clone(), weights);
     let metrics = Arc::new(Metrics::new(&names));
 
-    let listener = capture::connections::bind_listener(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    // The capture first: a missing privilege or a bad filter is found before anything binds.
+    let packets = match config.capture {
+        CaptureMode::Packets => {
+            Some(capture::packets::PacketCapture::open(&config).map_err(|e| {
+                if e.is_usage() {
+                    anyhow::Error::new(config::ConfigError(e.to_string()))
+                } else {
+                    anyhow::Error::new(e)
+                }
+            })?)
+        }
+        CaptureMode::Connections => None,
+    };
+    let listener = match config.serve {
+        ServeMode::Sink => Some(
+            capture::connections::bind_listener(config.listen)
+                .with_context(|| format!("cannot listen on {}", config.listen))?,
+        ),
+        ServeMode::None => None,
+    };
     let admin_listener = match config.admin {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -122,13 +150,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // Capture.
     let stop_capture = shutdown.child_token();
-    let capture = match config.capture {
-        CaptureMode::Connections => {
-            let c = capture::connections::ConnCapture {
-                max_connections: config.max_connections,
-                idle_timeout: config.idle_timeout,
-            };
-            tokio::spawn(c.run(listener, queue_tx, metrics.clone(), stop_capture))
+    let conns = capture::connections::ConnCapture {
+        max_connections: config.max_connections,
+        idle_timeout: config.idle_timeout,
+    };
+    let (capture, server) = match packets {
+        Some(p) => {
+            let server = listener
+                .map(|l| tokio::spawn(conns.run(l, None, metrics.clone(), stop_capture.clone())));
+            let task = p
+                .spawn(queue_tx, metrics.clone(), stop_capture)
+                .context("cannot start the capture thread")?;
+            (task, server)
+        }
+        None => {
+            let l = listener.expect("connections mode always serves (checked by config)");
+            let c = tokio::spawn(conns.run(l, Some(queue_tx), metrics.clone(), stop_capture));
+            (c, None)
         }
     };
 
@@ -148,6 +186,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     info!(
         listen = %config.listen,
         capture = ?config.capture,
+        serve = ?config.serve,
         schema = ?config.schema,
         agent = %config.agent,
         retention = ?config.retention,
@@ -162,6 +201,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     info!(grace = ?config.grace, "shutting down: capture stopped, writing out queued records");
     let drain = async {
         let _ = capture.await;
+        if let Some(s) = server {
+            let _ = s.await;
+        }
         let _ = balancer.await;
         for t in writer_tasks {
             let _ = t.await;
@@ -185,12 +227,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         written: metrics.backends.iter().map(|b| b.written.get()).sum(),
         dropped_expired: metrics.dropped_count(DropReason::Expired),
         dropped_shutdown: metrics.dropped_count(DropReason::Shutdown),
+        dropped_queue_full: metrics.dropped_count(DropReason::QueueFull),
+        kernel_drops: metrics.kernel_drops(KernelDrop::Ring)
+            + metrics.kernel_drops(KernelDrop::Interface),
+        frames_malformed: metrics.frames_malformed(),
     };
     info!(
         captured = summary.captured,
         written = summary.written,
         dropped_expired = summary.dropped_expired,
         dropped_shutdown = summary.dropped_shutdown,
+        dropped_queue_full = summary.dropped_queue_full,
+        kernel_drops = summary.kernel_drops,
+        frames_malformed = summary.frames_malformed,
         "redtap stopped"
     );
     Ok(summary)
