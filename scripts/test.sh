@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 
 need redis-server redis-server
 need cc gcc
+ensure_libpcap_dev
+need hping3 hping3
+need tcpdump tcpdump
+need setpriv util-linux
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast "$@"
