@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{eventually, free_port, Daemon, RedisServer};
 
@@ -177,16 +177,10 @@ impl Tcpdump {
         let file = tempfile::NamedTempFile::new().unwrap();
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new("tcpdump")
-            .args([
-                "-i",
-                device,
-                "-nn",
-                "-U",
-                "--immediate-mode",
-                "-Z",
-                "root",
-                "-w",
-            ])
+            // A big buffer and a short snap length: with its defaults (2 MiB, a 64 KiB slot a
+            // frame on loopback in immediate mode) tcpdump itself drops frames in bursts.
+            .args(["-i", device, "-nn", "-U", "--immediate-mode", "-Z", "root"])
+            .args(["-s", "256", "-B", "65536", "-w"])
             .arg(file.path())
             .arg(filter)
             .stdout(Stdio::null())
@@ -257,14 +251,37 @@ fn connect_send_close_records_match_tcpdump() {
         client_session(d.listen, &data);
     }
     let stored = || segments(&[records(&a), records(&b)].concat());
-    eventually(
-        Duration::from_secs(30),
-        "redtap stored what tcpdump saw",
-        || {
-            let seen = dump.segments();
-            !seen.is_empty() && stored() == seen
-        },
-    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (seen, got) = (dump.segments(), stored());
+        if !seen.is_empty() && seen == got {
+            break;
+        }
+        if Instant::now() > deadline {
+            let only = |x: &[(u16, u8, u32)], y: &[(u16, u8, u32)]| {
+                let mut y = y.to_vec();
+                x.iter()
+                    .filter(|s| match y.iter().position(|t| t == *s) {
+                        Some(i) => {
+                            y.remove(i);
+                            false
+                        }
+                        None => true,
+                    })
+                    .copied()
+                    .collect::<Vec<_>>()
+            };
+            panic!(
+                "redtap and tcpdump differ after 30 s: only tcpdump saw {:?}; only redtap \
+                 stored {:?}; tcpdump log: {}; redtap metrics:\n{}",
+                only(&seen, &got),
+                only(&got, &seen),
+                std::fs::read_to_string(dump.log.path()).unwrap_or_default(),
+                d.metrics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let seen = dump.segments();
     // Every session's SYN, data and FIN are there.
     let count = |f: u8| seen.iter().filter(|s| s.1 & f != 0).count();
