@@ -85,6 +85,31 @@ fn client_session(addr: SocketAddr, data: &[u8]) -> u16 {
     port
 }
 
+/// Send `n` SYNs to 127.0.0.1:`port` with hping3, paced at most 20,000 a second; bounded
+/// at 60 s. Panics unless hping3 reports all `n` sent.
+fn hping3_syns(port: u16, n: u64) {
+    // hping3 counts its source port up from a base: keep the range clear of the port itself,
+    // or the SYN from port P to port P and the RST answering it are two segments to P.
+    let base = if u64::from(port) >= 1024 + n {
+        1024
+    } else {
+        port + 1
+    };
+    assert!(u64::from(base) + n <= 65536, "no room for {n} source ports");
+    let out = Command::new("timeout")
+        .args(["60", "hping3", "-q", "-S", "-p", &port.to_string()])
+        .args(["-s", &base.to_string()])
+        .args(["-c", &n.to_string(), "-i", "u50", "127.0.0.1"])
+        .output()
+        .expect("hping3 not found: apt-get install hping3");
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        report.contains(&format!("{n} packets transmitted")),
+        "hping3 did not send {n}: {report}"
+    );
+}
+
 #[test]
 fn syns_from_hping3_to_a_closed_port_are_stored_exactly_once_by_weight() {
     if !privileged("hping3 SYNs") {
@@ -109,26 +134,7 @@ fn syns_from_hping3_to_a_closed_port_are_stored_exactly_once_by_weight() {
         ],
     );
     let n: u64 = 30_000;
-    // hping3 counts its source port up from a base: keep the range clear of the port itself,
-    // or the SYN from port P to port P and the RST answering it are two segments to P.
-    let base = if u64::from(port) >= 1024 + n {
-        1024
-    } else {
-        port + 1
-    };
-    assert!(u64::from(base) + n <= 65536, "no room for {n} source ports");
-    let out = Command::new("timeout")
-        .args(["60", "hping3", "-q", "-S", "-p", &port.to_string()])
-        .args(["-s", &base.to_string()])
-        .args(["-c", &n.to_string(), "-i", "u50", "127.0.0.1"])
-        .output()
-        .expect("hping3 not found: apt-get install hping3");
-    let report =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        report.contains(&format!("{n} packets transmitted")),
-        "hping3 did not send {n}: {report}"
-    );
+    hping3_syns(port, n);
     eventually(Duration::from_secs(60), "every SYN stored", || {
         a.xlen(STREAM) + b.xlen(STREAM) >= n
     });
@@ -163,6 +169,47 @@ fn syns_from_hping3_to_a_closed_port_are_stored_exactly_once_by_weight() {
     }
     assert_eq!(d.metric("redtap_kernel_drops_total{cause=\"ring\"}"), 0.0);
     assert_eq!(d.metric("redtap_frames_malformed_total"), 0.0);
+}
+
+#[test]
+fn every_interface_captures_both_families_once_each() {
+    if !privileged("[::] on the any device") {
+        return;
+    }
+    let r = RedisServer::start();
+    let port = free_port();
+    // The `any` device sees loopback traffic both leaving and arriving: stored once.
+    let d = Daemon::start_on(
+        &format!("[::]:{port}"),
+        &[
+            "--serve",
+            "none",
+            "--agent",
+            "t",
+            "--backend",
+            &backend("A", &r, 1),
+        ],
+    );
+    let n = 2_000;
+    hping3_syns(port, n);
+    let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let ipv6 = TcpListener::bind("[::1]:0").is_ok();
+    if ipv6 {
+        for _ in 0..3 {
+            // Refused: one SYN each, answered by an RST to the client.
+            assert!(TcpStream::connect_timeout(&v6, Duration::from_secs(5)).is_err());
+        }
+    }
+    let want = n + if ipv6 { 3 } else { 0 };
+    eventually(Duration::from_secs(30), "every SYN stored", || {
+        r.xlen(STREAM) >= want
+    });
+    let recs = records(&r);
+    assert_eq!(recs.len() as u64, want, "each SYN once");
+    assert!(recs.iter().all(|f| f["kind"] == "S"));
+    let from_v6 = recs.iter().filter(|f| f["src"] == "::1").count();
+    assert_eq!(from_v6, if ipv6 { 3 } else { 0 });
+    assert!(d.log().contains("device=any"), "{}", d.log());
 }
 
 /// A tcpdump writing every packet as it comes (`-U`) to a file, stopped on drop.
