@@ -328,6 +328,9 @@ impl Config {
             );
         }
         let filter = args.filter.clone().or(file.filter);
+        if capture == CaptureMode::Connections && filter.is_some() {
+            return err("--filter needs --capture packets: connections mode has no packet filter");
+        }
         if filter.as_deref().is_some_and(|f| f.trim().is_empty()) {
             return err("--filter is empty; leave it out to capture every segment to --listen");
         }
@@ -626,6 +629,10 @@ mod tests {
         a.serve = Some(ServeMode::None);
         let e = Config::resolve(FileConfig::default(), &a).unwrap_err();
         assert!(e.0.contains("--serve none"), "{e}");
+        a.serve = None;
+        a.filter = Some("src net 10.0.0.0/8".into());
+        let e = Config::resolve(FileConfig::default(), &a).unwrap_err();
+        assert!(e.0.contains("--filter needs --capture packets"), "{e}");
     }
 
     #[test]
