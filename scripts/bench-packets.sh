@@ -2,7 +2,8 @@
 # Benchmark packets capture: hping3 floods SYNs at a port nobody serves on 127.0.0.1 for
 # SECONDS (default 10), redtap (release) stores one record per SYN into two Redis backends
 # weighted 30/70. Prints SYNs sent (hping3's count), records stored, kernel drops, queue-full
-# drops and records/s. Needs root (CAP_NET_RAW); traffic stays on loopback.
+# drops and records/s. FLOODERS=K runs K hping3 at once (default 1);
+# REDTAP_ARGS adds flags (e.g. "--ring-size 1MiB" to see drops counted). Needs root (CAP_NET_RAW); traffic stays on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -35,14 +36,20 @@ for p in $port_a $port_b; do
 done
 "$bin" run --listen "127.0.0.1:$listen" --admin "127.0.0.1:$admin" --serve none --agent bench \
     --backend "A=redis://127.0.0.1:$port_a@30" --backend "B=redis://127.0.0.1:$port_b@70" \
-    2>"$work/redtap.log" &
+    ${REDTAP_ARGS:-} 2>"$work/redtap.log" &
 redtap=$!
 pids+=($redtap)
 until curl -sf "http://127.0.0.1:$admin/healthz" >/dev/null 2>&1; do sleep 0.1; done
 
-echo "==> timeout -s INT $seconds hping3 -q -S --flood -p $listen 127.0.0.1"
-timeout -s INT "$seconds" hping3 -q -S --flood -p "$listen" 127.0.0.1 >"$work/hping.out" 2>&1 || true
-sent=$(grep -o '^[0-9]* packets transmitted' "$work/hping.out" | grep -o '^[0-9]*')
+flooders=${FLOODERS:-1}
+echo "==> $flooders x: timeout -s INT $seconds hping3 -q -S --flood -p $listen 127.0.0.1"
+fl=()
+for i in $(seq "$flooders"); do
+    timeout -s INT "$seconds" hping3 -q -S --flood -p "$listen" 127.0.0.1 >"$work/hping.$i" 2>&1 &
+    fl+=($!)
+done
+for p in "${fl[@]}"; do wait "$p" || true; done
+sent=$(cat "$work"/hping.* | grep -o '^[0-9]* packets transmitted' | grep -o '^[0-9]*' | awk "{ s += \$1 } END { print s }")
 # Let the queue drain into Redis, then stop redtap (its shutdown summary goes to the log).
 prev=-1
 while :; do

@@ -20,6 +20,9 @@
 //! - [`metrics`]: every metric, in one place.
 //! - [`client`]: the `redtap weights` command-line client of the admin API.
 //!
+//! `unsafe` is denied crate-wide; the only exception is one `setsockopt` fenced in
+//! `capture::packets::sys`.
+//!
 //! One shutdown path: the caller cancels the token passed to [`run`]; capture stops accepting,
 //! the queue drains through the balancer into the writers, and the writers finish within the
 //! grace period, counting anything left as dropped (`shutdown`).

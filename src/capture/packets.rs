@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use pcap::{Active, Capture, Direction};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
@@ -188,6 +188,12 @@ impl PacketCapture {
         // Frames this host sends are not traffic *to* the address; on loopback this also
         // keeps only one of the two copies of each packet (libpcap drops the outgoing one).
         cap.direction(Direction::In).map_err(dev_err)?;
+        // libpcap applies that direction in user space, after the outgoing copy has taken a
+        // ring slot (and been counted as a drop when the ring is full). Ask the kernel to keep
+        // outgoing frames out of the ring altogether; older kernels keep libpcap's filter.
+        if let Err(e) = sys::ignore_outgoing(cap.as_fd()) {
+            debug!(error = %e, "PACKET_IGNORE_OUTGOING not available; libpcap filters direction");
+        }
         let filter = full_filter(config.listen, config.filter.as_deref());
         cap.filter(&filter, true)
             .map_err(|e| match &config.filter {
@@ -422,6 +428,33 @@ fn report_loss(window: &Counts, ring: u64, iface: u64, malformed: Option<NotSegm
         first_malformed = malformed.map(|m| m.to_string()),
         "packets capture lost frames in the last second"
     );
+}
+
+/// The one call redtap makes to the kernel itself: a socket option the libraries lack.
+#[allow(unsafe_code)]
+mod sys {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    /// Set PACKET_IGNORE_OUTGOING (Linux 4.20+) on a packet socket.
+    pub fn ignore_outgoing(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        let one: libc::c_int = 1;
+        // SAFETY: `fd` is an open socket borrowed for the duration of the call; the option
+        // value points at a live c_int and the length passed is exactly its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_IGNORE_OUTGOING,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
 }
 
 #[cfg(test)]
