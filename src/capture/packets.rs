@@ -15,10 +15,9 @@
 //! and never block the async runtime.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::os::fd::{AsFd, OwnedFd};
 
 use pcap::{Active, Capture, Direction};
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
