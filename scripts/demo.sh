@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 need redis-server redis-server
 need redis-cli redis-tools
+ensure_libpcap_dev
 
 echo "==> building redtap (release)"
 cargo build --release --quiet --bin redtap --example connload

@@ -23,3 +23,19 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
         || echo $((20000 + RANDOM % 20000))
 }
+
+# ensure_libpcap_dev: the headers and library the `pcap` crate links against.
+ensure_libpcap_dev() {
+    [ -f /usr/include/pcap/pcap.h ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing libpcap-dev (redtap links libpcap for packet capture)"
+        if [ -z "${REDTAP_APT_UPDATED:-}" ]; then
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            REDTAP_APT_UPDATED=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpcap-dev >/dev/null
+        [ -f /usr/include/pcap/pcap.h ] && return 0
+    fi
+    echo "redtap: libpcap headers are missing: install them with 'sudo apt-get install libpcap-dev' and run this again" >&2
+    exit 1
+}

@@ -9,6 +9,10 @@ need redis-server redis-server
 need cc gcc
 need openssl openssl
 need prlimit util-linux
+ensure_libpcap_dev
+need hping3 hping3
+need tcpdump tcpdump
+need setpriv util-linux
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast "$@"

@@ -27,8 +27,20 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CaptureMode {
+    /// One record per TCP segment sent to the address (needs CAP_NET_RAW); the default.
+    Packets,
     /// One record per accepted TCP connection; needs no privileges.
     Connections,
+}
+
+/// Whether redtap accepts connections on the listen address itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ServeMode {
+    /// Accept on the port and discard what clients send, so their handshakes complete.
+    Sink,
+    /// Bind nothing: a passive tap on a port another program serves (packets mode only).
+    None,
 }
 
 /// How records are laid out in Redis (see docs/redis-schema.md).
@@ -158,8 +170,14 @@ pub fn redact_url(raw: &str) -> String {
 pub struct FileConfig {
     /// Address and port to capture on.
     pub listen: Option<String>,
-    /// `connections`.
+    /// `packets` or `connections`.
     pub capture: Option<CaptureMode>,
+    /// `sink` or `none`.
+    pub serve: Option<ServeMode>,
+    /// Extra capture filter in tcpdump syntax, ANDed with the built-in one (packets mode).
+    pub filter: Option<String>,
+    /// Size of the kernel capture ring, e.g. `64MiB` (packets mode).
+    pub ring_size: Option<String>,
     /// How long a record stays readable, counted from its capture, e.g. `5m`.
     pub retention: Option<String>,
     /// Admin API address, or `off`.
@@ -216,9 +234,18 @@ pub struct RunArgs {
     /// How long each record stays readable, from its capture time (default 5m).
     #[arg(long)]
     pub retention: Option<String>,
-    /// Capture mode (default connections).
+    /// Capture mode (default packets; connections needs no privileges).
     #[arg(long, value_enum)]
     pub capture: Option<CaptureMode>,
+    /// Accept and discard on the listen address (sink, default) or bind nothing (none).
+    #[arg(long, value_enum)]
+    pub serve: Option<ServeMode>,
+    /// Packets mode: extra filter in tcpdump syntax, ANDed with "TCP to the listen address".
+    #[arg(long, value_name = "EXPR")]
+    pub filter: Option<String>,
+    /// Packets mode: size of the kernel capture ring, e.g. 64MiB (default 64MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub ring_size: Option<String>,
     /// Admin API listen address, or `off` (default 127.0.0.1:9900).
     #[arg(long)]
     pub admin: Option<String>,
@@ -289,6 +316,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Capture mode.
     pub capture: CaptureMode,
+    /// Whether redtap accepts on the listen address.
+    pub serve: ServeMode,
+    /// Extra capture filter (tcpdump syntax), packets mode.
+    pub filter: Option<String>,
+    /// Kernel capture ring size in bytes, packets mode.
+    pub ring_size: usize,
     /// The backends, in order; names are unique and at least one weight is non-zero.
     pub backends: Vec<BackendConfig>,
     /// How long a record stays readable from its capture time.
@@ -423,14 +456,11 @@ impl Config {
             .clone()
             .or(file.buffer_max)
             .unwrap_or_else(|| "256MiB".into());
-        let buffer_max = buffer_s
-            .parse::<bytesize::ByteSize>()
-            .map_err(|_| {
-                ConfigError(format!(
-                    "--buffer-max {buffer_s:?} is not a size; use e.g. 64MiB or 1GiB"
-                ))
-            })?
-            .as_u64() as usize;
+        let buffer_max = parse_bytes(&buffer_s).ok_or_else(|| {
+            ConfigError(format!(
+                "--buffer-max {buffer_s:?} is not a size; use e.g. 64MiB or 1GiB"
+            ))
+        })?;
         let defaults = HealthConfig::default();
         let health = HealthConfig {
             down_after: args
@@ -472,6 +502,36 @@ impl Config {
                 ));
             }
         }
+        let capture = args
+            .capture
+            .or(file.capture)
+            .unwrap_or(CaptureMode::Packets);
+        let serve = args.serve.or(file.serve).unwrap_or(ServeMode::Sink);
+        if capture == CaptureMode::Connections && serve == ServeMode::None {
+            return err(
+                "--serve none needs --capture packets: connections mode records what it accepts",
+            );
+        }
+        let filter = args.filter.clone().or(file.filter);
+        if capture == CaptureMode::Connections && filter.is_some() {
+            return err("--filter needs --capture packets: connections mode has no packet filter");
+        }
+        if filter.as_deref().is_some_and(|f| f.trim().is_empty()) {
+            return err("--filter is empty; leave it out to capture every segment to --listen");
+        }
+        let ring_s = args
+            .ring_size
+            .clone()
+            .or(file.ring_size)
+            .unwrap_or_else(|| "64MiB".into());
+        let ring_size = parse_bytes(&ring_s).ok_or_else(|| {
+            ConfigError(format!(
+                "--ring-size {ring_s:?} is not a size; use e.g. 8MiB, 64MiB, 1GiB"
+            ))
+        })?;
+        if !(1 << 20..=1 << 31).contains(&ring_size) {
+            return err(format!("--ring-size {ring_s:?} must be from 1MiB to 2GiB"));
+        }
 
         Ok(Config {
             on_backend_down: args
@@ -483,10 +543,10 @@ impl Config {
             state_file,
             admin_token,
             listen,
-            capture: args
-                .capture
-                .or(file.capture)
-                .unwrap_or(CaptureMode::Connections),
+            capture,
+            serve,
+            filter,
+            ring_size,
             backends,
             retention,
             admin,
@@ -623,6 +683,14 @@ fn duration(name: &str, value: Option<&str>, default: &str) -> Result<Duration, 
     })
 }
 
+/// A size such as `64MiB`, `1GiB`, `512KiB` or `4096` (bytes). `MB`/`GB` are powers of ten.
+pub fn parse_bytes(s: &str) -> Option<usize> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .ok()
+        .and_then(|b| usize::try_from(b.as_u64()).ok())
+}
+
 fn positive(name: &str, v: usize) -> Result<(), ConfigError> {
     if v == 0 {
         return err(format!("--{name} must be at least 1"));
@@ -715,6 +783,32 @@ mod tests {
         assert_eq!(c.retention, Duration::from_secs(10));
         assert_eq!(c.backends.len(), 1);
         assert_eq!(c.agent, format!("{}-9000", hostname()));
+    }
+
+    #[test]
+    fn packets_is_the_default_and_sizes_parse() {
+        let c = Config::resolve(FileConfig::default(), &args(&["A=redis://x@1"])).unwrap();
+        assert_eq!(c.capture, CaptureMode::Packets);
+        assert_eq!(c.serve, ServeMode::Sink);
+        assert_eq!(c.ring_size, 64 << 20);
+        assert_eq!(parse_bytes("8MiB"), Some(8 << 20));
+        assert_eq!(parse_bytes("1GiB"), Some(1 << 30));
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes("MiB"), None);
+        assert_eq!(parse_bytes("3 parsecs"), None);
+        let mut a = args(&["A=redis://x@1"]);
+        a.ring_size = Some("100".into());
+        let e = Config::resolve(FileConfig::default(), &a).unwrap_err();
+        assert!(e.0.contains("--ring-size"), "{e}");
+        let mut a = args(&["A=redis://x@1"]);
+        a.capture = Some(CaptureMode::Connections);
+        a.serve = Some(ServeMode::None);
+        let e = Config::resolve(FileConfig::default(), &a).unwrap_err();
+        assert!(e.0.contains("--serve none"), "{e}");
+        a.serve = None;
+        a.filter = Some("src net 10.0.0.0/8".into());
+        let e = Config::resolve(FileConfig::default(), &a).unwrap_err();
+        assert!(e.0.contains("--filter needs --capture packets"), "{e}");
     }
 
     #[test]

@@ -3,26 +3,30 @@
 //!
 //! ```text
 //!  capture ──Record──▶ [queue] ──▶ balance ──Vec<Record>──▶ sink (one writer per backend) ──▶ Redis
-//!  (connections)       bounded     per-record SWRR          batched, pipelined, retried
-//!                                     ▲
-//!  admin (HTTP API, SIGHUP) ──weights─┘ (immutable snapshot, swapped atomically)
+//!  (packets |          bounded     per-record selector      batched, pipelined, retried
+//!   connections)                      ▲        ▲
+//!  admin (HTTP API, SIGHUP) ──weights─┘        └── health (writers report up/down)
 //! ```
 //!
 //! Layout:
 //! - [`config`]: flags + TOML → one validated [`config::Config`], before anything binds.
 //! - [`record`]: the [`record::Record`] that flows one way through the pipeline.
-//! - [`capture`]: produces records (connections mode: one per accepted connection).
-//! - [`balance`]: weights, the smooth weighted round robin, target vs actual shares.
+//! - [`capture`]: produces records (packets mode: one per TCP segment to the address, from a
+//!   libpcap ring; connections mode: one per accepted connection).
+//! - [`balance`]: weights, the per-record selector, target vs actual shares, the balancer task.
+//! - [`health`]: each backend's up/down verdict; [`buffer`]: the bound on waiting records.
 //! - [`sink`]: per-backend Redis writers and the data layouts ([`sink::schema`]).
-//! - [`admin`]: the HTTP API (`/v1/backends`, `/v1/weights`, `/metrics`, `/healthz`).
+//! - [`admin`]: the HTTP API (`/v1/backends`, `/v1/weights`, `/metrics`, `/healthz`);
+//!   [`state`]: run-time weights kept across restarts.
 //! - [`metrics`]: every metric, in one place.
-//! - [`client`]: the `redtap weights` command-line client of the admin API.
-//! - [`query`]: reading records back (`redtap query`, `top`, `tail`, `stats`) across every
-//!   backend; read-only, beside the pipeline rather than in it.
+//! - [`client`]: `redtap weights`; [`query`]: `redtap query/top/tail/stats`.
 //!
-//! One shutdown path: the caller cancels the token passed to [`run`]; capture stops accepting,
-//! the queue drains through the balancer into the writers, and the writers finish within the
-//! grace period, counting anything left as dropped (`shutdown`).
+//! `unsafe` is denied crate-wide; the only exception is one `setsockopt` fenced in
+//! `capture::packets::sys`.
+//!
+//! One shutdown path: the caller cancels the token passed to [`run`]; capture stops, the queue
+//! drains through the balancer into the writers, and the writers finish within the grace
+//! period, counting anything left as dropped (`shutdown`).
 
 #![deny(unsafe_code)]
 
@@ -49,9 +53,9 @@ use tracing::{error, info, warn};
 
 use balance::{Balance, Balancer, Router};
 use buffer::{Budget, OnFull};
-use config::{CaptureMode, Config};
+use config::{CaptureMode, Config, ServeMode};
 use health::Board;
-use metrics::{DropReason, Metrics};
+use metrics::{DropReason, KernelDrop, Metrics};
 use sink::schema::Layout;
 use sink::{Writer, WriterContext};
 
@@ -71,6 +75,12 @@ pub struct Summary {
     pub dropped_shutdown: u64,
     /// Records dropped from a full buffer.
     pub dropped_overflow: u64,
+    /// Records dropped because the capture queue was full (packets mode).
+    pub dropped_queue_full: u64,
+    /// Frames the kernel dropped before redtap read them (packets mode).
+    pub kernel_drops: u64,
+    /// Frames that could not be decoded (packets mode).
+    pub frames_malformed: u64,
 }
 
 /// The record path behind capture, running: the balancer and one writer per backend.
@@ -186,6 +196,10 @@ impl Pipeline {
             dropped_expired: metrics.dropped_count(DropReason::Expired),
             dropped_shutdown: metrics.dropped_count(DropReason::Shutdown),
             dropped_overflow: metrics.dropped_count(DropReason::Overflow),
+            dropped_queue_full: metrics.dropped_count(DropReason::QueueFull),
+            kernel_drops: metrics.kernel_drops(KernelDrop::Ring)
+                + metrics.kernel_drops(KernelDrop::Interface),
+            frames_malformed: metrics.frames_malformed(),
         }
     }
 }
@@ -195,8 +209,26 @@ impl Pipeline {
 /// `config` must come from [`Config::load`]. Errors are start-up failures (a port in use…);
 /// once running, Redis failures are retried and accounted, never returned.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Summary> {
-    let listener = capture::connections::bind_listener(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    // The capture first: a missing privilege or a bad filter is found before anything binds.
+    let packets = match config.capture {
+        CaptureMode::Packets => {
+            Some(capture::packets::PacketCapture::open(&config).map_err(|e| {
+                if e.is_usage() {
+                    anyhow::Error::new(config::ConfigError(e.to_string()))
+                } else {
+                    anyhow::Error::new(e)
+                }
+            })?)
+        }
+        CaptureMode::Connections => None,
+    };
+    let listener = match config.serve {
+        ServeMode::Sink => Some(
+            capture::connections::bind_listener(config.listen)
+                .with_context(|| format!("cannot listen on {}", config.listen))?,
+        ),
+        ServeMode::None => None,
+    };
     let admin_listener = match config.admin {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -206,25 +238,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None => None,
     };
 
-    // Connections mode can make clients wait; see buffer::OnFull.
+    // Connections mode can make clients wait; the kernel will not wait for packets mode. See
+    // buffer::OnFull.
     let on_full = match config.capture {
         CaptureMode::Connections => OnFull::Wait,
+        CaptureMode::Packets => OnFull::DropOldest,
     };
     let pipeline = Pipeline::start(&config, on_full)?;
 
     let stop_capture = shutdown.child_token();
-    let capture = match config.capture {
-        CaptureMode::Connections => {
-            let c = capture::connections::ConnCapture {
-                max_connections: config.max_connections,
-                idle_timeout: config.idle_timeout,
-            };
-            tokio::spawn(c.run(
-                listener,
-                pipeline.queue.clone(),
-                pipeline.metrics.clone(),
-                stop_capture,
-            ))
+    let conns = capture::connections::ConnCapture {
+        max_connections: config.max_connections,
+        idle_timeout: config.idle_timeout,
+    };
+    let metrics = pipeline.metrics.clone();
+    let (capture, server) = match packets {
+        Some(p) => {
+            let server = listener
+                .map(|l| tokio::spawn(conns.run(l, None, metrics.clone(), stop_capture.clone())));
+            let task = p
+                .spawn(pipeline.queue.clone(), metrics.clone(), stop_capture)
+                .context("cannot start the capture thread")?;
+            (task, server)
+        }
+        None => {
+            let l = listener.expect("connections mode always serves (checked by config)");
+            let queue = Some(pipeline.queue.clone());
+            let c = tokio::spawn(conns.run(l, queue, metrics.clone(), stop_capture));
+            (c, None)
         }
     };
 
@@ -253,6 +294,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     info!(
         listen = %config.listen,
         capture = ?config.capture,
+        serve = ?config.serve,
         schema = ?config.schema,
         agent = %config.agent,
         retention = ?config.retention,
@@ -268,6 +310,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let summary = pipeline
         .finish(config.grace, async {
             let _ = capture.await;
+            if let Some(s) = server {
+                let _ = s.await;
+            }
         })
         .await;
     if let Some(t) = admin_task {
@@ -279,6 +324,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         dropped_expired = summary.dropped_expired,
         dropped_shutdown = summary.dropped_shutdown,
         dropped_overflow = summary.dropped_overflow,
+        dropped_queue_full = summary.dropped_queue_full,
+        kernel_drops = summary.kernel_drops,
+        frames_malformed = summary.frames_malformed,
         "redtap stopped"
     );
     Ok(summary)

@@ -98,6 +98,10 @@ fn main() -> ExitCode {
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
                 match redtap::run(config, shutdown).await {
                     Ok(_) => ExitCode::SUCCESS,
+                    Err(e) if e.downcast_ref::<redtap::config::ConfigError>().is_some() => {
+                        eprintln!("redtap: {e:#}");
+                        ExitCode::from(EX_USAGE)
+                    }
                     Err(e) => {
                         tracing::error!("{e:#}");
                         eprintln!("redtap: {e:#}");

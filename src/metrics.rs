@@ -29,14 +29,18 @@ pub enum DropReason {
     Shutdown = 1,
     /// It waited in a full buffer and was the oldest when another record arrived.
     Overflow = 2,
+    /// The capture → balancer queue was full (packets mode never waits on it: the kernel would
+    /// drop instead, unaccounted per record).
+    QueueFull = 3,
 }
 
 impl DropReason {
     /// Every reason, so each shows in /metrics from the start.
-    pub const ALL: [DropReason; 3] = [
+    pub const ALL: [DropReason; 4] = [
         DropReason::Expired,
         DropReason::Shutdown,
         DropReason::Overflow,
+        DropReason::QueueFull,
     ];
 
     /// The label value.
@@ -45,6 +49,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::Shutdown => "shutdown",
             DropReason::Overflow => "overflow",
+            DropReason::QueueFull => "queue_full",
         }
     }
 }
@@ -86,6 +91,26 @@ pub struct Metrics {
     queue_depth: Gauge,
     backend_up: Vec<Gauge>,
     buffered: Gauge,
+    /// Packets mode: frames the kernel dropped, indexed by [`KernelDrop`].
+    kernel_drops: [Counter; 2],
+    /// Packets mode: frames that reached redtap but could not be decoded.
+    frames_malformed: Counter,
+    /// Packets mode: well-formed frames that carry no TCP segment start (e.g. fragments).
+    frames_ignored: Counter,
+}
+
+/// Where the kernel dropped frames before redtap could read them (libpcap's statistics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelDrop {
+    /// The capture ring was full (`ps_drop`): redtap did not keep up.
+    Ring = 0,
+    /// The interface or its driver dropped them (`ps_ifdrop`).
+    Interface = 1,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
 }
 
 impl Metrics {
@@ -167,6 +192,27 @@ impl Metrics {
             "Records waiting because their backend (or every backend) is down",
             buffered.clone(),
         );
+        let kernel_f = Family::<CauseLabel, Counter>::default();
+        registry.register(
+            "kernel_drops",
+            "Frames dropped by the kernel before redtap read them (packets mode), by cause",
+            kernel_f.clone(),
+        );
+        let kernel_drops = ["ring", "interface"]
+            .map(|cause| kernel_f.get_or_create(&CauseLabel { cause }).clone());
+        let frames_malformed = Counter::default();
+        registry.register(
+            "frames_malformed",
+            "Captured frames that could not be decoded (packets mode)",
+            frames_malformed.clone(),
+        );
+        let frames_ignored = Counter::default();
+        registry.register(
+            "frames_ignored",
+            "Captured frames that are well formed but start no TCP segment, e.g. IP fragments",
+            frames_ignored.clone(),
+        );
+
         let label = |name: &String| BackendLabel {
             backend: name.clone(),
         };
@@ -199,6 +245,9 @@ impl Metrics {
             dropped,
             queue_depth,
             buffered,
+            kernel_drops,
+            frames_malformed,
+            frames_ignored,
             registry,
         }
     }
@@ -213,6 +262,34 @@ impl Metrics {
     /// Records dropped so far for `reason`.
     pub fn dropped_count(&self, reason: DropReason) -> u64 {
         self.dropped[reason as usize].get()
+    }
+
+    /// Count `n` more frames dropped by the kernel at `cause`.
+    pub fn kernel_dropped(&self, cause: KernelDrop, n: u64) {
+        if n > 0 {
+            self.kernel_drops[cause as usize].inc_by(n);
+        }
+    }
+
+    /// Frames dropped by the kernel so far at `cause`.
+    pub fn kernel_drops(&self, cause: KernelDrop) -> u64 {
+        self.kernel_drops[cause as usize].get()
+    }
+
+    /// Count a batch of frames that did not decode: `malformed` broken ones and `ignored`
+    /// well-formed ones that start no TCP segment.
+    pub fn frames_unparsed(&self, malformed: u64, ignored: u64) {
+        if malformed > 0 {
+            self.frames_malformed.inc_by(malformed);
+        }
+        if ignored > 0 {
+            self.frames_ignored.inc_by(ignored);
+        }
+    }
+
+    /// Frames that could not be decoded so far.
+    pub fn frames_malformed(&self) -> u64 {
+        self.frames_malformed.get()
     }
 
     /// Set the number of records waiting in the capture queue.

@@ -42,7 +42,16 @@ fn records(r: &RedisServer) -> Vec<Stored> {
 fn ten_thousand_connections_weighted_30_70_stored_exactly_once() {
     let (a, b) = (RedisServer::start(), RedisServer::start());
     let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&["--agent", "t", "--backend", &ba, "--backend", &bb]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ]);
     let started_ms = now_ms();
     let n = 10_000;
     let t0 = Instant::now();
@@ -105,7 +114,16 @@ fn ten_thousand_connections_weighted_30_70_stored_exactly_once() {
 fn live_weight_change_applies_mid_stream() {
     let (a, b) = (RedisServer::start(), RedisServer::start());
     let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&["--agent", "t", "--backend", &ba, "--backend", &bb]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ]);
     assert_eq!(connect_many(d.listen, 2000, 8), 2000);
     eventually(Duration::from_secs(20), "first 2000 stored", || {
         a.xlen(STREAM) + b.xlen(STREAM) == 2000
@@ -140,7 +158,16 @@ fn invalid_weights_are_refused_and_change_nothing() {
     let a = RedisServer::start();
     let b = RedisServer::start();
     let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&["--agent", "t", "--backend", &ba, "--backend", &bb]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ]);
     let url = format!("{}/v1/weights", d.admin);
     let before = d.backends();
     let big = format!(r#"{{"A":1,"pad":"{}"}}"#, "x".repeat(70 * 1024));
@@ -174,6 +201,8 @@ fn retention_two_seconds(schema: &str) {
     let r = RedisServer::start();
     let br = backend("A", &r, 1);
     let d = Daemon::start(&[
+        "--capture",
+        "connections",
         "--agent",
         "t",
         "--schema",
@@ -236,7 +265,16 @@ fn retention_two_seconds_keys() {
 fn sigterm_mid_stream_loses_nothing() {
     let (a, b) = (RedisServer::start(), RedisServer::start());
     let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let mut d = Daemon::start(&["--agent", "t", "--backend", &ba, "--backend", &bb]);
+    let mut d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ]);
     let addr = d.listen;
     let load = std::thread::spawn(move || connect_many(addr, 20_000, 8));
     let admin = d.admin.clone();
@@ -314,7 +352,16 @@ fn bad_config_exits_64_with_one_line_and_binds_nothing() {
 fn weights_cli_shows_and_changes_weights() {
     let (a, b) = (RedisServer::start(), RedisServer::start());
     let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&["--agent", "t", "--backend", &ba, "--backend", &bb]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ]);
     let cli = |args: &[&str]| {
         std::process::Command::new(common::redtap_bin())
             .arg("weights")
@@ -365,7 +412,12 @@ fn sighup_reloads_weights_from_the_config_file() {
         .unwrap()
     };
     write(30, 70);
-    let d = Daemon::start(&["--config", path.to_str().unwrap()]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
     assert_eq!(d.backends()[1]["weight"], 70);
     write(10, 90);
     d.signal("HUP");
@@ -392,7 +444,7 @@ fn ipv6_listen_records_ipv6_addresses() {
     let port = common::free_port();
     let d = Daemon::start_on(
         &format!("[::1]:{port}"),
-        &["--agent", "t", "--backend", &br],
+        &["--capture", "connections", "--agent", "t", "--backend", &br],
     );
     assert_eq!(connect_many(d.listen, 10, 2), 10);
     eventually(Duration::from_secs(10), "10 stored", || {

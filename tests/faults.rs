@@ -41,7 +41,16 @@ fn kill9_one_backend_then_restart_loses_nothing_and_stores_nothing_twice() {
     let mut a = RedisServer::start_durable();
     let mut b = RedisServer::start_durable();
     let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&["--agent", "t", "--backend", &ba, "--backend", &bb]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ]);
     let load = paced_connections(d.listen, 6000, 20, Duration::from_millis(20));
     eventually(Duration::from_secs(20), "1000 records captured", || {
         metric(&d, "redtap_records_captured_total") >= 1000.0
@@ -84,7 +93,16 @@ fn sigstop_one_backend_is_detected_and_nothing_is_lost() {
     let a = RedisServer::start();
     let b = RedisServer::start();
     let (ba, bb) = (backend("A", &a, 50), backend("B", &b, 50));
-    let d = Daemon::start(&["--agent", "t", "--backend", &ba, "--backend", &bb]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ]);
     let load = paced_connections(d.listen, 4000, 40, Duration::from_millis(25));
     eventually(Duration::from_secs(20), "500 records captured", || {
         metric(&d, "redtap_records_captured_total") >= 500.0
@@ -115,6 +133,8 @@ fn every_backend_down_then_back_buffers_and_expires_by_capture_time() {
     let mut b = RedisServer::start_durable();
     let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
     let d = Daemon::start(&[
+        "--capture",
+        "connections",
         "--agent",
         "t",
         "--retention",
@@ -211,7 +231,16 @@ fn backend_at_maxmemory_is_failing_not_silently_dropped() {
         .query(&mut c)
         .unwrap();
     let (ba, bb) = (backend("A", &a, 50), backend("B", &b, 50));
-    let d = Daemon::start(&["--agent", "t", "--backend", &ba, "--backend", &bb]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ]);
     assert_eq!(connect_many(d.listen, 1000, 4), 1000);
     eventually(Duration::from_secs(10), "B's write errors counted", || {
         metric(&d, "redtap_write_errors_total{backend=\"B\"}") > 0.0
@@ -250,7 +279,16 @@ fn sigterm_then_restart_loses_nothing_and_keeps_api_weights() {
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", common::free_port());
     let admin = format!("127.0.0.1:{}", common::free_port());
-    let args = ["--agent", "t", "--backend", &ba, "--backend", &bb];
+    let args = [
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ];
     let mut d = Daemon::start_in(dir.path(), &listen, &admin, &args);
     let (status, body) = http(
         "PUT",
@@ -291,6 +329,8 @@ fn idle_connections_past_the_cap_and_a_gigabyte_client_keep_memory_bounded() {
     let r = RedisServer::start();
     let br = backend("A", &r, 1);
     let d = Daemon::start(&[
+        "--capture",
+        "connections",
         "--agent",
         "t",
         "--max-connections",
@@ -365,7 +405,16 @@ fn admin_api_beyond_loopback_requires_a_token() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--admin-token"));
 
     let token = "0123456789abcdef-secret";
-    let d = Daemon::start(&["--agent", "t", "--admin-token", token, "--backend", &br]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--admin-token",
+        token,
+        "--backend",
+        &br,
+    ]);
     let (status, _) = common::http_get(&format!("{}/v1/backends", d.admin)).unwrap();
     assert_eq!(status, 401);
     let (status, _) = http(
@@ -398,7 +447,14 @@ fn redis_password_is_used_and_never_shown() {
     let pass = "s3cr3t-Pa55word";
     let r = RedisServer::start_with(&["--requirepass", pass]);
     let url = format!("A=redis://:{pass}@127.0.0.1:{}@1", r.port);
-    let d = Daemon::start(&["--agent", "t", "--backend", &url]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &url,
+    ]);
     assert_eq!(connect_many(d.listen, 50, 2), 50);
     let mut c = redis::Client::open(format!("redis://:{pass}@127.0.0.1:{}", r.port))
         .unwrap()
@@ -427,7 +483,7 @@ fn out_of_file_descriptors_backs_off_without_spinning() {
         dir.path(),
         &listen,
         &admin,
-        &["--agent", "t", "--backend", &br],
+        &["--capture", "connections", "--agent", "t", "--backend", &br],
     );
     let clients: Vec<_> = (0..100)
         .map(|i| {
@@ -467,6 +523,8 @@ fn hold_mode_keeps_the_weighting_and_delivers_when_the_backend_returns() {
     let mut b = RedisServer::start_durable();
     let (ba, bb) = (backend("A", &a, 50), backend("B", &b, 50));
     let d = Daemon::start(&[
+        "--capture",
+        "connections",
         "--agent",
         "t",
         "--on-backend-down",

@@ -698,7 +698,16 @@ fn common_kill(child: &std::process::Child, sig: &str) {
 fn reads_back_what_the_daemon_captured() {
     let (a, b) = (RedisServer::start(), RedisServer::start());
     let (ba, bb) = (be("A", &a, 30), be("B", &b, 70));
-    let d = Daemon::start(&["--agent", "live", "--backend", &ba, "--backend", &bb]);
+    let d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "live",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ]);
     assert_eq!(connect_many(d.listen, 200, 4), 200);
     eventually(Duration::from_secs(20), "all stored", || {
         a.xlen("redtap:events:live") + b.xlen("redtap:events:live") == 200

@@ -156,6 +156,8 @@ fn rediss_with_ca_and_client_certificate() {
     let backend = format!("A=rediss://127.0.0.1:{port}@1");
     let (ca, cert, key) = (path("ca.crt"), path("client.crt"), path("client.key"));
     let daemon = Daemon::start(&[
+        "--capture",
+        "connections",
         "--agent",
         "t",
         "--backend",
@@ -173,7 +175,16 @@ fn rediss_with_ca_and_client_certificate() {
     });
 
     // Without the client certificate the server refuses us: the backend is marked down.
-    let refused = Daemon::start(&["--agent", "u", "--backend", &backend, "--tls-ca", &ca]);
+    let refused = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "u",
+        "--backend",
+        &backend,
+        "--tls-ca",
+        &ca,
+    ]);
     assert_eq!(connect_many(refused.listen, 10, 1), 10);
     eventually(
         Duration::from_secs(5),

@@ -1,5 +1,8 @@
 //! Connections capture: one record per accepted TCP connection. Needs no privileges.
 //!
+//! The same accept-and-discard machinery also serves the port for packets mode
+//! (`--serve sink`), where it produces no records: [`ConnCapture::run`] then gets no queue.
+//!
 //! Owns the listening socket and the served connections. Each served connection is read and
 //! discarded (never buffered beyond one fixed read buffer) until the client closes or goes idle.
 //! At most `max_connections` are served at once; beyond that, accepting waits (the kernel's
@@ -45,12 +48,13 @@ pub struct ConnCapture {
 }
 
 impl ConnCapture {
-    /// Accept on `listener` until `stop` fires, sending one record per connection to `out`.
-    /// On stop, connections the kernel already completed are still accepted and recorded.
+    /// Accept on `listener` until `stop` fires, sending one record per connection to `out`
+    /// (none when `out` is `None`: serving only). On stop, connections the kernel already
+    /// completed are still accepted and recorded.
     pub async fn run(
         self,
         listener: TcpListener,
-        out: mpsc::Sender<Record>,
+        out: Option<mpsc::Sender<Record>>,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) {
@@ -68,8 +72,10 @@ impl ConnCapture {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
-                    if !self.record(&stream, peer, &out, &metrics).await {
-                        break;
+                    if let Some(out) = &out {
+                        if !self.record(&stream, peer, out, &metrics).await {
+                            break;
+                        }
                     }
                     let idle = self.idle_timeout;
                     let stop = stop.clone();
@@ -92,8 +98,10 @@ impl ConnCapture {
         // Record the connections already completed by the kernel before closing the listener.
         let mut late = 0u64;
         while let Some(Ok((stream, peer))) = futures_now(listener.accept()) {
-            if !self.record(&stream, peer, &out, &metrics).await {
-                break;
+            if let Some(out) = &out {
+                if !self.record(&stream, peer, out, &metrics).await {
+                    break;
+                }
             }
             late += 1;
         }
