@@ -2,7 +2,7 @@
 //! and prints a table with the reference measured side by side in the same run.
 //!
 //! ```text
-//! cargo run --release --bin redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|balance]...
+//! cargo run --release --bin redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|packets|balance]...
 //! ```
 //!
 //! Scenarios (all by default):
@@ -12,6 +12,8 @@
 //! - `connections` — a load generator opening and closing TCP connections against
 //!   `redtap run --capture connections`, and against a minimal accept-and-discard server; plus
 //!   capture → visible-in-Redis latency at half the maximum rate.
+//! - `packets` — `hping3 --flood` SYNs at a closed loopback port for a bounded time, captured by
+//!   `redtap run` (packets mode, `--serve none`): SYNs sent, records stored, loss (needs root).
 //! - `balance` — share error after 1,000,000 records with the weights changed 100 times.
 //!
 //! `--smoke` runs everything small and fast, to prove the harness works (CI runs it).
@@ -43,7 +45,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     if scenarios.is_empty() {
-        scenarios = vec!["sink", "connections", "balance"];
+        scenarios = vec!["sink", "connections", "packets", "balance"];
     }
     println!(
         "redtap-bench {} on {} cores ({})",
@@ -61,9 +63,10 @@ fn main() {
             "sink-stream" => sink(Schema::Stream, smoke),
             "sink-keys" => sink(Schema::Keys, smoke),
             "connections" => connections(smoke),
+            "packets" => packets(smoke),
             "balance" => balance(smoke),
             other => {
-                eprintln!("unknown scenario {other:?}: use sink, connections or balance");
+                eprintln!("unknown scenario {other:?}: use sink, connections, packets or balance");
                 std::process::exit(64);
             }
         }
@@ -394,15 +397,17 @@ fn minimal_server(addr: SocketAddr) {
 }
 
 /// Open and close connections to `addr` from `threads` threads for `dur`, each thread from its
-/// own loopback source address. With `pace`, at most that many connections a second in all.
-fn load(addr: SocketAddr, threads: usize, dur: Duration, pace: Option<f64>) -> u64 {
+/// own loopback source address `127.0.<net>.<thread+1>` — a fresh `net` per run, since the
+/// client closes first and a source address full of TIME_WAIT sockets makes every connect()
+/// hunt for a free port. With `pace`, at most that many connections a second in all.
+fn load(addr: SocketAddr, net: u8, threads: usize, dur: Duration, pace: Option<f64>) -> u64 {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Instant::now() + dur;
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let done = done.clone();
             std::thread::spawn(move || {
-                let src: SocketAddr = (Ipv4Addr::new(127, 0, 9, 1 + t as u8), 0).into();
+                let src: SocketAddr = (Ipv4Addr::new(127, 0, net, 1 + t as u8), 0).into();
                 let gap = pace.map(|p| Duration::from_secs_f64(threads as f64 / p));
                 let mut next = Instant::now();
                 while Instant::now() < stop {
@@ -466,7 +471,9 @@ fn connections(smoke: bool) {
     let ref_pid = minimal.0.id().to_string();
     let ref_cpu0 = cpu_seconds(&ref_pid);
     let t0 = Instant::now();
-    let ref_n = load(addr, threads, dur, None);
+    // Fresh source networks per run (see `load`): 127.0.<base..base+2>.x.
+    let base = 12 + (std::process::id() % 80) as u8 * 3;
+    let ref_n = load(addr, base, threads, dur, None);
     let ref_rate = ref_n as f64 / t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(200));
     let ref_cpu = cpu_seconds(&ref_pid) - ref_cpu0;
@@ -498,8 +505,11 @@ fn connections(smoke: bool) {
     wait_for_port(addr);
     let mem0 = a.used_memory() + b.used_memory();
     let cpu0 = cpu_seconds(&pid);
+    let redis_cpu =
+        || cpu_seconds(&a.child.id().to_string()) + cpu_seconds(&b.child.id().to_string());
+    let rcpu0 = redis_cpu();
     let t0 = Instant::now();
-    let n = load(addr, threads, dur, None);
+    let n = load(addr, base + 1, threads, dur, None);
     let stored = || a.count(Schema::Stream, "bench") + b.count(Schema::Stream, "bench");
     // The probe connection above is a record too.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -509,6 +519,7 @@ fn connections(smoke: bool) {
     }
     let rate = stored() as f64 / t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(&pid) - cpu0;
+    let rcpu = redis_cpu() - rcpu0;
     let mem = (a.used_memory() + b.used_memory()).saturating_sub(mem0);
 
     // Latency: capture → readable in Redis, at half the maximum rate.
@@ -552,7 +563,7 @@ fn connections(smoke: bool) {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(200));
-    load(addr, threads, dur, Some(pace));
+    load(addr, base + 2, threads, dur, Some(pace));
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     for r in readers {
@@ -586,6 +597,11 @@ fn connections(smoke: bool) {
         "(user+sys) of redtap, accept and close included",
     );
     row(
+        "Redis CPU per record",
+        format!("{:.2} µs", rcpu * 1e6 / n as f64),
+        "both redis-servers",
+    );
+    row(
         "minimal server CPU per connection",
         format!("{:.2} µs", ref_cpu * 1e6 / ref_n as f64),
         "the kernel's accept/close share of the above",
@@ -603,6 +619,135 @@ fn connections(smoke: bool) {
             &format!("{} records at {pace:.0}/s", lat.len()),
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// packets: hping3 --flood against redtap's packet capture.
+
+fn metric(admin: u16, name: &str) -> f64 {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin)) else {
+        return 0.0;
+    };
+    use std::io::{Read, Write};
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn packets(smoke: bool) {
+    let secs = if smoke { 1 } else { 10 };
+    println!("\npackets: hping3 --flood SYNs for {secs} s at a closed port, redtap → 2 backends at 30/70");
+    if !Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+    {
+        println!("  skipped: needs root (CAP_NET_RAW) to capture and to run hping3");
+        return;
+    }
+    let (a, b) = (Redis::start(), Redis::start());
+    let port = free_port();
+    let admin = free_port();
+    let work = tempfile::tempdir().unwrap();
+    let redtap = Proc(
+        Command::new(sibling("redtap"))
+            .args(["run", "--capture", "packets", "--serve", "none"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}"), "--agent", "bench"])
+            .args(["--backend", &format!("A={}@30", a.url())])
+            .args(["--backend", &format!("B={}@70", b.url())])
+            .current_dir(work.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = redtap.0.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        assert!(Instant::now() < deadline, "redtap did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mem0 = a.used_memory() + b.used_memory();
+    let cpu0 = cpu_seconds(&pid);
+    let t0 = Instant::now();
+    // One fixed source port (-k): the SYNs never come from the target port itself, whose RST
+    // replies would be captured too and blur the count.
+    let out = Command::new("timeout")
+        .args(["-s", "INT", &secs.to_string()])
+        .args([
+            "hping3",
+            "-q",
+            "-S",
+            "--flood",
+            "-k",
+            "-s",
+            "10000",
+            "-p",
+            &port.to_string(),
+        ])
+        .arg("127.0.0.1")
+        .output()
+        .expect("hping3 not found: apt-get install hping3");
+    let flood = t0.elapsed().as_secs_f64();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let sent: u64 = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stored = || a.count(Schema::Stream, "bench") + b.count(Schema::Stream, "bench");
+    let mut last = u64::MAX;
+    while stored() != last {
+        last = stored();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let n = stored();
+    let cpu = cpu_seconds(&pid) - cpu0;
+    let mem = (a.used_memory() + b.used_memory()).saturating_sub(mem0);
+    let kernel = metric(admin, "redtap_kernel_drops_total");
+    let queue_full = metric(admin, "redtap_records_dropped_total{reason=\"queue_full\"}");
+    let rss = peak_rss_mib(&pid);
+    drop(redtap);
+    row(
+        "SYNs sent (hping3)",
+        format!("{sent}"),
+        &format!("{:.0}/s", sent as f64 / flood),
+    );
+    row(
+        "records stored",
+        format!("{n}"),
+        &format!("{:.0}/s over the flood", n as f64 / flood),
+    );
+    row(
+        "kernel drops / queue_full",
+        format!("{kernel:.0} / {queue_full:.0}"),
+        "",
+    );
+    row(
+        "loss",
+        format!(
+            "{:.3}%",
+            100.0 * sent.saturating_sub(n) as f64 / sent.max(1) as f64
+        ),
+        "(sent − stored) / sent",
+    );
+    row(
+        "redtap CPU per record",
+        format!("{:.2} µs", cpu * 1e6 / n.max(1) as f64),
+        "(user+sys) of redtap",
+    );
+    row("redtap peak RSS", format!("{rss:.1} MiB"), "");
+    row(
+        "Redis memory per record",
+        format!("{:.1} B", mem as f64 / n.max(1) as f64),
+        "stream schema, with kind and len",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
