@@ -206,7 +206,7 @@ pub struct FileConfig {
     pub buffer_max: Option<String>,
     /// Consecutive failures that mark a backend down.
     pub down_after: Option<u32>,
-    /// Consecutive successful PINGs that mark it up again.
+    /// Consecutive successful probes that mark it up again.
     pub up_after: Option<u32>,
     /// How long a Redis command may take before it counts as failed.
     pub health_timeout: Option<String>,
@@ -285,7 +285,7 @@ pub struct RunArgs {
     /// Consecutive failures that mark a backend down (default 2).
     #[arg(long)]
     pub down_after: Option<u32>,
-    /// Consecutive successful PINGs that mark it up again (default 2).
+    /// Consecutive successful probes that mark it up again (default 2).
     #[arg(long)]
     pub up_after: Option<u32>,
     /// How long a Redis command may take before it counts as failed (default 750ms).

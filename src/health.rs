@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 pub struct HealthConfig {
     /// Consecutive failures (write errors, timeouts, failed PINGs) that mark a backend down.
     pub down_after: u32,
-    /// Consecutive successful PINGs that mark a down backend up again.
+    /// Consecutive successful probes that mark a down backend up again.
     pub up_after: u32,
     /// How long a command may take before it counts as a failure.
     pub timeout: Duration,

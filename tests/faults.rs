@@ -246,6 +246,13 @@ fn backend_at_maxmemory_is_failing_not_silently_dropped() {
         metric(&d, "redtap_write_errors_total{backend=\"B\"}") > 0.0
     });
     assert!(d.log().contains("OOM"), "the OOM refusal is logged");
+    // Out of memory, B still answers PING; the write probe keeps it down instead of flapping.
+    eventually(Duration::from_secs(5), "B marked down", || !is_up(&d, 1));
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert!(!is_up(&d, 1), "B flapped back up while still out of memory");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // B's records wait for it; none is dropped.
     let dropped: f64 = ["expired", "overflow", "shutdown"]
         .iter()

@@ -468,15 +468,22 @@ impl Writer {
         t
     }
 
+    /// Probe the backend: PING while it is up; while it is down, a small expiring write, since a
+    /// Redis that refuses writes (OOM, read-only replica) still answers PING and would otherwise
+    /// flap between up and down.
     async fn ping(&mut self) -> bool {
+        let probe = if self.tracker.is_up() {
+            redis::cmd("PING")
+        } else {
+            let mut c = redis::cmd("SET");
+            c.arg(&self.layout.probe_key).arg(1).arg("PX").arg(2000);
+            c
+        };
         let result: redis::RedisResult<()> = async {
             let mut conn = self.connect().await?.clone();
-            let pong: String = with_timeout(
-                self.tracker.config().timeout,
-                redis::cmd("PING").query_async(&mut conn),
-            )
-            .await?;
-            debug!(backend = %self.name, %pong, "ping");
+            let answer: String =
+                with_timeout(self.tracker.config().timeout, probe.query_async(&mut conn)).await?;
+            debug!(backend = %self.name, %answer, "probe");
             Ok(())
         }
         .await;

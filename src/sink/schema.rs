@@ -26,6 +26,9 @@ pub struct Layout {
     pub schema: Schema,
     /// Stream schema: the stream key. Keys schema: the key-name prefix up to the timestamp.
     pub key: String,
+    /// `<prefix>:probe:<agent>`: written (with a 2 s expiry) to test a down backend, since a
+    /// Redis that refuses writes (OOM, read-only) still answers PING.
+    pub probe_key: String,
     /// Retention in milliseconds.
     pub retention_ms: u64,
     /// The last slot handed out; slots only grow, so a retried write reuses its slot and a new
@@ -58,6 +61,7 @@ impl Layout {
         Layout {
             schema,
             key,
+            probe_key: format!("{prefix}:probe:{agent}"),
             retention_ms,
             last: Slot { major: 0, seq: 0 },
             expiry_sent_ms: 0,
