@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 /// Health thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthConfig {
-    /// Consecutive failures (write errors, timeouts, failed PINGs) that mark a backend down.
+    /// Consecutive failures (write errors, timeouts, failed probes) that mark a backend down.
     pub down_after: u32,
     /// Consecutive successful probes that mark a down backend up again.
     pub up_after: u32,
@@ -125,7 +125,7 @@ impl Tracker {
     }
 
     /// Record one outcome; publish and return a transition if it caused one. While down, only
-    /// probes (PINGs) count towards coming back up.
+    /// probes count towards coming back up.
     pub fn record(&mut self, ok: bool, board: &Board) -> Option<Transition> {
         if ok {
             self.failures = 0;
