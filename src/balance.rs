@@ -292,6 +292,10 @@ pub struct Router {
     swrr: Option<Swrr>,
     /// Per-backend counts not yet published to the shared counters.
     pending: Vec<u64>,
+    /// The weights the selector was built for (0 for a down backend in `redistribute`).
+    effective: Vec<u32>,
+    /// Whether the first rebuild has run.
+    started: bool,
 }
 
 impl Router {
@@ -306,6 +310,8 @@ impl Router {
             health_generation: 0,
             swrr: None,
             pending: vec![0; n],
+            effective: Vec::new(),
+            started: false,
         };
         r.rebuild();
         r
@@ -324,10 +330,23 @@ impl Router {
         self.swrr.is_some()
     }
 
+    /// Bring the selector up to date with the weights and health now in force. A new weight
+    /// generation also restarts the "since the last change" counters (also at start, when the
+    /// state file has already changed the weights).
     fn rebuild(&mut self) {
         let snap = self.balance.snapshot.load();
         self.health_generation = self.board.generation();
-        self.generation = snap.generation;
+        if snap.generation != self.generation || !self.started {
+            self.flush();
+            for c in &self.balance.routed_since {
+                c.store(0, Ordering::Relaxed);
+            }
+            self.balance
+                .since_gen
+                .store(snap.generation, Ordering::Release);
+            self.generation = snap.generation;
+            self.started = true;
+        }
         let up = self.board.snapshot();
         let effective: Vec<u32> = snap
             .weights
@@ -338,26 +357,23 @@ impl Router {
                 _ => w,
             })
             .collect();
-        self.swrr = effective
-            .iter()
-            .any(|&w| w > 0)
-            .then(|| Swrr::new(&effective));
+        // Unchanged effective weights (e.g. a health change in hold mode) keep the selector and
+        // its bound.
+        if effective != self.effective || self.swrr.is_none() {
+            self.swrr = effective
+                .iter()
+                .any(|&w| w > 0)
+                .then(|| Swrr::new(&effective));
+            self.effective = effective;
+        }
     }
 
     /// The backend index for the next record, or `None` if no backend can take it. A weight
     /// change applies from the first call after it was published.
     #[inline]
     pub fn route(&mut self) -> Option<usize> {
-        let generation = self.balance.snapshot.load().generation;
-        if generation != self.generation {
-            self.flush();
+        if self.balance.snapshot.load().generation != self.generation {
             self.rebuild();
-            for c in &self.balance.routed_since {
-                c.store(0, Ordering::Relaxed);
-            }
-            self.balance
-                .since_gen
-                .store(self.generation, Ordering::Release);
         }
         let i = self.swrr.as_mut()?.pick();
         self.pending[i] += 1;
@@ -423,9 +439,11 @@ impl Balancer {
             if closed && held.is_empty() {
                 break;
             }
+            // After the grace period, take everything so capture is never left blocked.
             let room = self.router.can_route()
                 || self.on_full == OnFull::DropOldest
-                || self.budget.has_room(self.batch_size);
+                || self.budget.has_room(self.batch_size)
+                || abort.is_cancelled();
             tokio::select! {
                 n = self.queue.recv_many(&mut buf, self.batch_size), if !closed && room => {
                     self.metrics.set_queue_depth(self.queue.len());
@@ -434,6 +452,9 @@ impl Balancer {
                     } else if self.router.can_route() {
                         let mut unrouted = self.dispatch(std::mem::take(&mut buf)).await;
                         self.hold(&mut held, &mut unrouted);
+                    } else if abort.is_cancelled() {
+                        self.metrics.dropped(DropReason::Shutdown, buf.len() as u64);
+                        buf.clear();
                     } else {
                         self.hold(&mut held, &mut buf);
                     }
@@ -442,7 +463,7 @@ impl Balancer {
                 _ = tick.tick() => self.evict_expired(&mut held),
                 _ = abort.cancelled(), if !abort.is_cancelled() => {}
             }
-            if abort.is_cancelled() && closed && !self.router.can_route() {
+            if abort.is_cancelled() && !self.router.can_route() && !held.is_empty() {
                 self.metrics
                     .dropped(DropReason::Shutdown, held.len() as u64);
                 self.budget.release(held.len());
@@ -488,7 +509,9 @@ impl Balancer {
         self.budget.take(n);
         let over = self.budget.used().saturating_sub(self.budget.max_records());
         let over = over.min(held.len());
-        if over > 0 {
+        // In wait mode the room check before receiving bounds the buffer (to one batch over);
+        // only drop-oldest mode evicts.
+        if over > 0 && self.on_full == OnFull::DropOldest {
             held.drain(..over);
             self.budget.release(over);
             self.metrics.dropped(DropReason::Overflow, over as u64);

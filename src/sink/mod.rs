@@ -60,6 +60,15 @@ const LINGER: Duration = Duration::from_millis(2);
 /// The answer to one pipeline, as it arrives.
 type Reply = Pin<Box<dyn Future<Output = redis::RedisResult<Vec<Value>>> + Send>>;
 
+/// The outcome of one tick's Redis work (probe and/or trim), as it arrives: whether a probe was
+/// made and how it went, whether the work failed, and the connection it made, if any.
+struct TickOutcome {
+    probe: Option<bool>,
+    failed: bool,
+    conn: Option<MultiplexedConnection>,
+}
+type TickJob = Pin<Box<dyn Future<Output = TickOutcome> + Send>>;
+
 /// The error XADD gives for an ID at or below the stream's top: the entry was stored by an
 /// earlier attempt whose answer was lost.
 const XADD_DUPLICATE: &str = "equal or smaller than the target stream top item";
@@ -104,7 +113,7 @@ pub struct Writer {
     /// Last time the backend answered anything.
     last_ok: Instant,
     /// Pipelines sent and not yet answered, oldest first, with their chunk number.
-    inflight: VecDeque<(u64, Reply)>,
+    inflight: VecDeque<(u64, usize, Reply)>,
     /// Number of the next chunk sent.
     next_chunk: u64,
     /// A chunk failed: send nothing more until every chunk in flight has settled, so a retry
@@ -112,6 +121,14 @@ pub struct Writer {
     draining: bool,
     /// Since when unsent records have been waiting.
     waiting_since: Option<Instant>,
+    /// Records in `pending` that are `New` or `Unknown` (kept as a count: the hot path must not
+    /// scan a backlog that may hold millions of records while a backend is down).
+    unsent: usize,
+    /// How many of those are `Unknown`.
+    unknown: usize,
+    /// The tick's probe/trim, running beside the writes (a hung Redis must not stop this
+    /// writer from taking records off its queue).
+    tick_job: Option<TickJob>,
 }
 
 /// A record waiting to be written.
@@ -163,6 +180,9 @@ impl Writer {
             next_chunk: 0,
             draining: false,
             waiting_since: None,
+            unsent: 0,
+            unknown: 0,
+            tick_job: None,
         }
     }
 
@@ -173,11 +193,11 @@ impl Writer {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut closed = false;
         loop {
-            if abort.is_cancelled() && !self.pending.is_empty() {
-                warn!(backend = %self.name, records = self.pending.len(),
+            if abort.is_cancelled() && self.unsent > 0 {
+                // What is in flight settles first (its answer is at most one timeout away).
+                warn!(backend = %self.name, records = self.unsent,
                       "grace period over; records not written");
-                let n = self.pending.len();
-                self.forget(n, DropReason::Shutdown);
+                self.forget(usize::MAX, DropReason::Shutdown);
             }
             if self.can_launch() {
                 self.launch().await;
@@ -186,30 +206,41 @@ impl Writer {
             if closed && self.pending.is_empty() && self.inflight.is_empty() {
                 break;
             }
-            let take = !closed && self.has_room();
+            // Once the grace period is over, take everything (and drop it, counted) so that
+            // nothing upstream stays blocked on this writer.
+            let take = !closed && (self.has_room() || abort.is_cancelled());
             let launch_at = self.launch_at();
             let waiting = self.tracker.is_up()
                 && !self.draining
                 && self.inflight.len() < WINDOW
-                && self.unsent() > 0;
+                && self.unsent > 0;
             let answer = async {
                 match self.inflight.front_mut() {
-                    Some((chunk, reply)) => (*chunk, reply.await),
+                    Some((chunk, len, reply)) => ((*chunk, *len), reply.await),
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 biased;
-                (chunk, result) = answer => {
+                ((chunk, len), result) = answer => {
                     self.inflight.pop_front();
-                    self.settle(chunk, result);
+                    self.settle(chunk, len, result);
                 }
                 batch = rx.recv(), if take => match batch {
                     Some(batch) => self.accept(batch),
                     None => closed = true,
                 },
                 _ = tokio::time::sleep_until(launch_at), if waiting => {}
-                _ = tick.tick() => self.upkeep().await,
+                _ = tick.tick() => self.upkeep(),
+                outcome = async {
+                    match self.tick_job.as_mut() {
+                        Some(job) => job.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.tick_job = None;
+                    self.tick_done(outcome);
+                }
                 _ = abort.cancelled(), if !abort.is_cancelled() => {}
             }
         }
@@ -218,6 +249,7 @@ impl Writer {
 
     /// Whether to take another batch from the queue now.
     fn has_room(&self) -> bool {
+        // (In hold mode with the budget full, this is what makes records wait upstream.)
         if self.tracker.is_up() {
             self.pending.len() < self.ctx.batch_size * WINDOW
         } else {
@@ -226,7 +258,8 @@ impl Writer {
     }
 
     /// Queue a batch from the balancer. While down, it counts against the buffer budget, and in
-    /// drop-oldest mode a full budget evicts this writer's oldest records.
+    /// drop-oldest mode a full budget evicts this writer's oldest records. (In wait mode
+    /// [`has_room`](Self::has_room) already held the batch back, so nothing is evicted.)
     fn accept(&mut self, batch: Vec<Record>) {
         let n = batch.len();
         self.waiting_since.get_or_insert_with(Instant::now);
@@ -234,7 +267,8 @@ impl Writer {
             rec,
             state: State::New,
         }));
-        if !self.tracker.is_up() {
+        self.unsent += n;
+        if !self.tracker.is_up() && self.ctx.on_full == OnFull::DropOldest {
             self.ctx.budget.take(n);
             self.budgeted += n;
             let over = self
@@ -249,11 +283,21 @@ impl Writer {
         }
     }
 
-    /// Drop the `n` oldest pending records for `reason`.
+    /// Drop the `n` oldest records that are not in flight, for `reason`. (A record in flight
+    /// stays until its answer says whether it was stored.)
     fn forget(&mut self, n: usize, reason: DropReason) {
-        self.pending.drain(..n);
-        self.ctx.metrics.dropped(reason, n as u64);
-        self.release(n);
+        let mut gone = 0;
+        let mut unknown_gone = 0;
+        self.pending.retain(|p| {
+            let drop = gone < n && matches!(p.state, State::New | State::Unknown(_));
+            gone += usize::from(drop);
+            unknown_gone += usize::from(drop && matches!(p.state, State::Unknown(_)));
+            !drop
+        });
+        self.unsent -= gone;
+        self.unknown -= unknown_gone;
+        self.ctx.metrics.dropped(reason, gone as u64);
+        self.release(gone);
     }
 
     /// `n` pending records left; give back their share of the budget.
@@ -263,28 +307,20 @@ impl Writer {
         self.ctx.budget.release(back);
     }
 
-    /// Records waiting for a pipeline (not in flight).
-    fn unsent(&self) -> usize {
-        self.pending
-            .iter()
-            .filter(|p| matches!(p.state, State::New | State::Unknown(_)))
-            .count()
-    }
-
     /// Whether to send another pipeline now.
     fn can_launch(&self) -> bool {
         self.tracker.is_up()
             && !self.draining
             && self.inflight.len() < WINDOW
             && Instant::now() >= self.launch_at()
-            && self.unsent() > 0
+            && self.unsent > 0
     }
 
     /// When the unsent records may go: at once when a batch is full, else [`LINGER`] after the
     /// first of them arrived; never before the retry backoff ends.
     fn launch_at(&self) -> Instant {
         let linger = match self.waiting_since {
-            Some(t) if self.unsent() < self.ctx.batch_size => t + LINGER,
+            Some(t) if self.unsent < self.ctx.batch_size => t + LINGER,
             _ => self.next_try,
         };
         linger.max(self.next_try)
@@ -311,24 +347,35 @@ impl Writer {
         let mut pipe = Pipeline::with_capacity(self.ctx.batch_size + 2);
         let mut newest = self.newest_ms;
         let mut n = 0;
-        for p in self.pending.iter_mut() {
-            if n == self.ctx.batch_size {
-                break;
+        // Records whose earlier attempt may have stored them go first, at their old IDs (which
+        // grow in queue order), so that no new ID above them reaches Redis before them: it
+        // would make their resend look like a duplicate.
+        let mut unknown_left = self.unknown;
+        for retry in [true, false] {
+            for p in self.pending.iter_mut() {
+                if n == self.ctx.batch_size || (retry && unknown_left == 0) {
+                    break;
+                }
+                let slot = match (p.state, retry) {
+                    (State::Unknown(slot), true) => {
+                        unknown_left -= 1;
+                        slot
+                    }
+                    (State::New, false) => self.layout.next_slot(&p.rec),
+                    _ => continue,
+                };
+                p.state = State::InFlight { slot, retry, chunk };
+                self.layout.push_store(&mut pipe, &p.rec, slot);
+                newest = newest.max(p.rec.ts_ms());
+                n += 1;
             }
-            let (slot, retry) = match p.state {
-                State::New => (self.layout.next_slot(&p.rec), false),
-                State::Unknown(slot) => (slot, true),
-                _ => continue,
-            };
-            p.state = State::InFlight { slot, retry, chunk };
-            self.layout.push_store(&mut pipe, &p.rec, slot);
-            newest = newest.max(p.rec.ts_ms());
-            n += 1;
         }
+        self.unsent -= n;
+        self.unknown = unknown_left;
         if n == 0 {
             return;
         }
-        self.waiting_since = (self.unsent() > 0).then(Instant::now);
+        self.waiting_since = (self.unsent > 0).then(Instant::now);
         self.layout.push_expiry(&mut pipe, newest);
         self.newest_ms = newest;
         self.metrics.batches.inc();
@@ -346,45 +393,77 @@ impl Writer {
         {
             reply = Box::pin(std::future::ready(result));
         }
-        self.inflight.push_back((chunk, reply));
+        self.inflight.push_back((chunk, n, reply));
     }
 
     /// Settle the records of `chunk` from its answer: stored records leave; records Redis
     /// refused are retried with a new slot; if the answer was lost (connection error, timeout)
     /// they are retried at the same slot.
-    fn settle(&mut self, chunk: u64, result: redis::RedisResult<Vec<Value>>) {
+    fn settle(&mut self, chunk: u64, len: usize, result: redis::RedisResult<Vec<Value>>) {
         let in_chunk =
             |p: &Pending| matches!(p.state, State::InFlight { chunk: c, .. } if c == chunk);
         let ok = match result {
             Ok(replies) => {
                 let mut replies = replies.into_iter();
                 let mut refused = None;
-                for p in self.pending.iter_mut().filter(|p| in_chunk(p)) {
+                // The chunk's records lie in a prefix of the queue (only in-flight and refused
+                // records are ahead of them): find them without walking a long backlog.
+                let mut left = len;
+                let mut end = 0;
+                for (i, p) in self.pending.iter_mut().enumerate() {
+                    if left == 0 {
+                        break;
+                    }
+                    if !in_chunk(p) {
+                        continue;
+                    }
+                    left -= 1;
+                    end = i + 1;
                     let State::InFlight { retry, .. } = p.state else {
+                        unreachable!()
+                    };
+                    let State::InFlight { slot, .. } = p.state else {
                         unreachable!()
                     };
                     p.state = match replies.next() {
                         Some(Value::ServerError(e)) => {
                             let duplicate = e.details().is_some_and(|d| d.contains(XADD_DUPLICATE));
-                            if duplicate && retry {
+                            if !duplicate {
+                                refused.get_or_insert_with(|| format!("{e:?}"));
+                            }
+                            match (duplicate, retry) {
                                 // An earlier attempt stored it; its answer was lost.
-                                State::Stored
-                            } else {
-                                // Refused: surely not stored. (A duplicate on a first attempt
-                                // means a later pipeline overtook this one: take a new ID.)
-                                if !duplicate {
-                                    refused.get_or_insert_with(|| format!("{e:?}"));
-                                }
-                                State::New
+                                (true, true) => State::Stored,
+                                // Refused now, but an earlier attempt may have stored it: keep
+                                // its ID, where a second copy would be refused.
+                                (false, true) => State::Unknown(slot),
+                                // Surely not stored (a duplicate on a first attempt means a
+                                // later pipeline overtook this one): take a new ID.
+                                _ => State::New,
                             }
                         }
                         Some(_) => State::Stored,
                         None => State::New,
                     };
+                    if p.state != State::Stored {
+                        self.unsent += 1;
+                    }
+                    if matches!(p.state, State::Unknown(_)) {
+                        self.unknown += 1;
+                    }
                 }
-                let before = self.pending.len();
-                self.pending.retain(|p| p.state != State::Stored);
-                let stored = before - self.pending.len();
+                let mut kept = Vec::new();
+                let mut stored = 0;
+                for p in self.pending.drain(..end) {
+                    if p.state == State::Stored {
+                        stored += 1;
+                    } else {
+                        kept.push(p);
+                    }
+                }
+                for p in kept.into_iter().rev() {
+                    self.pending.push_front(p);
+                }
                 self.release(stored);
                 self.metrics.written.inc_by(stored as u64);
                 let clean = refused.is_none();
@@ -396,9 +475,11 @@ impl Writer {
             }
             Err(e) => {
                 self.layout.expiry_unknown();
-                for p in self.pending.iter_mut().filter(|p| in_chunk(p)) {
+                for p in self.pending.iter_mut().filter(|p| in_chunk(p)).take(len) {
                     if let State::InFlight { slot, .. } = p.state {
                         p.state = State::Unknown(slot);
+                        self.unsent += 1;
+                        self.unknown += 1;
                     }
                 }
                 self.metrics.write_errors.inc();
@@ -427,11 +508,89 @@ impl Writer {
     }
 
     /// Periodic work: evict expired records, trim an idle stream, PING an idle or down backend.
-    async fn upkeep(&mut self) {
+    fn upkeep(&mut self) {
         self.drop_expired();
+        if self.tick_job.is_some() {
+            return; // the last one is still waiting for Redis
+        }
         let idle = self.last_ok.elapsed() >= IDLE_PING;
-        if !self.tracker.is_up() || (idle && self.pending.is_empty()) {
-            let ok = self.ping().await;
+        let up = self.tracker.is_up();
+        let probe = if !up {
+            // A Redis that refuses writes (OOM, read-only replica) still answers PING: while
+            // down, test with a small expiring write, or it would flap between up and down.
+            let mut c = redis::cmd("SET");
+            c.arg(&self.layout.probe_key).arg(1).arg("PX").arg(2000);
+            Some(c)
+        } else if idle && self.pending.is_empty() {
+            Some(redis::cmd("PING"))
+        } else {
+            None
+        };
+        let trim = (up && self.layout.schema == crate::config::Schema::Stream).then(|| {
+            let mut pipe = Pipeline::new();
+            self.layout.push_trim(&mut pipe, now_us() / 1000);
+            pipe
+        });
+        if probe.is_none() && (trim.is_none() || self.conn.is_none()) {
+            return;
+        }
+        let conn = self.conn.clone();
+        let client = self.client.clone();
+        let timeout = self.tracker.config().timeout;
+        self.tick_job = Some(Box::pin(async move {
+            let mut outcome = TickOutcome {
+                probe: None,
+                failed: false,
+                conn: None,
+            };
+            let mut conn = match conn {
+                Some(c) => c,
+                None => {
+                    let cfg = AsyncConnectionConfig::new()
+                        .set_connection_timeout(timeout)
+                        .set_response_timeout(timeout);
+                    match client
+                        .get_multiplexed_async_connection_with_config(&cfg)
+                        .await
+                    {
+                        Ok(c) => {
+                            outcome.conn = Some(c.clone());
+                            c
+                        }
+                        Err(_) => {
+                            outcome.probe = probe.is_some().then_some(false);
+                            outcome.failed = true;
+                            return outcome;
+                        }
+                    }
+                }
+            };
+            if let Some(cmd) = probe {
+                let ok = with_timeout(timeout, cmd.query_async::<String>(&mut conn))
+                    .await
+                    .is_ok();
+                outcome.probe = Some(ok);
+                outcome.failed |= !ok;
+            }
+            if let Some(pipe) = trim {
+                outcome.failed |= with_timeout(timeout, pipe.exec_async(&mut conn))
+                    .await
+                    .is_err();
+            }
+            outcome
+        }));
+    }
+
+    /// Take in the outcome of a tick's probe and trim.
+    fn tick_done(&mut self, outcome: TickOutcome) {
+        if outcome.failed {
+            self.conn = None;
+        } else if self.conn.is_none() && self.resumed {
+            // (Before the first write, `connect` makes the connection: it also learns where the
+            // stream's IDs stand.)
+            self.conn = outcome.conn;
+        }
+        if let Some(ok) = outcome.probe {
             if ok {
                 self.last_ok = Instant::now();
             }
@@ -439,9 +598,6 @@ impl Writer {
                 self.next_try = Instant::now();
                 self.backoff = BACKOFF_MIN;
             }
-        }
-        if self.tracker.is_up() && self.layout.schema == crate::config::Schema::Stream {
-            self.trim().await;
         }
     }
 
@@ -466,32 +622,6 @@ impl Writer {
             None => {}
         }
         t
-    }
-
-    /// Probe the backend: PING while it is up; while it is down, a small expiring write, since a
-    /// Redis that refuses writes (OOM, read-only replica) still answers PING and would otherwise
-    /// flap between up and down.
-    async fn ping(&mut self) -> bool {
-        let probe = if self.tracker.is_up() {
-            redis::cmd("PING")
-        } else {
-            let mut c = redis::cmd("SET");
-            c.arg(&self.layout.probe_key).arg(1).arg("PX").arg(2000);
-            c
-        };
-        let result: redis::RedisResult<()> = async {
-            let mut conn = self.connect().await?.clone();
-            let answer: String =
-                with_timeout(self.tracker.config().timeout, probe.query_async(&mut conn)).await?;
-            debug!(backend = %self.name, %answer, "probe");
-            Ok(())
-        }
-        .await;
-        if let Err(e) = &result {
-            debug!(backend = %self.name, error = %e, "ping failed");
-            self.conn = None;
-        }
-        result.is_ok()
     }
 
     /// The connection, made if needed. On a fresh stream connection, learn the newest entry so
@@ -524,23 +654,6 @@ impl Writer {
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just set"))
-    }
-
-    /// Trim the stream so entries leave on time — the only trim, every tick: a trim per batch
-    /// cost Redis as much as a few XADDs for nothing.
-    async fn trim(&mut self) {
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        let mut conn = conn.clone();
-        let mut pipe = Pipeline::new();
-        self.layout.push_trim(&mut pipe, now_us() / 1000);
-        if let Err(e) =
-            with_timeout(self.tracker.config().timeout, pipe.exec_async(&mut conn)).await
-        {
-            debug!(backend = %self.name, error = %e, "trim failed");
-            self.conn = None;
-        }
     }
 
     fn drop_expired(&mut self) {
