@@ -59,14 +59,13 @@ fn kill9_one_backend_then_restart_loses_nothing_and_stores_nothing_twice() {
     b.kill9();
     eventually(Duration::from_secs(3), "B marked down", || !is_up(&d, 1));
     eprintln!("kill -9 detected in {:?}", killed.elapsed());
-    let written_a_while_down = d.backends()[0]["records_written"].as_u64().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    // While B is down, A takes every new record.
-    let a_now = d.backends()[0]["records_written"].as_u64().unwrap();
-    assert!(
-        a_now > written_a_while_down,
-        "A took B's share while it was down"
-    );
+    // While B is down, every new record goes to A: B's routed count stands still.
+    let routed = |i: usize| d.backends()[i]["records_routed"].as_u64().unwrap();
+    let (a0, b0) = (routed(0), routed(1));
+    eventually(Duration::from_secs(10), "A takes 500 more records", || {
+        routed(0) >= a0 + 500
+    });
+    assert_eq!(routed(1), b0, "nothing routed to B while it is down");
     b.restart();
     eventually(Duration::from_secs(5), "B up again", || is_up(&d, 1));
     let b_after_restart = d.backends()[1]["records_written"].as_u64().unwrap();
@@ -78,13 +77,21 @@ fn kill9_one_backend_then_restart_loses_nothing_and_stores_nothing_twice() {
     let ids = stored_ids(&[&a, &b]);
     assert_eq!(ids.len(), 6000, "every record stored once");
     assert_eq!(metric(&d, "redtap_records_captured_total"), 6000.0);
-    let v = d.backends();
     assert!(
-        v[1]["records_written"].as_u64().unwrap() > b_after_restart,
+        d.backends()[1]["records_written"].as_u64().unwrap() > b_after_restart,
         "B takes records again after its return"
     );
-    // Exact weighting resumes: the last records routed split 30/70 again.
-    assert!(v[0]["actual_share"].as_f64().unwrap() > 0.3);
+    // Exact weighting resumes: the next 1000 records split 300/700 (±1).
+    let (a0, b0) = (routed(0), routed(1));
+    assert_eq!(connect_many(d.listen, 1000, 4), 1000);
+    eventually(Duration::from_secs(10), "1000 more routed", || {
+        routed(0) + routed(1) == a0 + b0 + 1000
+    });
+    let (da, db) = (routed(0) - a0, routed(1) - b0);
+    assert!(
+        (299..=301).contains(&da) && (699..=701).contains(&db),
+        "{da}/{db}"
+    );
     let _ = &mut a;
 }
 
@@ -558,4 +565,51 @@ fn hold_mode_keeps_the_weighting_and_delivers_when_the_backend_returns() {
         b.xlen(STREAM) == 500
     });
     assert_eq!(stored_ids(&[&a, &b]).len(), 1000);
+}
+
+#[test]
+fn shutdown_with_every_backend_down_and_a_full_buffer_ends_within_grace() {
+    let mut a = RedisServer::start();
+    let br = backend("A", &a, 1);
+    let mut d = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--buffer-max",
+        "2KiB",
+        "--batch-size",
+        "8",
+        "--grace",
+        "1s",
+        "--backend",
+        &br,
+    ]);
+    a.kill9();
+    eventually(Duration::from_secs(5), "A down", || !is_up(&d, 0));
+    // More than the buffer holds: accepting stalls (backpressure), clients wait in the backlog.
+    let addr = d.listen;
+    let load = std::thread::spawn(move || connect_many(addr, 300, 4));
+    eventually(Duration::from_secs(5), "the buffer fills", || {
+        metric(&d, "redtap_buffered_records") >= 16.0
+    });
+    let t0 = Instant::now();
+    assert!(d.stop(Duration::from_secs(10)).success());
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "shutdown took {took:?} with a 1 s grace"
+    );
+    let s = d.summary();
+    assert_eq!(s.written, 0);
+    assert_eq!(
+        s.dropped_shutdown + s.dropped_expired + s.dropped_overflow,
+        s.captured,
+        "every captured record accounted for: {s:?}"
+    );
+    assert_eq!(
+        s.dropped_overflow, 0,
+        "connections mode waits instead of dropping"
+    );
+    load.join().unwrap();
 }
