@@ -646,6 +646,17 @@ pub fn validate_backends(backends: &[BackendConfig]) -> Result<(), ConfigError> 
         if !seen.insert(b.name.as_str()) {
             return err(format!("backend name {:?} is used twice", b.name));
         }
+        if let Some(other) = backends
+            .iter()
+            .take_while(|o| !std::ptr::eq(*o, b))
+            .find(|o| same_server(&o.url, &b.url))
+        {
+            return err(format!(
+                "backends {:?} and {:?} are the same Redis server and database: records would \
+                 share one stream",
+                other.name, b.name
+            ));
+        }
         if b.weight > MAX_WEIGHT {
             return err(format!(
                 "backend {:?}: weight must be an integer from 0 to {MAX_WEIGHT}, got {}",
@@ -672,6 +683,22 @@ pub fn validate_backends(backends: &[BackendConfig]) -> Result<(), ConfigError> 
         return err("at least one backend must have a non-zero weight");
     }
     Ok(())
+}
+
+/// Whether two URLs name the same server and database (credentials aside).
+fn same_server(a: &str, b: &str) -> bool {
+    let key = |u: &str| {
+        url::Url::parse(u).ok().map(|u| {
+            let db = u.path().trim_matches('/').to_string();
+            let db = if db.is_empty() { "0".to_string() } else { db };
+            (
+                u.host_str().map(str::to_ascii_lowercase),
+                u.port().unwrap_or(6379),
+                db,
+            )
+        })
+    };
+    key(a).is_some() && key(a) == key(b)
 }
 
 fn duration(name: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
@@ -756,6 +783,10 @@ mod tests {
             (vec!["A=redis://x@0"], "non-zero"),
             (vec!["A=http://x@1"], "redis://"),
             (vec!["A=redis://x@1", "A=redis://y@1"], "used twice"),
+            (
+                vec!["A=redis://x@1", "B=redis://:p@x:6379/0@1"],
+                "same Redis server",
+            ),
             (vec![], "at least one --backend"),
         ] {
             let e = Config::resolve(FileConfig::default(), &args(&flags)).unwrap_err();

@@ -78,7 +78,9 @@ impl Board {
     fn set(&self, i: usize, up: bool) {
         if self.up[i].swap(up, Ordering::AcqRel) != up {
             self.generation.fetch_add(1, Ordering::AcqRel);
-            self.changed.notify_waiters();
+            // One waiter (the balancer); a stored permit means a change between its check and
+            // its wait is not missed.
+            self.changed.notify_one();
         }
     }
 }

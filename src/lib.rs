@@ -366,6 +366,19 @@ async fn reload_on_sighup(
     }
 }
 
+/// Poll a future once with a no-op waker: `Some(output)` if it completed at once. Used where a
+/// future must make its first move now (queue a pipeline, drain the accept backlog) and is
+/// awaited properly later, or not at all.
+pub(crate) fn poll_once<F: std::future::Future + ?Sized>(
+    f: std::pin::Pin<&mut F>,
+) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// Apply a weight change and record the new weights in the state file. The change stands even
 /// if the file cannot be written (that is logged).
 pub fn apply_weights(
@@ -373,6 +386,9 @@ pub fn apply_weights(
     changes: &BTreeMap<String, u32>,
     state_file: Option<&std::path::Path>,
 ) -> Result<(), balance::WeightError> {
+    // One change and its save at a time, so the file always ends with the latest weights.
+    static SAVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = SAVING.lock().unwrap_or_else(|e| e.into_inner());
     balance.set_weights(changes)?;
     if let Some(path) = state_file {
         if let Err(e) = state::save(path, balance.weights_by_name()) {

@@ -97,7 +97,7 @@ impl ConnCapture {
         }
         // Record the connections already completed by the kernel before closing the listener.
         let mut late = 0u64;
-        while let Some(Ok((stream, peer))) = futures_now(listener.accept()) {
+        while let Some(Ok((stream, peer))) = crate::poll_once(std::pin::pin!(listener.accept())) {
             if let Some(out) = &out {
                 if !self.record(&stream, peer, out, &metrics).await {
                     break;
@@ -136,17 +136,6 @@ impl ConnCapture {
         metrics.captured.inc();
         // Waiting here when the queue is full is the backpressure on accepting.
         out.send(rec).await.is_ok()
-    }
-}
-
-/// Poll a future once; `None` if it is not ready. Used to drain the accept backlog at shutdown.
-fn futures_now<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    let mut f = std::pin::pin!(f);
-    match f.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(v) => Some(v),
-        std::task::Poll::Pending => None,
     }
 }
 

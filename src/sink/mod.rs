@@ -387,11 +387,7 @@ impl Writer {
         });
         // Poll once now: that queues the pipeline on the connection, so pipelines go out in the
         // order they were built even though their answers are awaited later.
-        let waker = std::task::Waker::noop();
-        if let std::task::Poll::Ready(result) = reply
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(waker))
-        {
+        if let Some(result) = crate::poll_once(reply.as_mut()) {
             reply = Box::pin(std::future::ready(result));
         }
         self.inflight.push_back((chunk, n, reply));
