@@ -11,29 +11,13 @@ cd "$(dirname "$0")/.."
 need redis-server redis-server
 need redis-cli redis-tools
 need hping3 hping3
+need curl curl
 ensure_libpcap_dev
 seconds=${SECONDS_TO_FLOOD:-${1:-10}}
 
 cargo build --release --quiet --bin redtap
 bin=target/release/redtap
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-port_a=$(free_port); port_b=$(free_port); listen=$(free_port); admin=$(free_port)
-for p in $port_a $port_b; do
-    redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
-        --logfile "$work/redis-$p.log" &
-    pids+=($!)
-done
-for p in $port_a $port_b; do
-    until redis-cli -p "$p" ping >/dev/null 2>&1; do sleep 0.1; done
-done
+start_two_redis
 "$bin" run --listen "127.0.0.1:$listen" --admin "127.0.0.1:$admin" --serve none --agent bench \
     --backend "A=redis://127.0.0.1:$port_a@30" --backend "B=redis://127.0.0.1:$port_b@70" \
     ${REDTAP_ARGS:-} 2>"$work/redtap.log" &
@@ -42,10 +26,10 @@ pids+=($redtap)
 until curl -sf "http://127.0.0.1:$admin/healthz" >/dev/null 2>&1; do sleep 0.1; done
 
 flooders=${FLOODERS:-1}
-echo "==> $flooders x: timeout -s INT $seconds hping3 -q -S --flood -p $listen 127.0.0.1"
+echo "==> $flooders x: timeout -s INT $seconds hping3 -q -S --flood -k -s 10000 -p $listen 127.0.0.1"
 fl=()
 for i in $(seq "$flooders"); do
-    timeout -s INT "$seconds" hping3 -q -S --flood -p "$listen" 127.0.0.1 >"$work/hping.$i" 2>&1 &
+    timeout -s INT "$seconds" hping3 -q -S --flood -k -s 10000 -p "$listen" 127.0.0.1 >"$work/hping.$i" 2>&1 &
     fl+=($!)
 done
 for p in "${fl[@]}"; do wait "$p" || true; done

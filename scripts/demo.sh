@@ -14,24 +14,7 @@ cargo build --release --quiet --bin redtap --example connload
 bin=target/release/redtap
 load=target/release/examples/connload
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-port_a=$(free_port); port_b=$(free_port); listen=$(free_port); admin=$(free_port)
-for p in $port_a $port_b; do
-    redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
-        --logfile "$work/redis-$p.log" &
-    pids+=($!)
-done
-for p in $port_a $port_b; do
-    until redis-cli -p "$p" ping >/dev/null 2>&1; do sleep 0.1; done
-done
+start_two_redis
 echo "==> Redis A on :$port_a, Redis B on :$port_b"
 
 "$bin" run --listen "127.0.0.1:$listen" --admin "127.0.0.1:$admin" --capture connections \

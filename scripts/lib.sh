@@ -39,3 +39,22 @@ ensure_libpcap_dev() {
     echo "redtap: libpcap headers are missing: install them with 'sudo apt-get install libpcap-dev' and run this again" >&2
     exit 1
 }
+
+# start_two_redis: make a work dir ($work) cleaned up at exit with every process in $pids, start
+# two throwaway redis-servers on free ports ($port_a, $port_b) and wait until they answer; also
+# pick free ports for redtap ($listen, $admin).
+start_two_redis() {
+    work=$(mktemp -d)
+    pids=()
+    trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+    port_a=$(free_port); port_b=$(free_port); listen=$(free_port); admin=$(free_port)
+    local p
+    for p in $port_a $port_b; do
+        redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \
+            --logfile "$work/redis-$p.log" &
+        pids+=($!)
+    done
+    for p in $port_a $port_b; do
+        until redis-cli -p "$p" ping >/dev/null 2>&1; do sleep 0.1; done
+    done
+}

@@ -41,17 +41,7 @@ fn records(r: &RedisServer) -> Vec<Stored> {
 #[test]
 fn ten_thousand_connections_weighted_30_70_stored_exactly_once() {
     let (a, b) = (RedisServer::start(), RedisServer::start());
-    let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--backend",
-        &ba,
-        "--backend",
-        &bb,
-    ]);
+    let d = Daemon::connections(&[("A", &a, 30), ("B", &b, 70)], &[]);
     let started_ms = now_ms();
     let n = 10_000;
     let t0 = Instant::now();
@@ -113,17 +103,7 @@ fn ten_thousand_connections_weighted_30_70_stored_exactly_once() {
 #[test]
 fn live_weight_change_applies_mid_stream() {
     let (a, b) = (RedisServer::start(), RedisServer::start());
-    let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--backend",
-        &ba,
-        "--backend",
-        &bb,
-    ]);
+    let d = Daemon::connections(&[("A", &a, 30), ("B", &b, 70)], &[]);
     assert_eq!(connect_many(d.listen, 2000, 8), 2000);
     eventually(Duration::from_secs(20), "first 2000 stored", || {
         a.xlen(STREAM) + b.xlen(STREAM) == 2000
@@ -157,17 +137,7 @@ fn live_weight_change_applies_mid_stream() {
 fn invalid_weights_are_refused_and_change_nothing() {
     let a = RedisServer::start();
     let b = RedisServer::start();
-    let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--backend",
-        &ba,
-        "--backend",
-        &bb,
-    ]);
+    let d = Daemon::connections(&[("A", &a, 30), ("B", &b, 70)], &[]);
     let url = format!("{}/v1/weights", d.admin);
     let before = d.backends();
     let big = format!(r#"{{"A":1,"pad":"{}"}}"#, "x".repeat(70 * 1024));
@@ -199,19 +169,7 @@ fn invalid_weights_are_refused_and_change_nothing() {
 
 fn retention_two_seconds(schema: &str) {
     let r = RedisServer::start();
-    let br = backend("A", &r, 1);
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--schema",
-        schema,
-        "--retention",
-        "2s",
-        "--backend",
-        &br,
-    ]);
+    let d = Daemon::connections(&[("A", &r, 1)], &["--schema", schema, "--retention", "2s"]);
     let count = |r: &RedisServer| -> u64 {
         if schema == "stream" {
             r.xlen(STREAM)
@@ -264,17 +222,7 @@ fn retention_two_seconds_keys() {
 #[test]
 fn sigterm_mid_stream_loses_nothing() {
     let (a, b) = (RedisServer::start(), RedisServer::start());
-    let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let mut d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--backend",
-        &ba,
-        "--backend",
-        &bb,
-    ]);
+    let mut d = Daemon::connections(&[("A", &a, 30), ("B", &b, 70)], &[]);
     let addr = d.listen;
     let load = std::thread::spawn(move || connect_many(addr, 20_000, 8));
     let admin = d.admin.clone();
@@ -351,17 +299,7 @@ fn bad_config_exits_64_with_one_line_and_binds_nothing() {
 #[test]
 fn weights_cli_shows_and_changes_weights() {
     let (a, b) = (RedisServer::start(), RedisServer::start());
-    let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--backend",
-        &ba,
-        "--backend",
-        &bb,
-    ]);
+    let d = Daemon::connections(&[("A", &a, 30), ("B", &b, 70)], &[]);
     let cli = |args: &[&str]| {
         std::process::Command::new(common::redtap_bin())
             .arg("weights")

@@ -40,17 +40,7 @@ fn is_up(d: &Daemon, i: usize) -> bool {
 fn kill9_one_backend_then_restart_loses_nothing_and_stores_nothing_twice() {
     let mut a = RedisServer::start_durable();
     let mut b = RedisServer::start_durable();
-    let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--backend",
-        &ba,
-        "--backend",
-        &bb,
-    ]);
+    let d = Daemon::connections(&[("A", &a, 30), ("B", &b, 70)], &[]);
     let load = paced_connections(d.listen, 6000, 20, Duration::from_millis(20));
     eventually(Duration::from_secs(20), "1000 records captured", || {
         metric(&d, "redtap_records_captured_total") >= 1000.0
@@ -99,17 +89,7 @@ fn kill9_one_backend_then_restart_loses_nothing_and_stores_nothing_twice() {
 fn sigstop_one_backend_is_detected_and_nothing_is_lost() {
     let a = RedisServer::start();
     let b = RedisServer::start();
-    let (ba, bb) = (backend("A", &a, 50), backend("B", &b, 50));
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--backend",
-        &ba,
-        "--backend",
-        &bb,
-    ]);
+    let d = Daemon::connections(&[("A", &a, 50), ("B", &b, 50)], &[]);
     let load = paced_connections(d.listen, 4000, 40, Duration::from_millis(25));
     eventually(Duration::from_secs(20), "500 records captured", || {
         metric(&d, "redtap_records_captured_total") >= 500.0
@@ -138,19 +118,7 @@ fn sigstop_one_backend_is_detected_and_nothing_is_lost() {
 fn every_backend_down_then_back_buffers_and_expires_by_capture_time() {
     let mut a = RedisServer::start_durable();
     let mut b = RedisServer::start_durable();
-    let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--retention",
-        "8s",
-        "--backend",
-        &ba,
-        "--backend",
-        &bb,
-    ]);
+    let d = Daemon::connections(&[("A", &a, 30), ("B", &b, 70)], &["--retention", "8s"]);
     a.kill9();
     b.kill9();
     let down_at = Instant::now();
@@ -237,17 +205,7 @@ fn backend_at_maxmemory_is_failing_not_silently_dropped() {
         .arg(&used)
         .query(&mut c)
         .unwrap();
-    let (ba, bb) = (backend("A", &a, 50), backend("B", &b, 50));
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--backend",
-        &ba,
-        "--backend",
-        &bb,
-    ]);
+    let d = Daemon::connections(&[("A", &a, 50), ("B", &b, 50)], &[]);
     assert_eq!(connect_many(d.listen, 1000, 4), 1000);
     eventually(Duration::from_secs(10), "B's write errors counted", || {
         metric(&d, "redtap_write_errors_total{backend=\"B\"}") > 0.0
@@ -341,19 +299,10 @@ fn sigterm_then_restart_loses_nothing_and_keeps_api_weights() {
 fn idle_connections_past_the_cap_and_a_gigabyte_client_keep_memory_bounded() {
     use std::io::Write;
     let r = RedisServer::start();
-    let br = backend("A", &r, 1);
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--max-connections",
-        "20",
-        "--idle-timeout",
-        "2s",
-        "--backend",
-        &br,
-    ]);
+    let d = Daemon::connections(
+        &[("A", &r, 1)],
+        &["--max-connections", "20", "--idle-timeout", "2s"],
+    );
     let rss_start = d.rss_kib();
     // 100 idle clients: 20 are served, the rest wait in the backlog until idle ones time out.
     let idle: Vec<_> = (0..100)
@@ -535,19 +484,10 @@ fn out_of_file_descriptors_backs_off_without_spinning() {
 fn hold_mode_keeps_the_weighting_and_delivers_when_the_backend_returns() {
     let a = RedisServer::start();
     let mut b = RedisServer::start_durable();
-    let (ba, bb) = (backend("A", &a, 50), backend("B", &b, 50));
-    let d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--on-backend-down",
-        "hold",
-        "--backend",
-        &ba,
-        "--backend",
-        &bb,
-    ]);
+    let d = Daemon::connections(
+        &[("A", &a, 50), ("B", &b, 50)],
+        &["--on-backend-down", "hold"],
+    );
     b.kill9();
     assert_eq!(connect_many(d.listen, 1000, 4), 1000);
     eventually(Duration::from_secs(5), "B marked down", || !is_up(&d, 1));
@@ -570,21 +510,10 @@ fn hold_mode_keeps_the_weighting_and_delivers_when_the_backend_returns() {
 #[test]
 fn shutdown_with_every_backend_down_and_a_full_buffer_ends_within_grace() {
     let mut a = RedisServer::start();
-    let br = backend("A", &a, 1);
-    let mut d = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--buffer-max",
-        "2KiB",
-        "--batch-size",
-        "8",
-        "--grace",
-        "1s",
-        "--backend",
-        &br,
-    ]);
+    let mut d = Daemon::connections(
+        &[("A", &a, 1)],
+        &["--buffer-max", "2KiB", "--batch-size", "8", "--grace", "1s"],
+    );
     a.kill9();
     eventually(Duration::from_secs(5), "A down", || !is_up(&d, 0));
     // More than the buffer holds: accepting stalls (backpressure), clients wait in the backlog.

@@ -259,6 +259,21 @@ impl Daemon {
         Self::start_on(&format!("127.0.0.1:{}", free_port()), args)
     }
 
+    /// `redtap run --capture connections --agent t` in front of `backends` (name, server,
+    /// weight), plus `extra` flags: the daemon most tests need.
+    pub fn connections(backends: &[(&str, &RedisServer, u32)], extra: &[&str]) -> Self {
+        let specs: Vec<String> = backends
+            .iter()
+            .map(|(name, r, w)| format!("{name}={}@{w}", r.url()))
+            .collect();
+        let mut args = vec!["--capture", "connections", "--agent", "t"];
+        args.extend_from_slice(extra);
+        for spec in &specs {
+            args.extend(["--backend", spec.as_str()]);
+        }
+        Self::start(&args)
+    }
+
     /// Like [`start`](Self::start), capturing on `listen`.
     pub fn start_on(listen: &str, args: &[&str]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
