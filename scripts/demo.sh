@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 need redis-server redis-server
 need redis-cli redis-tools
+need cc gcc
 ensure_libpcap_dev
 
 echo "==> building redtap (release)"
