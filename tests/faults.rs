@@ -516,11 +516,12 @@ fn shutdown_with_every_backend_down_and_a_full_buffer_ends_within_grace() {
     );
     a.kill9();
     eventually(Duration::from_secs(5), "A down", || !is_up(&d, 0));
-    // More than the buffer holds: accepting stalls (backpressure), clients wait in the backlog.
+    // More than the buffer holds (2 KiB ≈ 21 records; it takes 8 at a time while it has room
+    // for them, so it settles between 14 and 21): accepting stalls, clients wait in the backlog.
     let addr = d.listen;
     let load = std::thread::spawn(move || connect_many(addr, 300, 4));
     eventually(Duration::from_secs(5), "the buffer fills", || {
-        metric(&d, "redtap_buffered_records") >= 16.0
+        metric(&d, "redtap_buffered_records") >= 12.0
     });
     let t0 = Instant::now();
     assert!(d.stop(Duration::from_secs(10)).success());
@@ -541,4 +542,49 @@ fn shutdown_with_every_backend_down_and_a_full_buffer_ends_within_grace() {
         "connections mode waits instead of dropping"
     );
     load.join().unwrap();
+}
+
+#[test]
+fn hold_mode_with_a_small_buffer_waits_instead_of_growing() {
+    let a = RedisServer::start();
+    let mut b = RedisServer::start_durable();
+    let d = Daemon::connections(
+        &[("A", &a, 50), ("B", &b, 50)],
+        &[
+            "--on-backend-down",
+            "hold",
+            "--buffer-max",
+            "4KiB",
+            "--batch-size",
+            "8",
+            "--queue-capacity",
+            "64",
+        ],
+    );
+    b.kill9();
+    eventually(Duration::from_secs(5), "B marked down", || !is_up(&d, 1));
+    let addr = d.listen;
+    let load = std::thread::spawn(move || connect_many(addr, 2000, 4));
+    // B's share waits within the budget (4 KiB ≈ 42 records), never more; past it and the
+    // queues (64 records to the balancer, 16 batches of 8 per writer), accepting stalls and the
+    // rest of the clients wait in the kernel's backlog.
+    eventually(Duration::from_secs(5), "the buffer fills", || {
+        metric(&d, "redtap_buffered_records") >= 30.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let buffered = metric(&d, "redtap_buffered_records");
+    assert!(buffered <= 42.0 + 8.0, "buffer grew to {buffered} records");
+    let captured = metric(&d, "redtap_records_captured_total");
+    assert!(captured < 600.0, "capture was not held back: {captured}");
+
+    b.restart();
+    assert_eq!(load.join().unwrap(), 2000);
+    eventually(Duration::from_secs(20), "everything delivered", || {
+        a.xlen(STREAM) + b.xlen(STREAM) == 2000
+    });
+    assert_eq!(stored_ids(&[&a, &b]).len(), 2000);
+    assert_eq!(
+        metric(&d, "redtap_records_dropped_total{reason=\"overflow\"}"),
+        0.0
+    );
 }

@@ -14,7 +14,7 @@
 //!
 //! While its backend is up a writer takes a few batches at a time from its queue, so a slow Redis
 //! slows the balancer and, through the record queue, capture (backpressure). While it is down it
-//! keeps what it holds, PINGs until the backend is back, and — in `hold` mode, where records
+//! keeps what it holds, probes until the backend is back, and — in `hold` mode, where records
 //! keep coming — takes more only within the shared buffer budget.
 //!
 //! A writer never calls back into capture or the balancer.
@@ -67,6 +67,8 @@ struct TickOutcome {
     probe: Option<bool>,
     failed: bool,
     conn: Option<MultiplexedConnection>,
+    /// `conn_gen` of the connection the job started with.
+    conn_gen: u64,
 }
 type TickJob = Pin<Box<dyn Future<Output = TickOutcome> + Send>>;
 
@@ -96,6 +98,9 @@ pub struct Writer {
     name: String,
     client: redis::Client,
     conn: Option<MultiplexedConnection>,
+    /// Bumped whenever `conn` is replaced, so a tick job that failed on an old connection does
+    /// not throw away a newer one.
+    conn_gen: u64,
     layout: Layout,
     /// Whether `layout` has been told the newest slot already in Redis.
     resumed: bool,
@@ -166,6 +171,7 @@ impl Writer {
             name,
             client,
             conn: None,
+            conn_gen: 0,
             layout,
             resumed: false,
             newest_ms: 0,
@@ -269,9 +275,11 @@ impl Writer {
             state: State::New,
         }));
         self.unsent += n;
-        if !self.tracker.is_up() && self.ctx.on_full == OnFull::DropOldest {
+        if !self.tracker.is_up() {
             self.ctx.budget.take(n);
             self.budgeted += n;
+        }
+        if !self.tracker.is_up() && self.ctx.on_full == OnFull::DropOldest {
             let over = self
                 .ctx
                 .budget
@@ -297,6 +305,9 @@ impl Writer {
         });
         self.unsent -= gone;
         self.unknown -= unknown_gone;
+        if self.unsent == 0 {
+            self.waiting_since = None;
+        }
         self.ctx.metrics.dropped(reason, gone as u64);
         self.release(gone);
     }
@@ -372,6 +383,7 @@ impl Writer {
             }
         }
         self.unsent -= n;
+        let unknown_taken = self.unknown - unknown_left;
         self.unknown = unknown_left;
         if n == 0 {
             return;
@@ -391,11 +403,17 @@ impl Writer {
             reply = Box::pin(std::future::ready(result));
         }
         self.inflight.push_back((chunk, n, reply));
+        if unknown_taken > 0 {
+            // Nothing more goes out until this resend is answered: a pipeline of new IDs
+            // stored beside it could make a refused resend look like a duplicate later.
+            self.draining = true;
+        }
     }
 
-    /// Settle the records of `chunk` from its answer: stored records leave; records Redis
-    /// refused are retried with a new slot; if the answer was lost (connection error, timeout)
-    /// they are retried at the same slot.
+    /// Settle the records of `chunk` from its answer: stored records leave; a record Redis
+    /// refused is retried with a new slot on a first attempt, at its old slot on a resend (an
+    /// earlier attempt may have stored it); if the answer was lost (connection error, timeout)
+    /// the records are retried at the same slot.
     fn settle(&mut self, chunk: u64, len: usize, result: redis::RedisResult<Vec<Value>>) {
         let in_chunk =
             |p: &Pending| matches!(p.state, State::InFlight { chunk: c, .. } if c == chunk);
@@ -504,7 +522,8 @@ impl Writer {
         self.draining = !self.inflight.is_empty();
     }
 
-    /// Periodic work: evict expired records, trim an idle stream, PING an idle or down backend.
+    /// Periodic work: evict expired records, and start the tick job beside the writes: trim the
+    /// stream, PING an idle backend, probe a down one with a small expiring write.
     fn upkeep(&mut self) {
         self.drop_expired();
         if self.tick_job.is_some() {
@@ -532,6 +551,7 @@ impl Writer {
             return;
         }
         let conn = self.conn.clone();
+        let conn_gen = self.conn_gen;
         let client = self.client.clone();
         let timeout = self.tracker.config().timeout;
         self.tick_job = Some(Box::pin(async move {
@@ -539,6 +559,7 @@ impl Writer {
                 probe: None,
                 failed: false,
                 conn: None,
+                conn_gen,
             };
             let mut conn = match conn {
                 Some(c) => c,
@@ -581,11 +602,14 @@ impl Writer {
     /// Take in the outcome of a tick's probe and trim.
     fn tick_done(&mut self, outcome: TickOutcome) {
         if outcome.failed {
-            self.conn = None;
-        } else if self.conn.is_none() && self.resumed {
+            if outcome.conn_gen == self.conn_gen {
+                self.conn = None;
+            }
+        } else if self.conn.is_none() && self.resumed && outcome.conn.is_some() {
             // (Before the first write, `connect` makes the connection: it also learns where the
             // stream's IDs stand.)
             self.conn = outcome.conn;
+            self.conn_gen += 1;
         }
         if let Some(ok) = outcome.probe {
             if ok {
@@ -649,18 +673,21 @@ impl Writer {
             self.resumed = true;
             debug!(backend = %self.name, "connected");
             self.conn = Some(conn);
+            self.conn_gen += 1;
         }
         Ok(self.conn.as_mut().expect("just set"))
     }
 
     fn drop_expired(&mut self) {
         let now_ms = now_us() / 1000;
-        // Records are queued in capture order, so the expired ones are at the front; a record
-        // that may already be stored (`Sent`) is kept until its fate is known.
+        // Records are queued in capture order, so the expired ones are at the front. Those in
+        // flight stay until their answer; the others (never sent, or sent with the answer lost —
+        // past retention, a stored copy is trimmed anyway) are dropped.
         let n = self
             .pending
             .iter()
-            .take_while(|p| p.state == State::New && self.layout.is_expired(&p.rec, now_ms))
+            .take_while(|p| self.layout.is_expired(&p.rec, now_ms))
+            .filter(|p| matches!(p.state, State::New | State::Unknown(_)))
             .count();
         if n > 0 {
             warn!(backend = %self.name, records = n, "records past retention dropped");
