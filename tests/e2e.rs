@@ -110,12 +110,7 @@ fn live_weight_change_applies_mid_stream() {
     });
     assert_eq!(a.xlen(STREAM), 600);
 
-    let (status, body) = http(
-        "PUT",
-        &format!("{}/v1/weights", d.admin),
-        Some(br#"{"A":50,"B":50}"#),
-    )
-    .unwrap();
+    let (status, body) = d.put_weights(r#"{"A":50,"B":50}"#);
     assert_eq!(status, 200, "{body}");
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer[0]["weight"], 50);

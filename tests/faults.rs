@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{connect_many, eventually, http, paced_connections, Daemon, RedisServer};
+use common::{connect_many, eventually, paced_connections, Daemon, RedisServer};
 
 const STREAM: &str = "redtap:events:t";
 
@@ -262,12 +262,7 @@ fn sigterm_then_restart_loses_nothing_and_keeps_api_weights() {
         &bb,
     ];
     let mut d = Daemon::start_in(dir.path(), &listen, &admin, &args);
-    let (status, body) = http(
-        "PUT",
-        &format!("{}/v1/weights", d.admin),
-        Some(br#"{"A":50,"B":50}"#),
-    )
-    .unwrap();
+    let (status, body) = d.put_weights(r#"{"A":50,"B":50}"#);
     assert_eq!(status, 200, "{body}");
     let load = paced_connections(d.listen, 3000, 30, Duration::from_millis(10));
     eventually(Duration::from_secs(20), "500 captured", || {
@@ -380,12 +375,7 @@ fn admin_api_beyond_loopback_requires_a_token() {
     ]);
     let (status, _) = common::http_get(&format!("{}/v1/backends", d.admin)).unwrap();
     assert_eq!(status, 401);
-    let (status, _) = http(
-        "PUT",
-        &format!("{}/v1/weights", d.admin),
-        Some(br#"{"A":5}"#),
-    )
-    .unwrap();
+    let (status, _) = d.put_weights(r#"{"A":5}"#);
     assert_eq!(status, 401);
     assert_eq!(
         common::http_get(&format!("{}/healthz", d.admin)).unwrap().0,

@@ -445,6 +445,23 @@ fn wait_for_port(addr: SocketAddr) {
     }
 }
 
+/// `redtap run` (the release binary next to this one) as agent `bench` with `args`, its admin
+/// API on `admin`, in front of backends A (weight 30) and B (70).
+fn spawn_redtap(args: &[&str], admin: u16, (a, b): (&Redis, &Redis), dir: &Path) -> Proc {
+    Proc(
+        Command::new(sibling("redtap"))
+            .arg("run")
+            .args(args)
+            .args(["--admin", &format!("127.0.0.1:{admin}"), "--agent", "bench"])
+            .args(["--backend", &format!("A={}@30", a.url())])
+            .args(["--backend", &format!("B={}@70", b.url())])
+            .current_dir(dir)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -484,22 +501,11 @@ fn connections(smoke: bool) {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let admin = free_port();
     let work = tempfile::tempdir().unwrap();
-    let redtap = Proc(
-        Command::new(sibling("redtap"))
-            .args([
-                "run",
-                "--capture",
-                "connections",
-                "--listen",
-                &addr.to_string(),
-            ])
-            .args(["--admin", &format!("127.0.0.1:{admin}"), "--agent", "bench"])
-            .args(["--backend", &format!("A={}@30", a.url())])
-            .args(["--backend", &format!("B={}@70", b.url())])
-            .current_dir(work.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let redtap = spawn_redtap(
+        &["--capture", "connections", "--listen", &addr.to_string()],
+        admin,
+        (&a, &b),
+        work.path(),
     );
     let pid = redtap.0.id().to_string();
     wait_for_port(addr);
@@ -654,17 +660,19 @@ fn packets(smoke: bool) {
     let port = free_port();
     let admin = free_port();
     let work = tempfile::tempdir().unwrap();
-    let redtap = Proc(
-        Command::new(sibling("redtap"))
-            .args(["run", "--capture", "packets", "--serve", "none"])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin", &format!("127.0.0.1:{admin}"), "--agent", "bench"])
-            .args(["--backend", &format!("A={}@30", a.url())])
-            .args(["--backend", &format!("B={}@70", b.url())])
-            .current_dir(work.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let listen = format!("127.0.0.1:{port}");
+    let redtap = spawn_redtap(
+        &[
+            "--capture",
+            "packets",
+            "--serve",
+            "none",
+            "--listen",
+            &listen,
+        ],
+        admin,
+        (&a, &b),
+        work.path(),
     );
     let pid = redtap.0.id().to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -817,5 +825,4 @@ fn balance(smoke: bool) {
         "Swrr::pick",
     );
     let _ = elapsed;
-    let _ = Path::new(".");
 }

@@ -224,16 +224,6 @@ impl Drop for RedisServer {
     }
 }
 
-/// The counts of the daemon's exit summary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Summary {
-    pub captured: u64,
-    pub written: u64,
-    pub dropped_expired: u64,
-    pub dropped_shutdown: u64,
-    pub dropped_overflow: u64,
-}
-
 /// A running `redtap run`.
 pub struct Daemon {
     child: Option<Child>,
@@ -349,6 +339,16 @@ impl Daemon {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// `PUT /v1/weights` with a JSON body: (status, answer).
+    pub fn put_weights(&self, body: &str) -> (u16, String) {
+        http(
+            "PUT",
+            &format!("{}/v1/weights", self.admin),
+            Some(body.as_bytes()),
+        )
+        .unwrap()
+    }
+
     /// `GET /metrics`.
     pub fn metrics(&self) -> String {
         http_get(&format!("{}/metrics", self.admin)).unwrap().1
@@ -388,9 +388,8 @@ impl Daemon {
             .unwrap()
     }
 
-    /// The daemon's summary line at exit: (captured, written, dropped_expired, dropped_shutdown,
-    /// dropped_overflow).
-    pub fn summary(&self) -> Summary {
+    /// The counts of the daemon's summary line at exit.
+    pub fn summary(&self) -> redtap::Summary {
         let log = self.log();
         let line = log
             .lines()
@@ -405,12 +404,15 @@ impl Daemon {
                 .parse()
                 .unwrap()
         };
-        Summary {
+        redtap::Summary {
             captured: field("captured"),
             written: field("written"),
             dropped_expired: field("dropped_expired"),
             dropped_shutdown: field("dropped_shutdown"),
             dropped_overflow: field("dropped_overflow"),
+            dropped_queue_full: field("dropped_queue_full"),
+            kernel_drops: field("kernel_drops"),
+            frames_malformed: field("frames_malformed"),
         }
     }
 
