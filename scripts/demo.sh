@@ -19,7 +19,7 @@ start_two_redis
 echo "==> Redis A on :$port_a, Redis B on :$port_b"
 
 "$bin" run --listen "127.0.0.1:$listen" --admin "127.0.0.1:$admin" --capture connections \
-    --agent demo --retention 5m \
+    --agent demo --retention 5m --state-file off \
     --backend "A=redis://127.0.0.1:$port_a@30" --backend "B=redis://127.0.0.1:$port_b@70" \
     2>"$work/redtap.log" &
 pids+=($!)
