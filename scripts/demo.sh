@@ -28,14 +28,14 @@ until "$bin" weights >/dev/null 2>&1; do sleep 0.1; done
 echo "==> redtap captures on 127.0.0.1:$listen, admin API on $REDTAP_ADMIN"
 
 echo; echo "==> 10,000 connections at weights A=30 B=70"
-"$load" "127.0.0.1:$listen" 4 2500
+"$load" "127.0.0.1:$listen" 10000
 sleep 0.5
 "$bin" weights
 
 echo; echo "==> live change: redtap weights set A=50 B=50"
 "$bin" weights set A=50 B=50 >/dev/null
 echo "==> 10,000 more connections"
-"$load" "127.0.0.1:$listen" 4 2500
+"$load" "127.0.0.1:$listen" 10000
 sleep 0.5
 "$bin" weights
 echo "(SINCE = share since the last weight change; ACTUAL = since start)"

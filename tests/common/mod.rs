@@ -184,6 +184,26 @@ impl RedisServer {
         }
     }
 
+    /// `used_memory` from `INFO memory`, in bytes.
+    pub fn used_memory(&self) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query(&mut self.conn().unwrap())
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("INFO memory has used_memory")
+    }
+
+    /// Empty every database (synchronously).
+    pub fn flushall(&self) {
+        let _: () = redis::cmd("FLUSHALL")
+            .arg("SYNC")
+            .query(&mut self.conn().unwrap())
+            .unwrap();
+    }
+
     /// Send a signal (e.g. "STOP", "CONT", "KILL") to the server process.
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
@@ -239,7 +259,12 @@ pub struct Daemon {
 
 /// The path of the built `redtap` binary.
 pub fn redtap_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_redtap")
+    // Cargo tells integration tests and benches where the binary is, not examples (which
+    // include this file only for its load generators).
+    match option_env!("CARGO_BIN_EXE_redtap") {
+        Some(path) => path,
+        None => panic!("redtap_bin() is for tests and benches"),
+    }
 }
 
 impl Daemon {
@@ -363,6 +388,18 @@ impl Daemon {
             .unwrap_or_else(|| panic!("metric {name_and_labels} not found in:\n{m}"))
     }
 
+    /// The sum of every line of metric `name`, whatever its labels.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with([' ', '{']))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
@@ -370,11 +407,7 @@ impl Daemon {
 
     /// CPU time (user + system) the daemon has used, in clock ticks (from /proc).
     pub fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        // Fields after the command name (which may hold spaces) start after the last ')'.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        cpu_ticks(self.pid())
     }
 
     /// Resident set size of the daemon, in KiB (from /proc).
@@ -587,4 +620,55 @@ pub fn paced_connections(
         }
         ok
     })
+}
+
+/// CPU time (user + system) process `pid` has used, in clock ticks (from /proc).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Open and close connections to `addr` from `threads` threads for `dur` (each connect has a
+/// 5 s timeout), each thread from its own loopback source address `127.0.<net>.<thread+1>`;
+/// returns how many connected. Use a fresh `net` per run: the client closes first, and a source
+/// address full of TIME_WAIT sockets makes every connect() hunt for a free port. With `pace`, at
+/// most that many connections a second in all.
+pub fn load_connections(
+    addr: SocketAddr,
+    net: u8,
+    threads: usize,
+    dur: Duration,
+    pace: Option<f64>,
+) -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let done = std::sync::Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + dur;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let src = std::net::Ipv4Addr::new(127, 0, net, 1 + t as u8).into();
+                let gap = pace.map(|p| Duration::from_secs_f64(threads as f64 / p));
+                let mut next = Instant::now();
+                while Instant::now() < stop {
+                    if connect_from(src, addr).is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(gap) = gap {
+                        next += gap;
+                        if let Some(w) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(w);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    done.load(Ordering::Relaxed)
 }

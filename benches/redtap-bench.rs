@@ -2,7 +2,7 @@
 //! and prints a table with the reference measured side by side in the same run.
 //!
 //! ```text
-//! cargo run --release --bin redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|packets|balance]...
+//! cargo bench --bench redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|packets|balance]...
 //! ```
 //!
 //! Scenarios (all by default):
@@ -20,10 +20,9 @@
 //! Timing never appears in the test suite; it lives here.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,96 +73,13 @@ fn main() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shared helpers.
+// Shared helpers: the test harness (real redis-server and redtap processes) plus what only the
+// benchmarks need.
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
 
-/// A redis-server on a free port, killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--dir", dir.path().to_str().unwrap()])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server not found: apt-get install redis-server");
-        let r = Redis {
-            child,
-            port,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while r.conn().is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn conn(&self) -> redis::RedisResult<redis::Connection> {
-        let mut c = redis::Client::open(self.url())?.get_connection()?;
-        redis::cmd("PING").query::<String>(&mut c)?;
-        Ok(c)
-    }
-
-    fn used_memory(&self) -> u64 {
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query(&mut self.conn().unwrap())
-            .unwrap();
-        info.lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    fn flush(&self) {
-        let _: () = redis::cmd("FLUSHALL")
-            .arg("SYNC")
-            .query(&mut self.conn().unwrap())
-            .unwrap();
-    }
-
-    /// Records of one agent held here, either schema.
-    fn count(&self, schema: Schema, agent: &str) -> u64 {
-        let mut c = self.conn().unwrap();
-        match schema {
-            Schema::Stream => redis::cmd("XLEN")
-                .arg(format!("redtap:events:{agent}"))
-                .query(&mut c)
-                .unwrap(),
-            Schema::Keys => redis::cmd("DBSIZE").query(&mut c).unwrap(),
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{free_port, load_connections, Daemon, RedisServer as Redis};
 
 fn redis_version() -> String {
     Command::new("redis-server")
@@ -179,16 +95,12 @@ fn redis_version() -> String {
 }
 
 /// (user + system) CPU seconds of a process, from /proc.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
+fn cpu_seconds(pid: u32) -> f64 {
+    common::cpu_ticks(pid) as f64 / 100.0
 }
 
 /// Peak resident set size of a process in MiB, from /proc.
-fn peak_rss_mib(pid: &str) -> f64 {
+fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
@@ -197,6 +109,14 @@ fn peak_rss_mib(pid: &str) -> f64 {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap()
         / 1024.0
+}
+
+/// Records of one agent held by `r`, either schema.
+fn count(r: &Redis, schema: Schema, agent: &str) -> u64 {
+    match schema {
+        Schema::Stream => r.xlen(&format!("redtap:events:{agent}")),
+        Schema::Keys => redis::cmd("DBSIZE").query(&mut r.conn().unwrap()).unwrap(),
+    }
 }
 
 fn config(backends: &[(&str, &Redis, u32)], schema: Schema, agent: &str, listen: u16) -> Config {
@@ -232,8 +152,8 @@ fn sink(schema: Schema, smoke: bool) {
         .enable_all()
         .build()
         .unwrap();
-    let pid = std::process::id().to_string();
-    let cpu0 = cpu_seconds(&pid);
+    let pid = std::process::id();
+    let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
     let summary = rt.block_on(async {
         let pipeline = redtap::Pipeline::start(&cfg, OnFull::Wait).unwrap();
@@ -266,8 +186,8 @@ fn sink(schema: Schema, smoke: bool) {
     });
     let (summary, batches) = summary;
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(&pid) - cpu0;
-    let stored = a.count(schema, "bench") + b.count(schema, "bench");
+    let cpu = cpu_seconds(pid) - cpu0;
+    let stored = count(&a, schema, "bench") + count(&b, schema, "bench");
     let mem = (a.used_memory() + b.used_memory()).saturating_sub(mem_before);
     assert_eq!(summary.written, n, "sink lost records: {summary:?}");
     assert_eq!(stored, n, "Redis holds {stored} of {n}");
@@ -275,8 +195,8 @@ fn sink(schema: Schema, smoke: bool) {
 
     // The reference: redis-benchmark, same commands, one connection per server, same depth,
     // both servers at once, split 30/70 like the records.
-    a.flush();
-    b.flush();
+    a.flushall();
+    b.flushall();
     let ts = now_us();
     let cmd: Vec<String> = match schema {
         Schema::Stream => "XADD bench:events * src 10.1.2.3 dst 127.0.0.1 sport 40000 dport 9000"
@@ -315,7 +235,7 @@ fn sink(schema: Schema, smoke: bool) {
     }
     let reference = n as f64 / t1.elapsed().as_secs_f64();
     let ref_mem = (a.used_memory() + b.used_memory()).saturating_sub(mem_before);
-    let ref_stored = a.count(schema, "x") + b.count(schema, "x");
+    let ref_stored = count(&a, schema, "x") + count(&b, schema, "x");
     let _ = ref_stored;
 
     println!("\nsink, schema {schema:?}: {n} records → 2 backends at 30/70, batch {batch}");
@@ -342,7 +262,7 @@ fn sink(schema: Schema, smoke: bool) {
     );
     row(
         "peak RSS",
-        format!("{:.1} MiB", peak_rss_mib(&pid)),
+        format!("{:.1} MiB", peak_rss_mib(pid)),
         "bench process",
     );
     row(
@@ -359,17 +279,6 @@ fn sink(schema: Schema, smoke: bool) {
 
 // ---------------------------------------------------------------------------------------------
 // connections: redtap run --capture connections against a minimal accept-and-discard server.
-
-fn sibling(name: &str) -> PathBuf {
-    let me = std::env::current_exe().unwrap();
-    let path = me.parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} not built: cargo build --release --bins",
-        path.display()
-    );
-    path
-}
 
 /// A minimal accept-and-discard server: the same runtime and backlog as redtap, no records.
 fn minimal_server(addr: SocketAddr) {
@@ -396,78 +305,48 @@ fn minimal_server(addr: SocketAddr) {
     });
 }
 
-/// Open and close connections to `addr` from `threads` threads for `dur`, each thread from its
-/// own loopback source address `127.0.<net>.<thread+1>` — a fresh `net` per run, since the
-/// client closes first and a source address full of TIME_WAIT sockets makes every connect()
-/// hunt for a free port. With `pace`, at most that many connections a second in all.
-fn load(addr: SocketAddr, net: u8, threads: usize, dur: Duration, pace: Option<f64>) -> u64 {
-    let done = Arc::new(AtomicU64::new(0));
-    let stop = Instant::now() + dur;
-    let handles: Vec<_> = (0..threads)
-        .map(|t| {
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let src: SocketAddr = (Ipv4Addr::new(127, 0, net, 1 + t as u8), 0).into();
-                let gap = pace.map(|p| Duration::from_secs_f64(threads as f64 / p));
-                let mut next = Instant::now();
-                while Instant::now() < stop {
-                    let s =
-                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                            .unwrap();
-                    s.bind(&src.into()).unwrap();
-                    if s.connect_timeout(&addr.into(), Duration::from_secs(5))
-                        .is_ok()
-                    {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    drop(s);
-                    if let Some(gap) = gap {
-                        next += gap;
-                        if let Some(w) = next.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(w);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
-    done.load(Ordering::Relaxed)
-}
+/// The minimal server as a child process (this binary, `minimal-server ADDR`), killed on drop.
+struct MinimalServer(Child);
 
-fn wait_for_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `redtap run` (the release binary next to this one) as agent `bench` with `args`, its admin
-/// API on `admin`, in front of backends A (weight 30) and B (70).
-fn spawn_redtap(args: &[&str], admin: u16, (a, b): (&Redis, &Redis), dir: &Path) -> Proc {
-    Proc(
-        Command::new(sibling("redtap"))
-            .arg("run")
-            .args(args)
-            .args(["--admin", &format!("127.0.0.1:{admin}"), "--agent", "bench"])
-            .args(["--backend", &format!("A={}@30", a.url())])
-            .args(["--backend", &format!("B={}@70", b.url())])
-            .current_dir(dir)
-            .stderr(Stdio::null())
+impl MinimalServer {
+    fn start(addr: SocketAddr) -> Self {
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["minimal-server", &addr.to_string()])
             .spawn()
-            .unwrap(),
-    )
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the minimal server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        MinimalServer(child)
+    }
 }
 
-struct Proc(Child);
-impl Drop for Proc {
+impl Drop for MinimalServer {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `redtap run` as agent `bench` with `args`, capturing on `listen`, in front of backends A
+/// (weight 30) and B (70).
+fn spawn_redtap(listen: SocketAddr, args: &[&str], (a, b): (&Redis, &Redis)) -> Daemon {
+    let (spec_a, spec_b) = (format!("A={}@30", a.url()), format!("B={}@70", b.url()));
+    let mut all = vec![
+        "--agent",
+        "bench",
+        "--backend",
+        &spec_a,
+        "--backend",
+        &spec_b,
+    ];
+    all.extend_from_slice(args);
+    Daemon::start_on(&listen.to_string(), &all)
 }
 
 fn connections(smoke: bool) {
@@ -478,45 +357,30 @@ fn connections(smoke: bool) {
     // Reference first: the minimal server.
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let minimal = Proc(
-        Command::new(std::env::current_exe().unwrap())
-            .args(["minimal-server", &addr.to_string()])
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_port(addr);
-    let ref_pid = minimal.0.id().to_string();
-    let ref_cpu0 = cpu_seconds(&ref_pid);
+    let minimal = MinimalServer::start(addr);
+    let ref_pid = minimal.0.id();
+    let ref_cpu0 = cpu_seconds(ref_pid);
     let t0 = Instant::now();
     // Fresh source networks per run (see `load`): 127.0.<base..base+2>.x.
     let base = 12 + (std::process::id() % 80) as u8 * 3;
-    let ref_n = load(addr, base, threads, dur, None);
+    let ref_n = load_connections(addr, base, threads, dur, None);
     let ref_rate = ref_n as f64 / t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(200));
-    let ref_cpu = cpu_seconds(&ref_pid) - ref_cpu0;
+    let ref_cpu = cpu_seconds(ref_pid) - ref_cpu0;
     drop(minimal);
 
     // redtap.
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let admin = free_port();
-    let work = tempfile::tempdir().unwrap();
-    let redtap = spawn_redtap(
-        &["--capture", "connections", "--listen", &addr.to_string()],
-        admin,
-        (&a, &b),
-        work.path(),
-    );
-    let pid = redtap.0.id().to_string();
-    wait_for_port(addr);
+    let redtap = spawn_redtap(addr, &["--capture", "connections"], (&a, &b));
+    let pid = redtap.pid();
     let mem0 = a.used_memory() + b.used_memory();
-    let cpu0 = cpu_seconds(&pid);
-    let redis_cpu =
-        || cpu_seconds(&a.child.id().to_string()) + cpu_seconds(&b.child.id().to_string());
+    let cpu0 = cpu_seconds(pid);
+    let redis_cpu = || cpu_seconds(a.pid()) + cpu_seconds(b.pid());
     let rcpu0 = redis_cpu();
     let t0 = Instant::now();
-    let n = load(addr, base + 1, threads, dur, None);
-    let stored = || a.count(Schema::Stream, "bench") + b.count(Schema::Stream, "bench");
+    let n = load_connections(addr, base + 1, threads, dur, None);
+    let stored = || count(&a, Schema::Stream, "bench") + count(&b, Schema::Stream, "bench");
     // The probe connection above is a record too.
     let deadline = Instant::now() + Duration::from_secs(60);
     while stored() < n {
@@ -524,7 +388,7 @@ fn connections(smoke: bool) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let rate = stored() as f64 / t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(&pid) - cpu0;
+    let cpu = cpu_seconds(pid) - cpu0;
     let rcpu = redis_cpu() - rcpu0;
     let mem = (a.used_memory() + b.used_memory()).saturating_sub(mem0);
 
@@ -569,7 +433,7 @@ fn connections(smoke: bool) {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(200));
-    load(addr, base + 2, threads, dur, Some(pace));
+    load_connections(addr, base + 2, threads, dur, Some(pace));
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     for r in readers {
@@ -578,7 +442,7 @@ fn connections(smoke: bool) {
     let mut lat = lat.lock().unwrap().clone();
     lat.sort_unstable();
     let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)));
-    let rss = peak_rss_mib(&pid);
+    let rss = peak_rss_mib(pid);
     drop(redtap);
 
     println!("\nconnections: {threads} client threads, {dur:?}, redtap → 2 backends at 30/70");
@@ -630,20 +494,6 @@ fn connections(smoke: bool) {
 // ---------------------------------------------------------------------------------------------
 // packets: hping3 --flood against redtap's packet capture.
 
-fn metric(admin: u16, name: &str) -> f64 {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin)) else {
-        return 0.0;
-    };
-    use std::io::{Read, Write};
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn packets(smoke: bool) {
     let secs = if smoke { 1 } else { 10 };
     println!("\npackets: hping3 --flood SYNs for {secs} s at a closed port, redtap → 2 backends at 30/70");
@@ -658,30 +508,15 @@ fn packets(smoke: bool) {
     }
     let (a, b) = (Redis::start(), Redis::start());
     let port = free_port();
-    let admin = free_port();
-    let work = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{port}");
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let redtap = spawn_redtap(
-        &[
-            "--capture",
-            "packets",
-            "--serve",
-            "none",
-            "--listen",
-            &listen,
-        ],
-        admin,
+        listen,
+        &["--capture", "packets", "--serve", "none"],
         (&a, &b),
-        work.path(),
     );
-    let pid = redtap.0.id().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
-        assert!(Instant::now() < deadline, "redtap did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let pid = redtap.pid();
     let mem0 = a.used_memory() + b.used_memory();
-    let cpu0 = cpu_seconds(&pid);
+    let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
     // One fixed source port (-k): the SYNs never come from the target port itself, whose RST
     // replies would be captured too and blur the count.
@@ -709,18 +544,18 @@ fn packets(smoke: bool) {
         .find(|l| l.contains("packets transmitted"))
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    let stored = || a.count(Schema::Stream, "bench") + b.count(Schema::Stream, "bench");
+    let stored = || count(&a, Schema::Stream, "bench") + count(&b, Schema::Stream, "bench");
     let mut last = u64::MAX;
     while stored() != last {
         last = stored();
         std::thread::sleep(Duration::from_millis(500));
     }
     let n = stored();
-    let cpu = cpu_seconds(&pid) - cpu0;
+    let cpu = cpu_seconds(pid) - cpu0;
     let mem = (a.used_memory() + b.used_memory()).saturating_sub(mem0);
-    let kernel = metric(admin, "redtap_kernel_drops_total");
-    let queue_full = metric(admin, "redtap_records_dropped_total{reason=\"queue_full\"}");
-    let rss = peak_rss_mib(&pid);
+    let kernel = redtap.metric_sum("redtap_kernel_drops_total");
+    let queue_full = redtap.metric("redtap_records_dropped_total{reason=\"queue_full\"}");
+    let rss = peak_rss_mib(pid);
     drop(redtap);
     row(
         "SYNs sent (hping3)",
