@@ -6,7 +6,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use redtap::config::{Config, LogFormat, RunArgs};
-use redtap::query::cli::{CliError, Exit, QueryArgs, StatsArgs, TailArgs, TopArgs};
+use redtap::query::args::{CliError, Exit};
+use redtap::query::cmd::{query, stats, tail, top};
 
 /// Exit code for a usage or configuration error (EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -51,13 +52,13 @@ enum Command {
         action: Option<WeightsAction>,
     },
     /// Print the records of a time window from every backend, oldest first.
-    Query(Box<QueryArgs>),
+    Query(Box<query::QueryArgs>),
     /// The busiest senders (or destinations, or pairs) of a time window.
-    Top(Box<TopArgs>),
+    Top(Box<top::TopArgs>),
     /// Follow new records from every backend until Ctrl-C.
-    Tail(Box<TailArgs>),
+    Tail(Box<tail::TailArgs>),
     /// Per backend: records held, oldest and newest, memory, share against weight.
-    Stats(Box<StatsArgs>),
+    Stats(Box<stats::StatsArgs>),
 }
 
 #[derive(Subcommand)]
@@ -145,13 +146,13 @@ fn main() -> ExitCode {
                 }
             }
         }),
-        Command::Query(a) => read_exit(rt.block_on(redtap::query::cli::query(&a, stdout()))),
-        Command::Top(a) => read_exit(rt.block_on(redtap::query::cli::top(&a, stdout()))),
-        Command::Stats(a) => read_exit(rt.block_on(redtap::query::cli::stats(&a, stdout()))),
+        Command::Query(a) => read_exit(rt.block_on(query::run(&a, stdout()))),
+        Command::Top(a) => read_exit(rt.block_on(top::run(&a, stdout()))),
+        Command::Stats(a) => read_exit(rt.block_on(stats::run(&a, stdout()))),
         Command::Tail(a) => read_exit(rt.block_on(async {
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            redtap::query::cli::tail(&a, stdout(), shutdown).await
+            tail::run(&a, stdout(), shutdown).await
         })),
     }
 }

@@ -1,13 +1,15 @@
-//! Output of the read commands: tables for people (80 columns), JSON and CSV for programs.
+//! The output the read commands share: rows (`query`, `tail`) as tables for people (80
+//! columns), JSON Lines and CSV for programs, and the helpers every table uses. `top` and `stats`
+//! keep their own formats beside their work, in [`super::cmd`].
 //!
-//! Owns every output format and its stability (documented in docs/query.md; a field is never
+//! Owns the row formats and their stability (documented in docs/query.md; a field is never
 //! renamed or removed, new fields may be added). Pure: strings and writers in, no Redis.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::{Failure, Row, Stats, Top, TopBy};
+use super::{Failure, Row};
 
 /// How `query` and `tail` print records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -35,7 +37,7 @@ pub fn rfc3339_us(ts_us: u64) -> String {
 }
 
 /// A table's time column: `03:41:05.123`, or `11-24 03:41:05.123` with the date.
-fn table_time(ts_us: u64, with_date: bool) -> String {
+pub fn table_time(ts_us: u64, with_date: bool) -> String {
     let s = rfc3339_us(ts_us);
     if with_date {
         format!("{} {}", &s[5..10], &s[11..23])
@@ -76,11 +78,11 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-fn pct(x: f64) -> String {
+pub fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 
-fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+pub fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\"")).into()
     } else {
@@ -181,7 +183,7 @@ impl<W: Write> RowWriter<W> {
     }
 }
 
-fn partial_line(w: &mut impl Write, failures: &[Failure]) -> io::Result<()> {
+pub fn partial_line(w: &mut impl Write, failures: &[Failure]) -> io::Result<()> {
     if failures.is_empty() {
         return Ok(());
     }
@@ -245,7 +247,7 @@ pub struct FailureJson<'a> {
     pub error: &'a str,
 }
 
-fn failures_json(failures: &[Failure]) -> Vec<FailureJson<'_>> {
+pub fn failures_json(failures: &[Failure]) -> Vec<FailureJson<'_>> {
     failures
         .iter()
         .map(|f| FailureJson {
@@ -254,260 +256,6 @@ fn failures_json(failures: &[Failure]) -> Vec<FailureJson<'_>> {
             error: &f.error,
         })
         .collect()
-}
-
-fn by_name(by: TopBy) -> (&'static str, &'static str) {
-    match by {
-        TopBy::Src => ("src", "SOURCE"),
-        TopBy::Dst => ("dst", "DESTINATION"),
-        TopBy::Pair => ("pair", "SOURCE > DESTINATION"),
-    }
-}
-
-/// `top` as a table.
-pub fn top_table(t: &Top, by: TopBy, now_us: u64) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:>4}  {:>9}  {:>6}  {:<40}  LAST SEEN",
-        "RANK",
-        "COUNT",
-        "SHARE",
-        by_name(by).1
-    );
-    for (i, x) in t.talkers.iter().enumerate() {
-        let share = if t.total == 0 {
-            0.0
-        } else {
-            x.count as f64 / t.total as f64
-        };
-        let _ = writeln!(
-            s,
-            "{:>4}  {:>9}  {:>6}  {:<40}  {} ago",
-            i + 1,
-            x.count,
-            pct(share),
-            x.key,
-            age(now_us, x.last_us)
-        );
-    }
-    let _ = writeln!(
-        s,
-        "-- {} records from {} group{}; top {} shown",
-        t.total,
-        t.groups,
-        if t.groups == 1 { "" } else { "s" },
-        t.talkers.len()
-    );
-    let mut v = Vec::new();
-    let _ = partial_line(&mut v, &t.outcome.failures);
-    s.push_str(&String::from_utf8_lossy(&v));
-    s
-}
-
-/// `top --format json`; see docs/query.md.
-#[derive(Debug, serde::Serialize)]
-pub struct TopJson<'a> {
-    /// `src`, `dst` or `pair`.
-    pub by: &'static str,
-    /// Start of the window read (after retention), RFC 3339.
-    pub from: String,
-    /// End of the window read, RFC 3339.
-    pub to: String,
-    /// Records that passed the filters.
-    pub total: u64,
-    /// Distinct groups among them.
-    pub groups: u64,
-    /// Whether some backend did not answer.
-    pub partial: bool,
-    /// The backends that did not answer.
-    pub failures: Vec<FailureJson<'a>>,
-    /// The busiest groups, most records first.
-    pub top: Vec<TalkerJson<'a>>,
-}
-
-/// One group of `top --format json`.
-#[derive(Debug, serde::Serialize)]
-pub struct TalkerJson<'a> {
-    /// 1 for the busiest.
-    pub rank: usize,
-    /// `10.0.0.1`, `192.0.2.1:9000` or `10.0.0.1 > 192.0.2.1:9000`.
-    pub key: &'a str,
-    /// Records.
-    pub count: u64,
-    /// count / total.
-    pub share: f64,
-    /// First capture, RFC 3339.
-    pub first: String,
-    /// Last capture, RFC 3339.
-    pub last: String,
-}
-
-/// `top` as one JSON document.
-pub fn top_json(t: &Top, by: TopBy, from_us: u64, to_us: u64) -> TopJson<'_> {
-    TopJson {
-        by: by_name(by).0,
-        from: rfc3339_us(from_us),
-        to: rfc3339_us(to_us),
-        total: t.total,
-        groups: t.groups,
-        partial: t.outcome.is_partial(),
-        failures: failures_json(&t.outcome.failures),
-        top: t
-            .talkers
-            .iter()
-            .enumerate()
-            .map(|(i, x)| TalkerJson {
-                rank: i + 1,
-                key: &x.key,
-                count: x.count,
-                share: if t.total == 0 {
-                    0.0
-                } else {
-                    x.count as f64 / t.total as f64
-                },
-                first: rfc3339_us(x.first_us),
-                last: rfc3339_us(x.last_us),
-            })
-            .collect(),
-    }
-}
-
-/// `stats` as a table.
-pub fn stats_table(s: &Stats) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<10}  {:>6}  {:>6}  {:>9}  {:>6}  {:>8}  {:>8}  {:>9}",
-        "BACKEND", "WEIGHT", "TARGET", "RECORDS", "SHARE", "OLDEST", "NEWEST", "MEMORY"
-    );
-    for b in &s.backends {
-        if !b.reachable {
-            let _ = writeln!(
-                out,
-                "{:<10}  {:>6}  {:>6}  {:>9}  unreachable (see stderr)",
-                b.name,
-                b.weight,
-                pct(b.target_share),
-                "-"
-            );
-            continue;
-        }
-        let opt_age = |t: Option<u64>| t.map(|t| age(s.now_us, t)).unwrap_or("-".into());
-        let _ = writeln!(
-            out,
-            "{:<10}  {:>6}  {:>6}  {:>9}  {:>6}  {:>8}  {:>8}  {:>9}",
-            b.name,
-            b.weight,
-            pct(b.target_share),
-            b.records,
-            b.share.map(pct).unwrap_or("-".into()),
-            opt_age(b.oldest_us),
-            opt_age(b.newest_us),
-            b.used_memory.map(bytes).unwrap_or("-".into()),
-        );
-    }
-    let weight: u64 = s.backends.iter().map(|b| b.weight as u64).sum();
-    let _ = writeln!(
-        out,
-        "{:<10}  {:>6}  {:>6}  {:>9}",
-        "TOTAL", weight, "", s.total
-    );
-    let mut agents: std::collections::BTreeMap<&str, u64> = Default::default();
-    for b in &s.backends {
-        for (a, n) in &b.agents {
-            *agents.entry(a).or_default() += n;
-        }
-    }
-    if !agents.is_empty() {
-        let list: Vec<String> = agents.iter().map(|(a, n)| format!("{a} ({n})")).collect();
-        let _ = writeln!(out, "-- agents: {}", list.join(", "));
-    }
-    let _ = writeln!(out, "-- OLDEST/NEWEST: age of the capture times held");
-    let mut v = Vec::new();
-    let _ = partial_line(&mut v, &s.outcome.failures);
-    out.push_str(&String::from_utf8_lossy(&v));
-    out
-}
-
-/// `stats --format json`; see docs/query.md.
-#[derive(Debug, serde::Serialize)]
-pub struct StatsJson<'a> {
-    /// When the counts were taken, RFC 3339.
-    pub now: String,
-    /// The retention applied, ms.
-    pub retention_ms: u64,
-    /// Records inside retention, all reachable backends.
-    pub total: u64,
-    /// Whether some backend did not answer.
-    pub partial: bool,
-    /// The backends that did not answer.
-    pub failures: Vec<FailureJson<'a>>,
-    /// One entry per configured backend, in configured order.
-    pub backends: Vec<BackendJson<'a>>,
-}
-
-/// One backend of `stats --format json`.
-#[derive(Debug, serde::Serialize)]
-pub struct BackendJson<'a> {
-    /// Name.
-    pub name: &'a str,
-    /// URL, password redacted.
-    pub url: &'a str,
-    /// Configured weight.
-    pub weight: u32,
-    /// weight / sum of weights.
-    pub target_share: f64,
-    /// Whether it answered.
-    pub reachable: bool,
-    /// Why not; null when reachable.
-    pub error: Option<&'a str>,
-    /// Records inside retention.
-    pub records: u64,
-    /// Records Redis holds, including any past retention not yet removed.
-    pub held: u64,
-    /// records / total; null when unreachable or when there are no records.
-    pub share: Option<f64>,
-    /// Oldest capture inside retention, RFC 3339, or null.
-    pub oldest: Option<String>,
-    /// Newest capture, RFC 3339, or null.
-    pub newest: Option<String>,
-    /// INFO memory used_memory in bytes (the whole instance), or null.
-    pub used_memory: Option<u64>,
-    /// Records inside retention per agent.
-    pub agents: &'a std::collections::BTreeMap<String, u64>,
-}
-
-/// `stats` as one JSON document.
-pub fn stats_json(s: &Stats, retention: Duration) -> StatsJson<'_> {
-    StatsJson {
-        now: rfc3339_us(s.now_us),
-        retention_ms: retention.as_millis() as u64,
-        total: s.total,
-        partial: s.outcome.is_partial(),
-        failures: failures_json(&s.outcome.failures),
-        backends: s
-            .backends
-            .iter()
-            .map(|b| BackendJson {
-                name: &b.name,
-                url: &b.url,
-                weight: b.weight,
-                target_share: b.target_share,
-                reachable: b.reachable,
-                error: b.error.as_deref(),
-                records: b.records,
-                held: b.held,
-                share: b.share,
-                oldest: b.oldest_us.map(rfc3339_us),
-                newest: b.newest_us.map(rfc3339_us),
-                used_memory: b.used_memory,
-                agents: &b.agents,
-            })
-            .collect(),
-    }
 }
 
 #[cfg(test)]

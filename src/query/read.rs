@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    reads_schema, retention_floor_us, Failure, Filter, Progress, Row, TailEvent, Window, PAGE,
+    cmd::tail::TailEvent, reads_schema, retention_floor_us, Failure, Filter, Progress, Row, Window,
+    PAGE,
 };
 use crate::config::{BackendConfig, Schema};
 use crate::record::now_us;

@@ -1,12 +1,12 @@
-//! The arguments of `redtap query | top | tail | stats` and the glue the binary calls.
+//! The flags every read command shares and what they resolve to.
 //!
 //! Owns: resolving backends, retention and prefix from flags and the config file (the same
-//! `--backend NAME=URL@WEIGHT` syntax and file as `redtap run`), parsing times, the progress
-//! line, and the exit rule: [`Exit::Complete`] (0) when every backend answered,
+//! `--backend NAME=URL@WEIGHT` syntax and file as `redtap run`), parsing times and filters, the
+//! progress line, and the exit rule: [`Exit::Complete`] (0) when every backend answered,
 //! [`Exit::Partial`] (2) when some did not — the others' results are still printed and each
 //! failure is named on stderr — and [`CliError`] for usage (64) or output (1) errors.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -15,11 +15,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use super::output::{self, DocFormat, RowFormat, RowWriter};
+use super::output;
 use super::read::Selection;
-use super::{Failure, Filter, Outcome, Progress, Sources, TailEvent, TopBy, Window};
+use super::{Failure, Filter, Outcome, Progress, Sources, Window};
 use crate::config::{self, ConfigError, Schema};
-use crate::record::now_us;
 
 /// How a read command ended, when it could print an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +38,7 @@ impl Exit {
         }
     }
 
-    fn of(o: &Outcome) -> Exit {
+    pub fn of(o: &Outcome) -> Exit {
         if o.is_partial() {
             Exit::Partial
         } else {
@@ -107,83 +106,6 @@ pub struct FilterArgs {
     /// Only records whose source or destination port is N (like tcpdump's `port N`).
     #[arg(long, value_name = "N")]
     pub port: Option<u16>,
-}
-
-/// `redtap query`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct QueryArgs {
-    /// Where to read.
-    #[command(flatten)]
-    pub source: SourceArgs,
-    /// Which records.
-    #[command(flatten)]
-    pub filter: FilterArgs,
-    /// Start: a duration ago (5m) or an RFC 3339 time (default: the whole retention window).
-    #[arg(long)]
-    pub since: Option<String>,
-    /// End: a duration ago (1m), an RFC 3339 time, or `now` (default now).
-    #[arg(long)]
-    pub until: Option<String>,
-    /// Print at most N records (the oldest N of the window).
-    #[arg(long, value_name = "N")]
-    pub limit: Option<usize>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: RowFormat,
-}
-
-/// `redtap top`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TopArgs {
-    /// Where to read.
-    #[command(flatten)]
-    pub source: SourceArgs,
-    /// Which records.
-    #[command(flatten)]
-    pub filter: FilterArgs,
-    /// Start: a duration ago (5m) or an RFC 3339 time (default: the whole retention window).
-    #[arg(long)]
-    pub since: Option<String>,
-    /// End: a duration ago, an RFC 3339 time, or `now` (default now).
-    #[arg(long)]
-    pub until: Option<String>,
-    /// Group by sender IP, destination IP:port, or both.
-    #[arg(long, value_enum, default_value = "src")]
-    pub by: TopBy,
-    /// How many groups to show.
-    #[arg(short = 'n', long = "top", default_value_t = 20)]
-    pub n: usize,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: DocFormat,
-}
-
-/// `redtap tail`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TailArgs {
-    /// Where to read.
-    #[command(flatten)]
-    pub source: SourceArgs,
-    /// Which records.
-    #[command(flatten)]
-    pub filter: FilterArgs,
-    /// Also show records captured since then (a duration ago or RFC 3339); default: only new.
-    #[arg(long)]
-    pub since: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: RowFormat,
-}
-
-/// `redtap stats`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct StatsArgs {
-    /// Where to read.
-    #[command(flatten)]
-    pub source: SourceArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    pub format: DocFormat,
 }
 
 /// Resolve `args` (flags over the file) into [`Sources`]. The file's `agent` and `schema`
@@ -300,7 +222,7 @@ fn parse_rfc3339(s: &str) -> Option<u64> {
 }
 
 /// The window of `--since` / `--until` under retention.
-fn window(
+pub fn window(
     sources: &Sources,
     since: &Option<String>,
     until: &Option<String>,
@@ -328,7 +250,7 @@ fn window(
 }
 
 /// Print each failure on stderr.
-fn report(failures: &[Failure]) {
+pub fn report(failures: &[Failure]) {
     for f in failures {
         eprintln!("redtap: {f}; its records are missing from this answer (partial, exit 2)");
     }
@@ -336,13 +258,13 @@ fn report(failures: &[Failure]) {
 
 /// A progress line on stderr while a read runs: redrawn in place on a terminal, or one line a
 /// second with `--progress` when stderr is not a terminal.
-struct ProgressLine {
+pub struct ProgressLine {
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ProgressLine {
-    fn start(forced: bool, p: &Arc<Progress>) -> Self {
+    pub fn start(forced: bool, p: &Arc<Progress>) -> Self {
         let stop = CancellationToken::new();
         let tty = std::io::stderr().is_terminal();
         if !tty && !forced {
@@ -384,7 +306,7 @@ impl ProgressLine {
         }
     }
 
-    async fn finish(self) {
+    pub async fn finish(self) {
         self.stop.cancel();
         if let Some(t) = self.task {
             let _ = t.await;
@@ -393,7 +315,7 @@ impl ProgressLine {
 }
 
 /// Turn a write result into "keep going", "stop quietly" (closed pipe) or an error to return.
-fn wrote(r: std::io::Result<()>, err: &mut Option<std::io::Error>) -> ControlFlow<()> {
+pub fn wrote(r: std::io::Result<()>, err: &mut Option<std::io::Error>) -> ControlFlow<()> {
     match r {
         Ok(()) => ControlFlow::Continue(()),
         Err(e) => {
@@ -405,139 +327,11 @@ fn wrote(r: std::io::Result<()>, err: &mut Option<std::io::Error>) -> ControlFlo
     }
 }
 
-fn finish_output(r: std::io::Result<()>) -> Result<(), CliError> {
+pub fn finish_output(r: std::io::Result<()>) -> Result<(), CliError> {
     match r {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }
-}
-
-/// `redtap query`: print the records of the window, oldest first, to `out`.
-pub async fn query(args: &QueryArgs, out: impl Write) -> Result<Exit, CliError> {
-    let sources = sources(&args.source)?;
-    let filter = filter(&args.filter)?;
-    let now = now_us();
-    let window = window(&sources, &args.since, &args.until, now)?;
-    let with_date =
-        output::utc_day(window.from_us.min(window.to_us)) != output::utc_day(window.to_us);
-    let mut w = RowWriter::new(std::io::BufWriter::new(out), args.format, with_date);
-    finish_output(w.header())?;
-    let progress = Arc::new(Progress::default());
-    let line = ProgressLine::start(args.source.progress, &progress);
-    let mut err = None;
-    let mut shown = 0u64;
-    let limit = args.limit.unwrap_or(usize::MAX) as u64;
-    let mut outcome = if limit == 0 {
-        Outcome::default()
-    } else {
-        super::read_merged(&sources, window, &filter, &progress, |r| {
-            shown += 1;
-            wrote(w.row(&r), &mut err)?;
-            if shown >= limit {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })
-        .await
-    };
-    line.finish().await;
-    if let Some(e) = err {
-        return Err(e.into());
-    }
-    outcome.rows = shown;
-    finish_output(w.footer(shown, &outcome.failures))?;
-    finish_output(w.flush())?;
-    report(&outcome.failures);
-    Ok(Exit::of(&outcome))
-}
-
-/// `redtap top`: the busiest groups of the window.
-pub async fn top(args: &TopArgs, mut out: impl Write) -> Result<Exit, CliError> {
-    let sources = sources(&args.source)?;
-    let filter = filter(&args.filter)?;
-    let now = now_us();
-    let window = window(&sources, &args.since, &args.until, now)?;
-    let progress = Arc::new(Progress::default());
-    let line = ProgressLine::start(args.source.progress, &progress);
-    let t = super::top(&sources, window, &filter, args.by, args.n, &progress).await;
-    line.finish().await;
-    let text = match args.format {
-        DocFormat::Table => output::top_table(&t, args.by, now),
-        DocFormat::Json => {
-            let v = output::top_json(&t, args.by, window.from_us, window.to_us);
-            format!(
-                "{}\n",
-                serde_json::to_string_pretty(&v).expect("serializable")
-            )
-        }
-    };
-    finish_output(out.write_all(text.as_bytes()).and_then(|_| out.flush()))?;
-    report(&t.outcome.failures);
-    Ok(Exit::of(&t.outcome))
-}
-
-/// `redtap stats`: what each backend holds against its weight.
-pub async fn stats(args: &StatsArgs, mut out: impl Write) -> Result<Exit, CliError> {
-    let sources = sources(&args.source)?;
-    let progress = Arc::new(Progress::default());
-    let line = ProgressLine::start(args.source.progress, &progress);
-    let s = super::stats(&sources, &progress).await;
-    line.finish().await;
-    let text = match args.format {
-        DocFormat::Table => output::stats_table(&s),
-        DocFormat::Json => {
-            let v = output::stats_json(&s, sources.retention);
-            format!(
-                "{}\n",
-                serde_json::to_string_pretty(&v).expect("serializable")
-            )
-        }
-    };
-    finish_output(out.write_all(text.as_bytes()).and_then(|_| out.flush()))?;
-    report(&s.outcome.failures);
-    Ok(Exit::of(&s.outcome))
-}
-
-/// `redtap tail`: print new records as they arrive until `shutdown` (Ctrl-C). Failures are
-/// reported on stderr when they happen; the exit is [`Exit::Partial`] if any backend was down
-/// at some point.
-pub async fn tail(
-    args: &TailArgs,
-    out: impl Write,
-    shutdown: CancellationToken,
-) -> Result<Exit, CliError> {
-    let sources = sources(&args.source)?;
-    let filter = filter(&args.filter)?;
-    let now = now_us();
-    let start = match &args.since {
-        Some(s) => parse_time("since", s, now)?,
-        None => now,
-    };
-    let mut w = RowWriter::new(out, args.format, false);
-    finish_output(w.header().and_then(|_| w.flush()))?;
-    let mut err = None;
-    let outcome = super::tail(&sources, &filter, start, shutdown, |ev| match ev {
-        TailEvent::Rows(rows) => {
-            for r in &rows {
-                wrote(w.row(r), &mut err)?;
-            }
-            wrote(w.flush(), &mut err)
-        }
-        TailEvent::Down(f) => {
-            eprintln!("redtap: {f}; retrying — its records are missing until it answers");
-            ControlFlow::Continue(())
-        }
-        TailEvent::Up(name) => {
-            eprintln!("redtap: backend {name} answers again");
-            ControlFlow::Continue(())
-        }
-    })
-    .await;
-    if let Some(e) = err {
-        return Err(e.into());
-    }
-    Ok(Exit::of(&outcome))
 }
 
 #[cfg(test)]
