@@ -108,6 +108,51 @@ pub struct FilterArgs {
     pub port: Option<u16>,
 }
 
+/// Where, which records and when: shared by `query` and `top`.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct RangeArgs {
+    /// Where to read.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Which records.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Start: a duration ago (5m) or an RFC 3339 time (default: the whole retention window).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// End: a duration ago (1m), an RFC 3339 time, or `now` (default now).
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+/// What [`RangeArgs`] resolve to.
+pub struct Range {
+    /// The backends and where in them.
+    pub sources: Sources,
+    /// Which records.
+    pub filter: Filter,
+    /// When, cut to retention.
+    pub window: Window,
+    /// The `now` the window was taken at, µs.
+    pub now_us: u64,
+}
+
+impl RangeArgs {
+    /// Resolve flags and file into what to read, now.
+    pub fn resolve(&self) -> Result<Range, ConfigError> {
+        let sources = sources(&self.source)?;
+        let filter = filter(&self.filter)?;
+        let now_us = crate::record::now_us();
+        let window = window(&sources, &self.since, &self.until, now_us)?;
+        Ok(Range {
+            sources,
+            filter,
+            window,
+            now_us,
+        })
+    }
+}
+
 /// Resolve `args` (flags over the file) into [`Sources`]. The file's `agent` and `schema`
 /// describe one writer and are not used: a read covers every agent and both layouts unless
 /// `--agent` / `--schema` narrow it.
@@ -222,7 +267,7 @@ fn parse_rfc3339(s: &str) -> Option<u64> {
 }
 
 /// The window of `--since` / `--until` under retention.
-pub fn window(
+fn window(
     sources: &Sources,
     since: &Option<String>,
     until: &Option<String>,

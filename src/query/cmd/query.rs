@@ -5,28 +5,17 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use crate::query::args::{
-    filter, finish_output, report, sources, window, wrote, CliError, Exit, FilterArgs,
-    ProgressLine, SourceArgs,
+    finish_output, report, wrote, CliError, Exit, ProgressLine, Range, RangeArgs,
 };
 use crate::query::output::{self, RowFormat, RowWriter};
 use crate::query::{merge, Outcome, Progress};
-use crate::record::now_us;
 
 /// `redtap query`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueryArgs {
-    /// Where to read.
+    /// Where, which records and when.
     #[command(flatten)]
-    pub source: SourceArgs,
-    /// Which records.
-    #[command(flatten)]
-    pub filter: FilterArgs,
-    /// Start: a duration ago (5m) or an RFC 3339 time (default: the whole retention window).
-    #[arg(long)]
-    pub since: Option<String>,
-    /// End: a duration ago (1m), an RFC 3339 time, or `now` (default now).
-    #[arg(long)]
-    pub until: Option<String>,
+    pub range: RangeArgs,
     /// Print at most N records (the oldest N of the window).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
@@ -37,16 +26,18 @@ pub struct QueryArgs {
 
 /// `redtap query`: print the records of the window, oldest first, to `out`.
 pub async fn run(args: &QueryArgs, out: impl Write) -> Result<Exit, CliError> {
-    let sources = sources(&args.source)?;
-    let filter = filter(&args.filter)?;
-    let now = now_us();
-    let window = window(&sources, &args.since, &args.until, now)?;
+    let Range {
+        sources,
+        filter,
+        window,
+        ..
+    } = args.range.resolve()?;
     let with_date =
         output::utc_day(window.from_us.min(window.to_us)) != output::utc_day(window.to_us);
     let mut w = RowWriter::new(std::io::BufWriter::new(out), args.format, with_date);
     finish_output(w.header())?;
     let progress = Arc::new(Progress::default());
-    let line = ProgressLine::start(args.source.progress, &progress);
+    let line = ProgressLine::start(args.range.source.progress, &progress);
     let mut err = None;
     let mut shown = 0u64;
     let limit = args.limit.unwrap_or(usize::MAX) as u64;

@@ -22,12 +22,12 @@ pub struct TailArgs {
     /// Where to read.
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Which records.
-    #[command(flatten)]
-    pub filter: FilterArgs,
     /// Also show records captured since then (a duration ago or RFC 3339); default: only new.
     #[arg(long)]
     pub since: Option<String>,
+    /// Which records.
+    #[command(flatten)]
+    pub filter: FilterArgs,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: RowFormat,

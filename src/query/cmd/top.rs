@@ -8,31 +8,18 @@ use std::net::IpAddr;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use crate::query::args::{
-    filter, finish_output, report, sources, window, CliError, Exit, FilterArgs, ProgressLine,
-    SourceArgs,
-};
+use crate::query::args::{finish_output, report, CliError, Exit, ProgressLine, Range, RangeArgs};
 use crate::query::output::{
     age, failures_json, partial_line, pct, rfc3339_us, DocFormat, FailureJson,
 };
 use crate::query::{merge, Filter, Outcome, Progress, Sources, Window};
-use crate::record::now_us;
 
 /// `redtap top`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TopArgs {
-    /// Where to read.
+    /// Where, which records and when.
     #[command(flatten)]
-    pub source: SourceArgs,
-    /// Which records.
-    #[command(flatten)]
-    pub filter: FilterArgs,
-    /// Start: a duration ago (5m) or an RFC 3339 time (default: the whole retention window).
-    #[arg(long)]
-    pub since: Option<String>,
-    /// End: a duration ago, an RFC 3339 time, or `now` (default now).
-    #[arg(long)]
-    pub until: Option<String>,
+    pub range: RangeArgs,
     /// Group by sender IP, destination IP:port, or both.
     #[arg(long, value_enum, default_value = "src")]
     pub by: TopBy,
@@ -145,12 +132,14 @@ pub async fn top(
 
 /// `redtap top`: the busiest groups of the window.
 pub async fn run(args: &TopArgs, mut out: impl Write) -> Result<Exit, CliError> {
-    let sources = sources(&args.source)?;
-    let filter = filter(&args.filter)?;
-    let now = now_us();
-    let window = window(&sources, &args.since, &args.until, now)?;
+    let Range {
+        sources,
+        filter,
+        window,
+        now_us: now,
+    } = args.range.resolve()?;
     let progress = Arc::new(Progress::default());
-    let line = ProgressLine::start(args.source.progress, &progress);
+    let line = ProgressLine::start(args.range.source.progress, &progress);
     let t = top(&sources, window, &filter, args.by, args.n, &progress).await;
     line.finish().await;
     let text = match args.format {
