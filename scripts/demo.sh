@@ -10,8 +10,9 @@ need redis-cli redis-tools
 need cc gcc
 ensure_libpcap_dev
 
-echo "==> building redtap (release)"
-cargo build --release --quiet --bin redtap --example connload
+echo "==> building redtap (release build: the first one compiles every dependency and takes a few"
+echo "    minutes on 2 cores; later runs take seconds)"
+cargo build --release --bin redtap --example connload
 bin=target/release/redtap
 load=target/release/examples/connload
 
