@@ -11,7 +11,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -227,43 +227,62 @@ pub fn filter(args: &FilterArgs) -> Result<Filter, ConfigError> {
     })
 }
 
-/// A point in time as µs since the epoch: `now`, a duration ago (`5m`, `90s`), or RFC 3339
-/// (`2026-11-24T03:40:00Z`, `2026-11-24T04:40:00+01:00`, fractions allowed).
-pub fn parse_time(flag: &str, s: &str, now_us: u64) -> Result<u64, ConfigError> {
+/// A point in time as µs since the epoch: `now`, a duration ago (`5m`, `90s`), RFC 3339 with
+/// a zone (`2026-11-24T03:40:00Z`, `2026-11-24T04:40:00+01:00`, fractions allowed), or a local
+/// date or time in `tz` (`2026-11-24`, `2026-11-24 09:00`, `2026-11-24T09:00:00`).
+///
+/// A local input also returns a note saying how it was read, for stderr: tables show UTC.
+pub fn parse_time(
+    flag: &str,
+    s: &str,
+    now_us: u64,
+    tz: &jiff::tz::TimeZone,
+) -> Result<(u64, Option<String>), ConfigError> {
     let s = s.trim();
     if s == "now" {
-        return Ok(now_us);
+        return Ok((now_us, None));
     }
     if let Ok(d) = humantime::parse_duration(s) {
-        return Ok(now_us.saturating_sub(d.as_micros() as u64));
+        return Ok((now_us.saturating_sub(d.as_micros() as u64), None));
     }
-    parse_rfc3339(s).ok_or_else(|| {
-        ConfigError(format!(
-            "--{flag} {s:?} is neither a duration ago (5m, 90s) nor an RFC 3339 time \
-             (2026-11-24T03:40:00Z)"
-        ))
-    })
+    let us = |t: jiff::Timestamp| u64::try_from(t.as_microsecond()).ok();
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        if let Some(v) = us(t) {
+            return Ok((v, None));
+        }
+    }
+    let local = s
+        .parse::<jiff::civil::DateTime>()
+        .or_else(|_| s.parse::<jiff::civil::Date>().map(|d| d.at(0, 0, 0, 0)));
+    if let Ok(dt) = local {
+        if let Some((v, z)) = dt
+            .to_zoned_datetime(tz.clone())
+            .ok()
+            .and_then(|z| Some((us(z.timestamp())?, z)))
+        {
+            let zone = tz
+                .iana_name()
+                .map_or_else(|| z.offset().to_string(), str::to_string);
+            let note = format!(
+                "--{flag} {s:?} read as local time ({zone}): {} (tables show UTC)",
+                z.timestamp()
+            );
+            return Ok((v, Some(note)));
+        }
+    }
+    Err(ConfigError(format!(
+        "--{flag} {s:?} is not a time: use a duration ago (5m, 90s), now, a date (2026-11-24), a \
+         local time (\"2026-11-24 09:00\"), or RFC 3339 with a zone (2026-11-24T09:00:00Z)"
+    )))
 }
 
-fn parse_rfc3339(s: &str) -> Option<u64> {
-    // humantime reads UTC only; apply a numeric offset ourselves.
-    let (base, offset_s): (String, i64) = if let Some(b) = s.strip_suffix(['Z', 'z']) {
-        (b.to_string(), 0)
-    } else if s.len() > 6 && matches!(&s.as_bytes()[s.len() - 6], b'+' | b'-') {
-        let (b, off) = s.split_at(s.len() - 6);
-        let sign = if off.starts_with('-') { -1 } else { 1 };
-        let (h, m) = off[1..].split_once(':')?;
-        let secs = h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60;
-        (b.to_string(), sign * secs)
-    } else {
-        return None;
-    };
-    if !base.contains('T') && !base.contains('t') && !base.contains(' ') {
-        return None;
+/// [`parse_time`] in the system's time zone, with its note on stderr.
+pub fn parse_time_here(flag: &str, s: &str, now_us: u64) -> Result<u64, ConfigError> {
+    let (t, note) = parse_time(flag, s, now_us, &jiff::tz::TimeZone::system())?;
+    if let Some(note) = note {
+        eprintln!("redtap: {note}");
     }
-    let t = humantime::parse_rfc3339_weak(&base).ok()?;
-    let us = t.duration_since(UNIX_EPOCH).ok()?.as_micros() as i64;
-    u64::try_from(us - offset_s * 1_000_000).ok()
+    Ok(t)
 }
 
 /// The window of `--since` / `--until` under retention.
@@ -274,13 +293,20 @@ fn window(
     now: u64,
 ) -> Result<Window, ConfigError> {
     let since_us = match since {
-        Some(s) => parse_time("since", s, now)?,
+        Some(s) => parse_time_here("since", s, now)?,
         None => 0,
     };
     let until_us = match until {
-        Some(s) => parse_time("until", s, now)?,
+        Some(s) => parse_time_here("until", s, now)?,
         None => now,
     };
+    if since_us > until_us {
+        return Err(ConfigError(format!(
+            "the window ends ({}, --until) before it starts ({}, --since): swap them?",
+            output::rfc3339_us(until_us),
+            output::rfc3339_us(since_us)
+        )));
+    }
     let w = Window::new(since_us, until_us, sources.retention, now);
     if w.is_empty() {
         eprintln!(
@@ -384,24 +410,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn times_parse_as_durations_or_rfc3339() {
-        let now = 1_800_000_000_000_000;
-        assert_eq!(parse_time("since", "5m", now).unwrap(), now - 300_000_000);
-        assert_eq!(parse_time("since", "now", now).unwrap(), now);
-        assert_eq!(
-            parse_time("until", "2027-01-15T08:00:00Z", now).unwrap(),
-            1_800_000_000_000_000
+    fn times_parse_as_durations_rfc3339_dates_and_local_times() {
+        let now = 1_800_000_000_000_000; // 2027-01-15T08:00:00Z
+        let utc = jiff::tz::TimeZone::UTC;
+        let t = |s: &str| parse_time("until", s, now, &utc).map(|(t, _)| t);
+        assert_eq!(t("5m").unwrap(), now - 300_000_000);
+        assert_eq!(t("now").unwrap(), now);
+        assert_eq!(t("2027-01-15T08:00:00Z").unwrap(), now);
+        assert_eq!(t("2027-01-15T09:00:00.5+01:00").unwrap(), now + 500_000);
+        assert_eq!(t("2027-01-15T07:30:00-00:30").unwrap(), now);
+        // Dates and times without a zone are local: here UTC, then UTC+2.
+        assert_eq!(t("2027-01-15").unwrap(), now - 8 * 3_600_000_000);
+        assert_eq!(t("2027-01-15 08:00:00").unwrap(), now);
+        assert_eq!(t("2027-01-15T08:00").unwrap(), now);
+        let plus2 = jiff::tz::TimeZone::fixed(jiff::tz::offset(2));
+        let (v, note) = parse_time("since", "2027-01-15 10:00", now, &plus2).unwrap();
+        assert_eq!(v, now);
+        let note = note.expect("a local time is noted");
+        assert!(
+            note.contains("+02") && note.contains("2027-01-15T08:00:00Z"),
+            "{note}"
         );
-        assert_eq!(
-            parse_time("until", "2027-01-15T09:00:00.5+01:00", now).unwrap(),
-            1_800_000_000_500_000
+        assert_eq!(parse_time("since", "5m", now, &plus2).unwrap().1, None);
+        let e = t("yesterday").unwrap_err();
+        assert!(
+            e.0.contains("RFC 3339") && e.0.contains("2026-11-24"),
+            "{e}"
         );
-        assert_eq!(
-            parse_time("until", "2027-01-15T07:30:00-00:30", now).unwrap(),
-            1_800_000_000_000_000
-        );
-        let e = parse_time("until", "yesterday", now).unwrap_err();
-        assert!(e.0.contains("RFC 3339"), "{e}");
     }
 
     #[test]

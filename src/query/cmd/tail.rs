@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::query::args::{
-    filter, finish_output, parse_time, sources, wrote, CliError, Exit, FilterArgs, SourceArgs,
+    filter, finish_output, parse_time_here, sources, wrote, CliError, Exit, FilterArgs, SourceArgs,
 };
 use crate::query::output::{RowFormat, RowWriter};
 use crate::query::read;
@@ -120,7 +120,7 @@ pub async fn run(
     let filter = filter(&args.filter)?;
     let now = now_us();
     let start = match &args.since {
-        Some(s) => parse_time("since", s, now)?,
+        Some(s) => parse_time_here("since", s, now)?,
         None => now,
     };
     let mut w = RowWriter::new(out, args.format, false);

@@ -24,7 +24,12 @@ pub struct TopArgs {
     #[arg(long, value_enum, default_value = "src")]
     pub by: TopBy,
     /// How many groups to show.
-    #[arg(short = 'n', long = "top", default_value_t = 20)]
+    #[arg(
+        short = 'n',
+        long = "count",
+        visible_alias = "top",
+        default_value_t = 20
+    )]
     pub n: usize,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
