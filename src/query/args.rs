@@ -74,8 +74,9 @@ pub struct SourceArgs {
     /// The TOML configuration file of `redtap run`: its backends, retention and prefix.
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
-    /// A Redis backend as NAME=URL@WEIGHT (as for `redtap run`); replaces the file's backends.
-    #[arg(long = "backend", value_name = "NAME=URL@WEIGHT")]
+    /// A Redis backend as NAME=URL (NAME=URL@WEIGHT as for `redtap run` is taken too);
+    /// replaces the file's backends.
+    #[arg(long = "backend", value_name = "NAME=URL")]
     pub backends: Vec<String>,
     /// Records older than this are never shown (default: the file's, else 5m).
     #[arg(long)]
@@ -161,13 +162,25 @@ pub fn sources(args: &SourceArgs) -> Result<Sources, ConfigError> {
         Some(p) => config::read_file(p)?,
         None => config::FileConfig::default(),
     };
-    let backends = if args.backends.is_empty() {
-        file.backends
+    let (backends, weights_known) = if args.backends.is_empty() {
+        (file.backends, true)
     } else {
-        args.backends
-            .iter()
-            .map(|s| config::parse_backend_flag(s))
-            .collect::<Result<_, _>>()?
+        let mut known = true;
+        let mut backends = Vec::new();
+        for s in &args.backends {
+            // Readers need no weight: `NAME=URL` is enough (a URL may hold '@' itself, before
+            // its host, so only digits after the last '@' are a weight).
+            let weighted = s
+                .rsplit_once('@')
+                .is_some_and(|(_, w)| !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit()));
+            known &= weighted;
+            backends.push(if weighted {
+                config::parse_backend_flag(s)?
+            } else {
+                config::parse_backend_flag(&format!("{s}@1"))?
+            });
+        }
+        (backends, known)
     };
     config::validate_backends(&backends)?;
     let retention_s = args
@@ -202,6 +215,9 @@ pub fn sources(args: &SourceArgs) -> Result<Sources, ConfigError> {
             schema: args.schema,
         },
         retention,
+        weights_known,
+        admin: file.admin.filter(|a| a != "off"),
+        admin_token: file.admin_token,
     })
 }
 

@@ -72,6 +72,14 @@ pub struct Sources {
     pub selection: Selection,
     /// Records captured longer ago than this are never shown.
     pub retention: Duration,
+    /// Whether every backend came with its weight (`--backend NAME=URL` alone has none: readers
+    /// do not need one); `stats` shows no target without them.
+    pub weights_known: bool,
+    /// The admin API of the agent that writes here, from the config file: where `stats` finds
+    /// the weights in force.
+    pub admin: Option<String>,
+    /// Its bearer token, from the config file.
+    pub admin_token: Option<String>,
 }
 
 /// A closed time range of capture times, µs since the epoch.

@@ -5,6 +5,8 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admin::BackendView;
+use crate::client;
 use crate::query::args::{
     finish_output, report, sources, CliError, Exit, ProgressLine, SourceArgs,
 };
@@ -21,9 +23,27 @@ pub struct StatsArgs {
     /// Where to read.
     #[command(flatten)]
     pub source: SourceArgs,
+    /// The admin API of the agent writing here (ADDR:PORT or a URL), for the weights in force
+    /// (default: the config file's `admin`). Without it TARGET shows the configured weights.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Bearer token for --admin (default: the config file's `admin_token`).
+    #[arg(long, env = "REDTAP_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: DocFormat,
+}
+
+/// Where the weights of the TARGET column come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsFrom {
+    /// The weights in force, from the agent's admin API at this URL.
+    Live(String),
+    /// The configured weights (`-c FILE` or `--backend …@WEIGHT`): a live change is not seen.
+    Configured,
+    /// None given (`--backend NAME=URL`): no target.
+    Unknown,
 }
 
 /// What one backend holds, for `stats`.
@@ -33,10 +53,10 @@ pub struct BackendStats {
     pub name: String,
     /// URL, password redacted.
     pub url: String,
-    /// Configured weight.
-    pub weight: u32,
+    /// Its weight (see [`Stats::weights_from`]); `None` when not known.
+    pub weight: Option<u32>,
     /// weight / sum of weights.
-    pub target_share: f64,
+    pub target_share: Option<f64>,
     /// Whether it answered.
     pub reachable: bool,
     /// Why not, when it did not.
@@ -66,6 +86,8 @@ pub struct Stats {
     pub backends: Vec<BackendStats>,
     /// Records inside retention, all reachable backends.
     pub total: u64,
+    /// Where the weights come from.
+    pub weights_from: WeightsFrom,
     /// How the read went.
     pub outcome: Outcome,
 }
@@ -75,7 +97,6 @@ pub struct Stats {
 pub async fn stats(sources: &Sources, progress: &Arc<Progress>) -> Stats {
     let now = now_us();
     let floor = retention_floor_us(sources.retention, now);
-    let weight_sum: u64 = sources.backends.iter().map(|b| b.weight as u64).sum();
     let mut tasks = Vec::new();
     for b in &sources.backends {
         let (b, sel, progress) = (b.clone(), sources.selection.clone(), progress.clone());
@@ -93,12 +114,8 @@ pub async fn stats(sources: &Sources, progress: &Arc<Progress>) -> Stats {
         let mut s = BackendStats {
             name: b.name.clone(),
             url: b.redacted_url(),
-            weight: b.weight,
-            target_share: if weight_sum == 0 {
-                0.0
-            } else {
-                b.weight as f64 / weight_sum as f64
-            },
+            weight: sources.weights_known.then_some(b.weight),
+            target_share: None,
             reachable: r.is_ok(),
             error: None,
             records: 0,
@@ -133,11 +150,50 @@ pub async fn stats(sources: &Sources, progress: &Arc<Progress>) -> Stats {
         }
     }
     outcome.rows = total;
-    Stats {
+    let mut s = Stats {
         now_us: now,
         backends,
         total,
+        weights_from: if sources.weights_known {
+            WeightsFrom::Configured
+        } else {
+            WeightsFrom::Unknown
+        },
         outcome,
+    };
+    s.set_targets();
+    s
+}
+
+impl Stats {
+    /// Take the weights in force from an agent's `GET /v1/backends` (at `admin`), by name.
+    pub fn use_live_weights(&mut self, live: &[BackendView], admin: &str) {
+        for b in &mut self.backends {
+            b.weight = live.iter().find(|v| v.name == b.name).map(|v| v.weight);
+        }
+        self.weights_from = WeightsFrom::Live(admin.to_string());
+        self.set_targets();
+    }
+
+    fn set_targets(&mut self) {
+        let sum: u64 = self
+            .backends
+            .iter()
+            .filter_map(|b| b.weight)
+            .map(u64::from)
+            .sum();
+        for b in &mut self.backends {
+            b.target_share = b.weight.filter(|_| sum > 0).map(|w| w as f64 / sum as f64);
+        }
+    }
+}
+
+/// An admin address as `run --admin` takes it (`127.0.0.1:9900`), or a URL.
+fn admin_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{addr}")
     }
 }
 
@@ -146,8 +202,18 @@ pub async fn run(args: &StatsArgs, mut out: impl Write) -> Result<Exit, CliError
     let sources = sources(&args.source)?;
     let progress = Arc::new(Progress::default());
     let line = ProgressLine::start(args.source.progress, &progress);
-    let s = stats(&sources, &progress).await;
+    let mut s = stats(&sources, &progress).await;
     line.finish().await;
+    if let Some(admin) = args.admin.as_ref().or(sources.admin.as_ref()) {
+        let url = admin_url(admin);
+        let token = args.token.as_deref().or(sources.admin_token.as_deref());
+        match client::backends(&url, token).await {
+            Ok(live) => s.use_live_weights(&live, &url),
+            Err(e) => eprintln!(
+                "redtap: TARGET shows the configured weights, not the ones in force: {e:#}"
+            ),
+        }
+    }
     let text = match args.format {
         DocFormat::Table => stats_table(&s),
         DocFormat::Json => {
@@ -161,6 +227,11 @@ pub async fn run(args: &StatsArgs, mut out: impl Write) -> Result<Exit, CliError
     finish_output(out.write_all(text.as_bytes()).and_then(|_| out.flush()))?;
     report(&s.outcome.failures);
     Ok(Exit::of(&s.outcome))
+}
+
+/// A number, or `-`.
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 /// `stats` as a table.
@@ -178,8 +249,8 @@ pub fn stats_table(s: &Stats) -> String {
                 out,
                 "{:<10}  {:>6}  {:>6}  {:>9}  unreachable (see stderr)",
                 b.name,
-                b.weight,
-                pct(b.target_share),
+                opt(b.weight),
+                b.target_share.map(pct).unwrap_or("-".into()),
                 "-"
             );
             continue;
@@ -189,8 +260,8 @@ pub fn stats_table(s: &Stats) -> String {
             out,
             "{:<10}  {:>6}  {:>6}  {:>9}  {:>6}  {:>8}  {:>8}  {:>9}",
             b.name,
-            b.weight,
-            pct(b.target_share),
+            opt(b.weight),
+            b.target_share.map(pct).unwrap_or("-".into()),
             b.records,
             b.share.map(pct).unwrap_or("-".into()),
             opt_age(b.oldest_us),
@@ -198,12 +269,23 @@ pub fn stats_table(s: &Stats) -> String {
             b.used_memory.map(bytes).unwrap_or("-".into()),
         );
     }
-    let weight: u64 = s.backends.iter().map(|b| b.weight as u64).sum();
+    let weight: Option<u64> = s.backends.iter().map(|b| b.weight.map(u64::from)).sum();
     let _ = writeln!(
         out,
         "{:<10}  {:>6}  {:>6}  {:>9}",
-        "TOTAL", weight, "", s.total
+        "TOTAL",
+        opt(weight),
+        "",
+        s.total
     );
+    let _ = match &s.weights_from {
+        WeightsFrom::Live(url) => writeln!(out, "-- WEIGHT: in force now, from {url}"),
+        WeightsFrom::Configured => writeln!(
+            out,
+            "-- WEIGHT: as configured; a live change shows with --admin ADDR"
+        ),
+        WeightsFrom::Unknown => writeln!(out, "-- WEIGHT: not given (--backend NAME=URL@WEIGHT)"),
+    };
     let mut agents: std::collections::BTreeMap<&str, u64> = Default::default();
     for b in &s.backends {
         for (a, n) in &b.agents {
@@ -230,6 +312,10 @@ pub struct StatsJson<'a> {
     pub retention_ms: u64,
     /// Records inside retention, all reachable backends.
     pub total: u64,
+    /// Where the weights come from: `live` (the admin API at `admin`), `configured`, or `none`.
+    pub weights_from: &'static str,
+    /// The admin API the live weights came from, or null.
+    pub admin: Option<&'a str>,
     /// Whether some backend did not answer.
     pub partial: bool,
     /// The backends that did not answer.
@@ -245,10 +331,10 @@ pub struct BackendJson<'a> {
     pub name: &'a str,
     /// URL, password redacted.
     pub url: &'a str,
-    /// Configured weight.
-    pub weight: u32,
-    /// weight / sum of weights.
-    pub target_share: f64,
+    /// Its weight (see `weights_from`); null when not known.
+    pub weight: Option<u32>,
+    /// weight / sum of weights; null when not known.
+    pub target_share: Option<f64>,
     /// Whether it answered.
     pub reachable: bool,
     /// Why not; null when reachable.
@@ -275,6 +361,15 @@ pub fn stats_json(s: &Stats, retention: Duration) -> StatsJson<'_> {
         now: rfc3339_us(s.now_us),
         retention_ms: retention.as_millis() as u64,
         total: s.total,
+        weights_from: match s.weights_from {
+            WeightsFrom::Live(_) => "live",
+            WeightsFrom::Configured => "configured",
+            WeightsFrom::Unknown => "none",
+        },
+        admin: match &s.weights_from {
+            WeightsFrom::Live(url) => Some(url),
+            _ => None,
+        },
         partial: s.outcome.is_partial(),
         failures: failures_json(&s.outcome.failures),
         backends: s
