@@ -176,13 +176,13 @@ pub fn check_user_filter(expr: &str, device: &str) -> Result<(), OpenError> {
         })
 }
 
-/// The device to capture on: `any` for an unspecified address; the loopback interface for a
-/// loopback address; `any` for any other address of this host. Clients on this host reach a
-/// non-loopback address over loopback, other hosts over the address's own interface: only
-/// `any` sees both (each frame once: see [`PacketCapture::open`]).
-pub fn device_for(addr: IpAddr) -> Result<String, OpenError> {
+/// The devices to capture on: `any` for an unspecified address; the loopback interface for a
+/// loopback address; for any other address of this host, its interface *and* loopback, because
+/// clients on this host reach the address over loopback and other hosts over its interface
+/// (each segment crosses one of them, so it is seen once); `any` if several interfaces carry it.
+pub fn devices_for(addr: IpAddr) -> Result<Vec<String>, OpenError> {
     if addr.is_unspecified() {
-        return Ok("any".into());
+        return Ok(vec!["any".into()]);
     }
     let devices = pcap::Device::list().map_err(|e| OpenError::Device {
         device: "(listing interfaces)".into(),
@@ -192,16 +192,28 @@ pub fn device_for(addr: IpAddr) -> Result<String, OpenError> {
         .iter()
         .filter(|d| d.addresses.iter().any(|a| a.addr == addr))
         .collect();
+    let loopback = devices.iter().find(|d| d.flags.is_loopback());
     match carrying.as_slice() {
-        [one] if one.flags.is_loopback() => Ok(one.name.clone()),
-        [] if addr.is_loopback() => devices
-            .iter()
-            .find(|d| d.flags.is_loopback())
-            .map(|d| d.name.clone())
+        [one] if one.flags.is_loopback() => Ok(vec![one.name.clone()]),
+        [] if addr.is_loopback() => loopback
+            .map(|d| vec![d.name.clone()])
             .ok_or(OpenError::NoInterface(addr)),
         [] => Err(OpenError::NoInterface(addr)),
-        _ => Ok("any".into()),
+        [one] => Ok(std::iter::once(one.name.clone())
+            .chain(loopback.map(|d| d.name.clone()))
+            .collect()),
+        _ => Ok(vec!["any".into()]),
     }
+}
+
+/// Whether `device` is up, from sysfs; `true` when that cannot be told (no sysfs, `any`).
+/// libpcap reads nothing from a downed interface and says nothing either.
+fn device_up(device: &str) -> bool {
+    const IFF_UP: u32 = 0x1;
+    std::fs::read_to_string(format!("/sys/class/net/{device}/flags"))
+        .ok()
+        .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
+        .is_none_or(|flags| flags & IFF_UP != 0)
 }
 
 /// How to open (and reopen) the capture.
@@ -269,25 +281,70 @@ impl Opener {
         let cap = cap.setnonblock().map_err(dev_err)?;
         Ok((cap, link))
     }
+}
 
-    /// Whether the device is up (`any` always is). A capture reopened on an interface that is
-    /// still down would read nothing and look healthy.
-    fn device_up(&self) -> bool {
-        self.device == "any"
-            || pcap::Device::list().is_ok_and(|l| {
-                l.iter()
-                    .any(|d| d.name == self.device && d.flags.is_up() && d.flags.is_running())
-            })
+/// One device's capture: open, or down and waiting to be reopened.
+struct Handle {
+    opener: Opener,
+    /// `None` while down after a read error.
+    cap: Option<Capture<Active>>,
+    link: Link,
+    kernel: KernelTotals,
+    backoff: Duration,
+    retry_at: Instant,
+}
+
+impl Handle {
+    /// Whether frames reach this handle: open, and its interface up.
+    fn up(&self) -> bool {
+        self.cap.is_some() && device_up(&self.opener.device)
+    }
+
+    /// After a read error: count what the kernel dropped, close, and reopen later.
+    fn fail(&mut self, error: &str, metrics: &Metrics) -> (u64, u64) {
+        let lost = match &mut self.cap {
+            Some(cap) => self.kernel.update(cap, metrics),
+            None => (0, 0),
+        };
+        self.cap = None;
+        self.backoff = REOPEN_FIRST;
+        self.retry_at = Instant::now() + self.backoff;
+        error!(error = %error, device = %self.opener.device,
+               "capture failed; reopening it (healthz answers 503 meanwhile)");
+        lost
+    }
+
+    /// Try to reopen if it is time; true if it was reopened.
+    fn try_reopen(&mut self, metrics: &Metrics) -> bool {
+        if self.cap.is_some() || Instant::now() < self.retry_at {
+            return false;
+        }
+        match self.opener.open() {
+            Ok((cap, link)) => {
+                self.cap = Some(cap);
+                self.link = link;
+                // The new handle's statistics start from zero.
+                self.kernel = KernelTotals::default();
+                metrics.capture_reopened();
+                info!(device = %self.opener.device, "packets capture reopened");
+                true
+            }
+            Err(e) => {
+                self.backoff = (self.backoff * 2).min(REOPEN_MAX);
+                self.retry_at = Instant::now() + self.backoff;
+                warn!(device = %self.opener.device, error = %e, retry_in = ?self.backoff,
+                      "capture still down");
+                false
+            }
+        }
     }
 }
 
-/// An open, filtered capture, ready to run.
+/// An open, filtered capture (one handle per device), ready to run.
 pub struct PacketCapture {
-    cap: Capture<Active>,
-    link: Link,
+    handles: Vec<Handle>,
     listen: SocketAddr,
-    opener: Opener,
-    /// The device captured on.
+    /// The devices captured on, comma-separated.
     pub device: String,
     /// The installed filter.
     pub filter: String,
@@ -297,32 +354,45 @@ impl PacketCapture {
     /// Open the capture `config` asks for. Call this before binding anything: it is where a
     /// missing privilege or a bad `--filter` shows up.
     pub fn open(config: &Config) -> Result<PacketCapture, OpenError> {
-        let device = device_for(config.listen.ip())?;
+        let devices = devices_for(config.listen.ip())?;
         if let Some(expr) = &config.filter {
-            check_user_filter(expr, &device)?;
+            for device in &devices {
+                check_user_filter(expr, device)?;
+            }
         }
-        let opener = Opener {
-            device: device.clone(),
-            ring_size: config.ring_size,
-            filter: full_filter(config.listen, config.filter.as_deref()),
-            user_filter: config.filter.clone(),
-        };
-        let (cap, link) = opener.open()?;
+        let filter = full_filter(config.listen, config.filter.as_deref());
+        let mut handles = Vec::new();
+        for device in &devices {
+            let opener = Opener {
+                device: device.clone(),
+                ring_size: config.ring_size,
+                filter: filter.clone(),
+                user_filter: config.filter.clone(),
+            };
+            let (cap, link) = opener.open()?;
+            handles.push(Handle {
+                opener,
+                cap: Some(cap),
+                link,
+                kernel: KernelTotals::default(),
+                backoff: REOPEN_FIRST,
+                retry_at: Instant::now(),
+            });
+        }
         Ok(PacketCapture {
-            cap,
-            link,
+            handles,
             listen: config.listen,
-            device,
-            filter: opener.filter.clone(),
-            opener,
+            device: devices.join(","),
+            filter,
         })
     }
 
     /// Read frames on a dedicated thread until `stop` fires, sending one record per segment to
-    /// `out`. On a read error (the interface went down…) the capture is reopened with backoff;
-    /// meanwhile [`Metrics`] says capture is down. On stop, the frames already in the ring are
-    /// read (for at most [`DRAIN_MAX`]). The returned task ends when the thread has stopped and
-    /// dropped `out`.
+    /// `out`. A device whose capture fails (the interface disappeared…) is reopened with
+    /// backoff while the others go on; meanwhile, and while a captured interface is down,
+    /// [`Metrics`] says capture is down. On stop, the frames already in the rings are read (for
+    /// at most [`DRAIN_MAX`]). The returned task ends when the thread has stopped and dropped
+    /// `out`.
     pub fn spawn(
         self,
         out: mpsc::Sender<Record>,
@@ -338,10 +408,10 @@ impl PacketCapture {
             })
         };
         let reader = Reader {
-            cap: self.cap,
-            link: self.link,
+            handles: self.handles,
             listen: self.listen,
-            opener: self.opener,
+            device: self.device,
+            filter: self.filter,
         };
         let thread = std::thread::Builder::new()
             .name("redtap-capture".into())
@@ -353,7 +423,7 @@ impl PacketCapture {
     }
 }
 
-/// Longest time spent reading what is left in the ring once stop fires.
+/// Longest time spent reading what is left in the rings once stop fires.
 pub const DRAIN_MAX: Duration = Duration::from_secs(2);
 /// First wait before reopening a failed capture; doubles up to [`REOPEN_MAX`].
 const REOPEN_FIRST: Duration = Duration::from_millis(100);
@@ -361,13 +431,13 @@ const REOPEN_MAX: Duration = Duration::from_secs(5);
 
 /// The capture thread's state.
 struct Reader {
-    cap: Capture<Active>,
-    link: Link,
+    handles: Vec<Handle>,
     listen: SocketAddr,
-    opener: Opener,
+    device: String,
+    filter: String,
 }
 
-/// How a [`Reader::read_batch`] ended.
+/// How a [`read_batch`] ended.
 enum BatchEnd {
     /// The ring is empty.
     Idle,
@@ -379,6 +449,39 @@ enum BatchEnd {
     Failed(pcap::Error),
 }
 
+/// Frame counts and loss reports, across handles.
+#[derive(Default)]
+struct Tally {
+    batch: Counts,
+    total: Counts,
+    window: Counts,
+    first_malformed: Option<NotSegment>,
+    /// Kernel drops (ring, interface) since the last report.
+    kernel_window: (u64, u64),
+    /// Kernel drops (ring, interface) since start.
+    kernel_total: (u64, u64),
+}
+
+impl Tally {
+    fn flush(&mut self, metrics: &Metrics) {
+        self.batch
+            .flush_into(metrics, &mut self.total, &mut self.window);
+    }
+
+    fn kernel(&mut self, (ring, iface): (u64, u64)) {
+        self.kernel_window.0 += ring;
+        self.kernel_window.1 += iface;
+        self.kernel_total.0 += ring;
+        self.kernel_total.1 += iface;
+    }
+
+    fn report(&mut self) {
+        let (ring, iface) = std::mem::take(&mut self.kernel_window);
+        report_loss(&self.window, ring, iface, self.first_malformed.take());
+        self.window = Counts::default();
+    }
+}
+
 impl Reader {
     fn run(
         mut self,
@@ -387,203 +490,176 @@ impl Reader {
         stop: &CancellationToken,
         wake: &OwnedFd,
     ) {
-        info!(device = %self.opener.device, filter = %self.opener.filter, link = ?self.link,
+        let links: Vec<Link> = self.handles.iter().map(|h| h.link).collect();
+        info!(device = %self.device, filter = %self.filter, link = ?links,
               "packets capture running");
-        metrics.set_capture_up(true);
-        let mut batch = Counts::default();
-        let mut total = Counts::default();
-        let mut window = Counts::default();
-        let mut kernel = KernelTotals::default();
+        let mut t = Tally::default();
         let mut last_flush = Instant::now();
         let mut last_stats = Instant::now();
-        let mut first_malformed: Option<NotSegment> = None;
+        let listen = self.listen;
+        // Re-judged once a second and on each failure or reopening, not per batch: it reads
+        // sysfs.
+        let mut judge_up = true;
         'run: loop {
-            let failure = loop {
-                if stop.is_cancelled() {
-                    break None;
-                }
-                let end = self.read_batch(out, &mut batch, &mut first_malformed);
-                let idle = matches!(end, BatchEnd::Idle);
-                match end {
+            if std::mem::take(&mut judge_up) {
+                metrics.set_capture_up(self.handles.iter().all(Handle::up));
+            }
+            if stop.is_cancelled() {
+                self.drain(out, metrics, &mut t);
+                break;
+            }
+            let mut idle = true;
+            for h in &mut self.handles {
+                let Some(cap) = &mut h.cap else { continue };
+                match read_batch(cap, h.link, listen, out, &mut t) {
+                    BatchEnd::Idle => {}
+                    BatchEnd::Full => idle = false,
                     BatchEnd::QueueClosed => break 'run,
-                    BatchEnd::Failed(e) => break Some(e.to_string()),
-                    BatchEnd::Idle | BatchEnd::Full => {}
-                }
-                if idle || batch.frames >= FLUSH_FRAMES || last_flush.elapsed() >= FLUSH_EVERY {
-                    batch.flush_into(metrics, &mut total, &mut window);
-                    last_flush = Instant::now();
-                }
-                if last_stats.elapsed() >= STATS_EVERY {
-                    let (ring, iface) = kernel.update(&mut self.cap, metrics);
-                    report_loss(&window, ring, iface, first_malformed.take());
-                    window = Counts::default();
-                    last_stats = Instant::now();
-                }
-                if idle {
-                    let mut fds = [
-                        PollFd::new(&self.cap, PollFlags::IN),
-                        PollFd::new(wake, PollFlags::IN),
-                    ];
-                    let timeout = Timespec {
-                        tv_sec: STATS_EVERY.as_secs() as _,
-                        tv_nsec: 0,
-                    };
-                    match poll(&mut fds, Some(&timeout)) {
-                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                        Err(e) => break Some(format!("poll on the capture failed: {e}")),
+                    BatchEnd::Failed(e) => {
+                        let lost = h.fail(&e.to_string(), metrics);
+                        t.kernel(lost);
+                        judge_up = true;
                     }
                 }
-            };
-            match failure {
-                None => {
-                    self.drain(
-                        out,
-                        &mut batch,
-                        &mut first_malformed,
-                        metrics,
-                        &mut total,
-                        &mut window,
-                    );
-                    break 'run;
-                }
-                Some(e) => {
-                    batch.flush_into(metrics, &mut total, &mut window);
-                    let (ring, iface) = kernel.update(&mut self.cap, metrics);
-                    report_loss(&window, ring, iface, first_malformed.take());
-                    window = Counts::default();
-                    metrics.set_capture_up(false);
-                    error!(error = %e, device = %self.opener.device,
-                           "capture failed; reopening it (healthz answers 503 meanwhile)");
-                    if !self.reopen(metrics, stop, wake) {
-                        break 'run;
+            }
+            if idle || t.batch.frames >= FLUSH_FRAMES || last_flush.elapsed() >= FLUSH_EVERY {
+                t.flush(metrics);
+                last_flush = Instant::now();
+            }
+            if last_stats.elapsed() >= STATS_EVERY {
+                for h in &mut self.handles {
+                    if let Some(cap) = &mut h.cap {
+                        let lost = h.kernel.update(cap, metrics);
+                        t.kernel(lost);
                     }
-                    // The new handle's statistics start from zero.
-                    kernel = KernelTotals::default();
+                }
+                t.report();
+                last_stats = Instant::now();
+                judge_up = true;
+            }
+            for h in &mut self.handles {
+                judge_up |= h.try_reopen(metrics);
+            }
+            if idle {
+                // Sleep until a frame, stop, the next statistics or the next reopening.
+                let now = Instant::now();
+                let wait = self
+                    .handles
+                    .iter()
+                    .filter(|h| h.cap.is_none())
+                    .map(|h| h.retry_at.saturating_duration_since(now))
+                    .fold(STATS_EVERY, Duration::min);
+                let mut fds: Vec<PollFd<'_>> = self
+                    .handles
+                    .iter()
+                    .filter_map(|h| h.cap.as_ref())
+                    .map(|c| PollFd::new(c, PollFlags::IN))
+                    .collect();
+                fds.push(PollFd::new(wake, PollFlags::IN));
+                let timeout = Timespec {
+                    tv_sec: wait.as_secs() as _,
+                    tv_nsec: wait.subsec_nanos() as _,
+                };
+                match poll(&mut fds, Some(&timeout)) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => {
+                        // Not seen in practice (EINVAL, ENOMEM); do not spin on it.
+                        error!(error = %e, "poll on the capture failed");
+                        std::thread::sleep(REOPEN_FIRST);
+                    }
                 }
             }
         }
-        batch.flush_into(metrics, &mut total, &mut window);
-        let (ring, iface) = kernel.update(&mut self.cap, metrics);
-        report_loss(&window, ring, iface, first_malformed.take());
+        t.flush(metrics);
+        for h in &mut self.handles {
+            if let Some(cap) = &mut h.cap {
+                let lost = h.kernel.update(cap, metrics);
+                t.kernel(lost);
+            }
+        }
+        t.report();
         info!(
-            frames = total.frames,
-            records = total.records,
-            dropped_queue_full = total.queue_full,
-            malformed = total.malformed,
-            ignored = total.ignored,
-            not_to_listen = total.filtered,
-            kernel_ring_drops = kernel.ring,
-            kernel_interface_drops = kernel.iface,
+            frames = t.total.frames,
+            records = t.total.records,
+            dropped_queue_full = t.total.queue_full,
+            malformed = t.total.malformed,
+            ignored = t.total.ignored,
+            not_to_listen = t.total.filtered,
+            kernel_ring_drops = t.kernel_total.0,
+            kernel_interface_drops = t.kernel_total.1,
             "packets capture stopped"
         );
     }
 
-    /// Read until the ring is empty or a batch is full, making a record of each segment to the
-    /// listen address.
-    fn read_batch(
-        &mut self,
-        out: &mpsc::Sender<Record>,
-        batch: &mut Counts,
-        first_malformed: &mut Option<NotSegment>,
-    ) -> BatchEnd {
-        let (link, listen) = (self.link, self.listen);
-        while batch.frames < FLUSH_FRAMES {
-            match self.cap.next_packet() {
-                Ok(p) => {
-                    batch.frames += 1;
-                    let ts_us = (p.header.ts.tv_sec as u64)
-                        .saturating_mul(1_000_000)
-                        .saturating_add(p.header.ts.tv_usec as u64);
-                    match parse(link, p.data, p.header.len) {
-                        Ok(seg) if !is_to_listen(listen, seg.dst) => batch.filtered += 1,
-                        Ok(seg) => {
-                            batch.records += 1;
-                            match out.try_send(seg.record(ts_us)) {
-                                Ok(()) => {}
-                                Err(TrySendError::Full(_)) => batch.queue_full += 1,
-                                Err(TrySendError::Closed(_)) => return BatchEnd::QueueClosed,
-                            }
-                        }
-                        Err(why) if why.is_malformed() => {
-                            batch.malformed += 1;
-                            first_malformed.get_or_insert(why);
-                        }
-                        Err(why) => {
-                            batch.ignored += 1;
-                            debug!(reason = %why, "frame ignored");
+    /// On stop: read the frames already in the rings, so a segment that arrived before the
+    /// signal is recorded (or counted) rather than lost with the handle.
+    fn drain(&mut self, out: &mpsc::Sender<Record>, metrics: &Metrics, t: &mut Tally) {
+        let deadline = Instant::now() + DRAIN_MAX;
+        let before = t.total.frames + t.batch.frames;
+        let listen = self.listen;
+        for h in &mut self.handles {
+            let Some(cap) = &mut h.cap else { continue };
+            loop {
+                let end = read_batch(cap, h.link, listen, out, t);
+                t.flush(metrics);
+                match end {
+                    BatchEnd::Full if Instant::now() < deadline => {}
+                    BatchEnd::Full => {
+                        warn!(max = ?DRAIN_MAX, device = %h.opener.device,
+                              "frames still arriving when the ring drain ended");
+                        break;
+                    }
+                    BatchEnd::Idle | BatchEnd::QueueClosed | BatchEnd::Failed(_) => break,
+                }
+            }
+        }
+        debug!(frames = t.total.frames - before, "rings drained");
+    }
+}
+
+/// Read from `cap` until its ring is empty or a batch is full, making a record of each segment
+/// to the listen address.
+fn read_batch(
+    cap: &mut Capture<Active>,
+    link: Link,
+    listen: SocketAddr,
+    out: &mpsc::Sender<Record>,
+    t: &mut Tally,
+) -> BatchEnd {
+    let batch = &mut t.batch;
+    while batch.frames < FLUSH_FRAMES {
+        match cap.next_packet() {
+            Ok(p) => {
+                batch.frames += 1;
+                let ts_us = (p.header.ts.tv_sec as u64)
+                    .saturating_mul(1_000_000)
+                    .saturating_add(p.header.ts.tv_usec as u64);
+                match parse(link, p.data, p.header.len) {
+                    Ok(seg) if !is_to_listen(listen, seg.dst) => batch.filtered += 1,
+                    Ok(seg) => {
+                        batch.records += 1;
+                        match out.try_send(seg.record(ts_us)) {
+                            Ok(()) => {}
+                            Err(TrySendError::Full(_)) => batch.queue_full += 1,
+                            Err(TrySendError::Closed(_)) => return BatchEnd::QueueClosed,
                         }
                     }
-                }
-                // Non-blocking: nothing left in the ring.
-                Err(pcap::Error::TimeoutExpired) => return BatchEnd::Idle,
-                Err(e) => return BatchEnd::Failed(e),
-            }
-        }
-        BatchEnd::Full
-    }
-
-    /// On stop: read the frames already in the ring, so a segment that arrived before the
-    /// signal is recorded (or counted) rather than lost with the handle.
-    fn drain(
-        &mut self,
-        out: &mpsc::Sender<Record>,
-        batch: &mut Counts,
-        first_malformed: &mut Option<NotSegment>,
-        metrics: &Metrics,
-        total: &mut Counts,
-        window: &mut Counts,
-    ) {
-        let deadline = Instant::now() + DRAIN_MAX;
-        let before = total.frames + batch.frames;
-        loop {
-            let end = self.read_batch(out, batch, first_malformed);
-            batch.flush_into(metrics, total, window);
-            match end {
-                BatchEnd::Full if Instant::now() < deadline => {}
-                BatchEnd::Full => {
-                    warn!(max = ?DRAIN_MAX, "frames still arriving when the ring drain ended");
-                    break;
-                }
-                BatchEnd::Idle | BatchEnd::QueueClosed | BatchEnd::Failed(_) => break,
-            }
-        }
-        debug!(frames = total.frames - before, "ring drained");
-    }
-
-    /// Reopen the capture with backoff until it works (true) or stop fires (false).
-    fn reopen(&mut self, metrics: &Metrics, stop: &CancellationToken, wake: &OwnedFd) -> bool {
-        let mut backoff = REOPEN_FIRST;
-        loop {
-            let mut fds = [PollFd::new(wake, PollFlags::IN)];
-            let timeout = Timespec {
-                tv_sec: backoff.as_secs() as _,
-                tv_nsec: backoff.subsec_nanos() as _,
-            };
-            let _ = poll(&mut fds, Some(&timeout));
-            if stop.is_cancelled() {
-                return false;
-            }
-            let opened = if self.opener.device_up() {
-                self.opener.open().map_err(|e| e.to_string())
-            } else {
-                Err(format!("interface {} is down", self.opener.device))
-            };
-            match opened {
-                Ok((cap, link)) => {
-                    self.cap = cap;
-                    self.link = link;
-                    metrics.capture_reopened();
-                    metrics.set_capture_up(true);
-                    info!(device = %self.opener.device, "packets capture reopened");
-                    return true;
-                }
-                Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff * 2, "capture still down");
-                    backoff = (backoff * 2).min(REOPEN_MAX);
+                    Err(why) if why.is_malformed() => {
+                        batch.malformed += 1;
+                        t.first_malformed.get_or_insert(why);
+                    }
+                    Err(why) => {
+                        batch.ignored += 1;
+                        debug!(reason = %why, "frame ignored");
+                    }
                 }
             }
+            // Non-blocking: nothing left in the ring.
+            Err(pcap::Error::TimeoutExpired) => return BatchEnd::Idle,
+            Err(e) => return BatchEnd::Failed(e),
         }
     }
+    BatchEnd::Full
 }
 
 /// Frame counts not yet added to [`Metrics`].
