@@ -184,6 +184,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin API listening");
     }
+    let metrics = state.metrics.clone();
     let app = router(state);
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut conns = JoinSet::new();
@@ -213,6 +214,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             debug!(%peer, "admin API: connection limit reached; closing");
+            metrics.admin_refused();
             // Best effort, never waiting: the client learns why instead of seeing a reset.
             let _ = stream.try_write(
                 b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\

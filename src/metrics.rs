@@ -103,6 +103,8 @@ pub struct Metrics {
     capture_up: Gauge,
     /// Packets mode: times the capture was reopened after a read error.
     capture_reopens: Counter,
+    /// Admin API connections closed at once because the cap was reached.
+    admin_refused: Counter,
 }
 
 /// Where the kernel dropped frames before redtap could read them (libpcap's statistics).
@@ -238,6 +240,12 @@ impl Metrics {
             "Times the packet capture was reopened after a read error",
             capture_reopens.clone(),
         );
+        let admin_refused = Counter::default();
+        registry.register(
+            "admin_connections_refused",
+            "Admin API connections closed at once because the connection cap was reached",
+            admin_refused.clone(),
+        );
 
         let label = |name: &String| BackendLabel {
             backend: name.clone(),
@@ -277,6 +285,7 @@ impl Metrics {
             frames_not_to_listen,
             capture_up,
             capture_reopens,
+            admin_refused,
             registry,
         }
     }
@@ -341,6 +350,11 @@ impl Metrics {
     /// Count one reopening of the packet capture.
     pub fn capture_reopened(&self) {
         self.capture_reopens.inc();
+    }
+
+    /// Count one admin API connection refused at the cap.
+    pub fn admin_refused(&self) {
+        self.admin_refused.inc();
     }
 
     /// Set the number of records waiting in the capture queue.

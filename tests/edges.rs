@@ -150,6 +150,19 @@ fn connections_past_the_admin_cap_are_refused_and_shutdown_is_not_delayed() {
     let mut b = [0u8; 1];
     assert!(matches!(held[0].read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
     held[0].set_nonblocking(false).unwrap();
+    // Counted (read on a held connection: a new one would be refused).
+    write!(
+        held[1],
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let (_, m) = closed_within(&mut held[1], Duration::from_secs(10));
+    let refused = m
+        .lines()
+        .find_map(|l| l.strip_prefix("redtap_admin_connections_refused_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no refused count in {m}"));
+    assert!(refused >= 10, "{refused} refused");
     // Held connections do not delay shutdown.
     let status = d.stop(Duration::from_secs(4));
     assert!(status.success(), "{status}:\n{}", d.log());

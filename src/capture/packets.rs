@@ -114,19 +114,27 @@ const IPV6_EXTENSIONS: [u8; 8] = [0, 43, 44, 51, 60, 135, 139, 140];
 /// [`is_to_listen`] checks the decoded segment in user space.
 pub fn builtin_filter(listen: SocketAddr) -> String {
     let port = listen.port();
-    let ext = IPV6_EXTENSIONS
-        .iter()
-        .map(|n| format!("ip6[6] == {n}"))
-        .collect::<Vec<_>>()
-        .join(" or ");
+    let one_of = |byte: usize, values: &mut dyn Iterator<Item = u8>| {
+        values
+            .map(|n| format!("ip6[{byte}] == {n}"))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    // An extension header, followed by TCP or by another extension header (whose next-header
+    // byte is its first, at offset 40): not, for instance, hop-by-hop then ICMPv6 (MLD).
+    let ext = format!(
+        "({}) and ({})",
+        one_of(6, &mut IPV6_EXTENSIONS.iter().copied()),
+        one_of(40, &mut std::iter::once(6).chain(IPV6_EXTENSIONS))
+    );
     match listen.ip() {
         IpAddr::V4(a) if a.is_unspecified() => format!("ip and tcp dst port {port}"),
         IpAddr::V6(a) if a.is_unspecified() => {
-            format!("tcp dst port {port} or (ip6 and ({ext}))")
+            format!("tcp dst port {port} or (ip6 and {ext})")
         }
         IpAddr::V4(ip) => format!("tcp dst port {port} and dst host {ip}"),
         IpAddr::V6(ip) => {
-            format!("(tcp dst port {port} and dst host {ip}) or (ip6 dst host {ip} and ({ext}))")
+            format!("(tcp dst port {port} and dst host {ip}) or (ip6 dst host {ip} and {ext})")
         }
     }
 }
@@ -766,12 +774,15 @@ mod tests {
     #[test]
     fn filters_follow_the_listen_address() {
         let f = |s: &str| builtin_filter(s.parse().unwrap());
-        let ext = "ip6[6] == 0 or ip6[6] == 43 or ip6[6] == 44 or ip6[6] == 51 or ip6[6] == 60 \
-                   or ip6[6] == 135 or ip6[6] == 139 or ip6[6] == 140";
+        let ext = "(ip6[6] == 0 or ip6[6] == 43 or ip6[6] == 44 or ip6[6] == 51 \
+                   or ip6[6] == 60 or ip6[6] == 135 or ip6[6] == 139 or ip6[6] == 140) and \
+                   (ip6[40] == 6 or ip6[40] == 0 or ip6[40] == 43 or ip6[40] == 44 \
+                   or ip6[40] == 51 or ip6[40] == 60 or ip6[40] == 135 or ip6[40] == 139 \
+                   or ip6[40] == 140)";
         assert_eq!(f("0.0.0.0:9000"), "ip and tcp dst port 9000");
         assert_eq!(
             f("[::]:9000"),
-            format!("tcp dst port 9000 or (ip6 and ({ext}))")
+            format!("tcp dst port 9000 or (ip6 and {ext})")
         );
         assert_eq!(
             f("127.0.0.1:9000"),
@@ -779,7 +790,7 @@ mod tests {
         );
         assert_eq!(
             f("[::1]:80"),
-            format!("(tcp dst port 80 and dst host ::1) or (ip6 dst host ::1 and ({ext}))")
+            format!("(tcp dst port 80 and dst host ::1) or (ip6 dst host ::1 and {ext})")
         );
         assert_eq!(
             full_filter("127.0.0.1:80".parse().unwrap(), Some("src net 10.0.0.0/8")),
