@@ -1,8 +1,11 @@
 //! Packets capture: one record per TCP segment sent to the listen address. Needs CAP_NET_RAW.
 //!
-//! Owns the libpcap handle: the choice of device, the kernel (BPF) filter, the memory-mapped
-//! TPACKET_V3 ring that libpcap sets up on Linux, and the loop that reads it on a dedicated OS
-//! thread. Reading the ring costs no system call per frame: libpcap walks a filled block in user
+//! Owns the libpcap handles (one per device: a non-loopback address is captured on its
+//! interface and on loopback): the choice of devices, the kernel (BPF) filter and the user-space
+//! check that each segment is to the listen address (which `--filter` can only narrow), the
+//! memory-mapped TPACKET_V3 ring that libpcap sets up on Linux, and the loop that reads them on
+//! a dedicated OS thread — reopening a failed handle with backoff, and draining the rings on
+//! stop. Reading the ring costs no system call per frame: libpcap walks a filled block in user
 //! space; the thread polls only when the ring is empty, and the kernel hands over a block when
 //! it is full or [`BLOCK_TIMEOUT_MS`] after its first frame. Decoding is [`super::parse`]'s.
 //!
