@@ -509,21 +509,15 @@ impl Netns {
 
     /// A client session inside the namespace: connect to `addr`, send a line, close.
     fn session(&self, addr: &str, port: u16) {
-        let out = self.exec(&format!(
-            "exec 3<>/dev/tcp/{addr}/{port} && echo hello >&3 && exec 3>&-"
-        ));
-        // /dev/tcp is bash's; sh may be dash.
-        let out = if out.status.success() {
-            out
-        } else {
-            Command::new("ip")
-                .args(["netns", "exec", &self.name, "timeout", "20", "bash", "-c"])
-                .arg(format!(
-                    "exec 3<>/dev/tcp/{addr}/{port} && echo hello >&3 && exec 3>&-"
-                ))
-                .output()
-                .unwrap()
-        };
+        // /dev/tcp is bash's.
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "timeout", "20", "bash", "-c"])
+            .arg(format!(
+                "exec 3<>/dev/tcp/{addr}/{port} && echo hello >&3 && exec 3>&-"
+            ))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "session to {addr}:{port}: {out:?}");
     }
 }
