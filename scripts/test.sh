@@ -13,6 +13,7 @@ ensure_libpcap_dev
 need hping3 hping3
 need tcpdump tcpdump
 need setpriv util-linux
+need ip iproute2
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast "$@"

@@ -7,10 +7,17 @@
 //!   the next record routed. Answers with the new state, or a 4xx `{"error": "…"}` and changes
 //!   nothing.
 //! - `GET /metrics` — Prometheus text format.
-//! - `GET /healthz` — `ok` while the daemon runs.
+//! - `GET /healthz` — `ok` while the daemon runs; 503 while a failed packet capture is being
+//!   reopened.
 //!
 //! With a token configured (required when listening beyond loopback), every endpoint but
 //! `/healthz` needs `Authorization: Bearer <token>` and answers 401 without it.
+//!
+//! Limits, so no client can hold the daemon up or use it up: at most [`MAX_CONNECTIONS`]
+//! connections at once (more are answered 503 and closed at once, never queued); a request's
+//! headers must arrive within [`HEADER_READ_TIMEOUT`] (which also closes idle keep-alive
+//! connections) and the whole request within [`REQUEST_TIMEOUT`]; on shutdown, open
+//! connections get [`SHUTDOWN_DRAIN`] to finish and are then closed.
 //!
 //! The API never touches the record hot path: a weight change publishes a new snapshot that the
 //! balancer picks up on its next record.
@@ -18,6 +25,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -27,10 +35,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::balance::{Balance, MAX_WEIGHT};
 use crate::buffer::Budget;
@@ -40,6 +52,19 @@ use crate::metrics::Metrics;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// Most connections served at once. Beyond it, a connection is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A request's headers must arrive within this from when the server starts waiting for them
+/// (an idle keep-alive connection waits too, so it is closed after this long).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest a request may take once its headers are in, body and handler included (408).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// On shutdown, how long open connections get to finish before they are closed.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 
 /// What the handlers read and change.
 #[derive(Clone)]
@@ -96,9 +121,35 @@ pub fn router(state: AdminState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(guarded)
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(request_timeout))
         .with_state(state)
+}
+
+/// `ok`, or 503 while capture is down: a supervisor should not take a daemon that records
+/// nothing for a healthy one.
+async fn healthz(State(state): State<AdminState>) -> Response {
+    if state.metrics.capture_up() {
+        "ok\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capture down: reopening it\n",
+        )
+            .into_response()
+    }
+}
+
+/// A slow request body (or handler) ends in 408 instead of holding its connection.
+async fn request_timeout(req: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request not completed within {REQUEST_TIMEOUT:?}"),
+        ),
+    }
 }
 
 /// With a token configured, refuse requests without `Authorization: Bearer <token>` (401).
@@ -124,17 +175,89 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Serve the admin API on `listener` until `shutdown` fires.
+/// Serve the admin API on `listener` until `shutdown` fires; then give open connections
+/// [`SHUTDOWN_DRAIN`] and close them, so no client can delay the daemon's exit.
+///
+/// An accept loop of its own rather than `axum::serve`, which has no header-read timeout, no
+/// connection cap, and waits for every connection on graceful shutdown.
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin API listening");
     }
+    let metrics = state.metrics.clone();
     let app = router(state);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    {
-        warn!(error = %e, "admin API stopped");
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = JoinSet::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            // Reap finished connections as they end, so the set stays small.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
+                warn!(error = %e, "admin API: accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            debug!(%peer, "admin API: connection limit reached; closing");
+            metrics.admin_refused();
+            // Best effort, never waiting: the client learns why instead of seeing a reset.
+            let _ = stream.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\
+                  Content-Length: 0\r\n\r\n",
+            );
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        debug!(%peer, error = %e, "admin API: connection ended");
+                    }
+                }
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let open = conns.len();
+    let drained = tokio::time::timeout(SHUTDOWN_DRAIN, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            connections = conns.len(),
+            of = open,
+            "admin API: closing connections still open after {SHUTDOWN_DRAIN:?}"
+        );
+        conns.shutdown().await;
     }
 }
 

@@ -209,6 +209,11 @@ impl Pipeline {
 /// `config` must come from [`Config::load`]. Errors are start-up failures (a port in use…);
 /// once running, Redis failures are retried and accounted, never returned.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<Summary> {
+    // Before anything else: SIGHUP's default action is to kill the process, and `systemctl
+    // reload` or a closed terminal sends it; once a handler exists it never kills, with or
+    // without a config file to reload.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
     // The capture first: a missing privilege or a bad filter is found before anything binds.
     let packets = match config.capture {
         CaptureMode::Packets => {
@@ -282,14 +287,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         };
         tokio::spawn(admin::serve(l, state, shutdown.clone()))
     });
-    if let Some(path) = config.config_path.clone() {
-        tokio::spawn(reload_on_sighup(
-            path,
-            pipeline.balance.clone(),
-            config.state_file.clone(),
-            shutdown.clone(),
-        ));
-    }
+    tokio::spawn(reload_on_sighup(
+        hup,
+        config.config_path.clone(),
+        pipeline.balance.clone(),
+        config.state_file.clone(),
+        shutdown.clone(),
+    ));
 
     info!(
         listen = %config.listen,
@@ -333,21 +337,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// Re-read the config file on every SIGHUP and apply its weights; a bad file changes nothing.
+/// Without a config file, a SIGHUP is logged and changes nothing.
 async fn reload_on_sighup(
-    path: std::path::PathBuf,
+    mut hup: tokio::signal::unix::Signal,
+    path: Option<std::path::PathBuf>,
     balance: Arc<Balance>,
     state_file: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        return;
-    };
     loop {
         tokio::select! {
             _ = hup.recv() => {}
             _ = shutdown.cancelled() => return,
         }
-        let result = config::read_file(&path)
+        let Some(path) = &path else {
+            info!("SIGHUP: started without --config, nothing to reload");
+            continue;
+        };
+        let result = config::read_file(path)
             .map_err(|e| e.to_string())
             .and_then(|file| {
                 let changes: BTreeMap<String, u32> = file

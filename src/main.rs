@@ -172,16 +172,19 @@ fn read_exit(r: Result<Exit, CliError>) -> ExitCode {
     }
 }
 
-/// Cancel `token` on SIGTERM or SIGINT.
-async fn cancel_on_signal(token: CancellationToken) {
+/// Cancel `token` on SIGTERM or SIGINT. The handlers are installed when this is called, not
+/// when the returned future first runs, so a signal that arrives at once is not fatal.
+fn cancel_on_signal(token: CancellationToken) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        token.cancel();
     }
-    token.cancel();
 }
 
 fn init_tracing(format: LogFormat) {

@@ -97,6 +97,14 @@ pub struct Metrics {
     frames_malformed: Counter,
     /// Packets mode: well-formed frames that carry no TCP segment start (e.g. fragments).
     frames_ignored: Counter,
+    /// Packets mode: segments the kernel filter passed that are not to the listen address.
+    frames_not_to_listen: Counter,
+    /// 1 while capture runs, 0 while a failed packet capture is being reopened.
+    capture_up: Gauge,
+    /// Packets mode: times the capture was reopened after a read error.
+    capture_reopens: Counter,
+    /// Admin API connections closed at once because the cap was reached.
+    admin_refused: Counter,
 }
 
 /// Where the kernel dropped frames before redtap could read them (libpcap's statistics).
@@ -212,6 +220,32 @@ impl Metrics {
             "Captured frames that are well formed but start no TCP segment, e.g. IP fragments",
             frames_ignored.clone(),
         );
+        let frames_not_to_listen = Counter::default();
+        registry.register(
+            "frames_not_to_listen",
+            "Segments the kernel filter passed that are not TCP to --listen, dropped in user \
+             space (IPv6 with extension headers to another port)",
+            frames_not_to_listen.clone(),
+        );
+        let capture_up = Gauge::default();
+        capture_up.set(1);
+        registry.register(
+            "capture_up",
+            "1 while capture runs, 0 while a failed packet capture is being reopened",
+            capture_up.clone(),
+        );
+        let capture_reopens = Counter::default();
+        registry.register(
+            "capture_reopens",
+            "Times the packet capture was reopened after a read error",
+            capture_reopens.clone(),
+        );
+        let admin_refused = Counter::default();
+        registry.register(
+            "admin_connections_refused",
+            "Admin API connections closed at once because the connection cap was reached",
+            admin_refused.clone(),
+        );
 
         let label = |name: &String| BackendLabel {
             backend: name.clone(),
@@ -248,6 +282,10 @@ impl Metrics {
             kernel_drops,
             frames_malformed,
             frames_ignored,
+            frames_not_to_listen,
+            capture_up,
+            capture_reopens,
+            admin_refused,
             registry,
         }
     }
@@ -290,6 +328,33 @@ impl Metrics {
     /// Frames that could not be decoded so far.
     pub fn frames_malformed(&self) -> u64 {
         self.frames_malformed.get()
+    }
+
+    /// Count `n` segments dropped in user space because they are not to the listen address.
+    pub fn frames_not_to_listen(&self, n: u64) {
+        if n > 0 {
+            self.frames_not_to_listen.inc_by(n);
+        }
+    }
+
+    /// Say whether capture runs (false while a failed packet capture is being reopened).
+    pub fn set_capture_up(&self, up: bool) {
+        self.capture_up.set(i64::from(up));
+    }
+
+    /// Whether capture runs.
+    pub fn capture_up(&self) -> bool {
+        self.capture_up.get() == 1
+    }
+
+    /// Count one reopening of the packet capture.
+    pub fn capture_reopened(&self) {
+        self.capture_reopens.inc();
+    }
+
+    /// Count one admin API connection refused at the cap.
+    pub fn admin_refused(&self) {
+        self.admin_refused.inc();
     }
 
     /// Set the number of records waiting in the capture queue.

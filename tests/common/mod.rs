@@ -451,8 +451,13 @@ impl Daemon {
 
     /// Send SIGTERM and wait for exit, at most `within`.
     pub fn stop(&mut self, within: Duration) -> ExitStatus {
+        unsafe_free_kill(self.pid(), "TERM");
+        self.wait(within)
+    }
+
+    /// Wait for exit (after a signal sent with [`signal`](Self::signal)), at most `within`.
+    pub fn wait(&mut self, within: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        unsafe_free_kill(child.id(), "TERM");
         let deadline = Instant::now() + within;
         loop {
             if let Some(s) = child.try_wait().unwrap() {
