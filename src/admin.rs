@@ -118,10 +118,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/backends", get(backends))
         .route("/v1/weights", put(set_weights))
         .route("/metrics", get(metrics))
+        .merge(crate::page::guarded())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(guarded)
         .route("/healthz", get(healthz))
+        .merge(crate::page::public(&state))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(request_timeout))
         .with_state(state)

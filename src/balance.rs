@@ -447,6 +447,7 @@ impl Balancer {
             tokio::select! {
                 n = self.queue.recv_many(&mut buf, self.batch_size), if !closed && room => {
                     self.metrics.set_queue_depth(self.queue.len());
+                    self.metrics.sources.observe(&buf);
                     if n == 0 {
                         closed = true;
                     } else if self.router.can_route() {

@@ -19,6 +19,8 @@
 //! - [`admin`]: the HTTP API (`/v1/backends`, `/v1/weights`, `/metrics`, `/healthz`);
 //!   [`state`]: run-time weights kept across restarts.
 //! - [`metrics`]: every metric, in one place.
+//! - [`page`]: the live page at the admin address; [`recent`]: the last minute it shows
+//!   (one-second samples, top sources).
 //! - [`client`]: `redtap weights`; [`query`]: `redtap query/top/tail/stats`.
 //!
 //! `unsafe` is denied crate-wide; the only exception is one `setsockopt` fenced in
@@ -38,7 +40,9 @@ pub mod client;
 pub mod config;
 pub mod health;
 pub mod metrics;
+pub mod page;
 pub mod query;
+pub mod recent;
 pub mod record;
 pub mod sink;
 pub mod state;

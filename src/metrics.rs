@@ -105,6 +105,10 @@ pub struct Metrics {
     capture_reopens: Counter,
     /// Admin API connections closed at once because the cap was reached.
     admin_refused: Counter,
+    /// One-second samples of the counters, for the live page (not exported).
+    pub recent: crate::recent::Recent,
+    /// The heaviest sources of the last minute, for the live page (not exported).
+    pub sources: crate::recent::TopSources,
 }
 
 /// Where the kernel dropped frames before redtap could read them (libpcap's statistics).
@@ -286,6 +290,8 @@ impl Metrics {
             capture_up,
             capture_reopens,
             admin_refused,
+            recent: Default::default(),
+            sources: Default::default(),
             registry,
         }
     }
@@ -360,6 +366,11 @@ impl Metrics {
     /// Set the number of records waiting in the capture queue.
     pub fn set_queue_depth(&self, depth: usize) {
         self.queue_depth.set(depth as i64);
+    }
+
+    /// Records waiting in the capture queue when the balancer last took a batch.
+    pub fn queue_depth(&self) -> i64 {
+        self.queue_depth.get()
     }
 
     /// The Prometheus text exposition, with derived gauges brought up to date first.
