@@ -81,9 +81,7 @@ impl Recent {
 
     /// True for the first caller only: that caller runs the sampler.
     pub fn claim_sampler(&self) -> bool {
-        !self
-            .sampler
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        !self.sampler.swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 }
 
@@ -350,7 +348,11 @@ mod tests {
             t.observe_at(&batch, 1);
             let w = t.window.lock().unwrap();
             let total: u64 = w.sketches[0].slots.iter().map(|s| s.count).sum();
-            assert_eq!(total, 1000 * (round + 1), "weights add up to the records seen");
+            assert_eq!(
+                total,
+                1000 * (round + 1),
+                "weights add up to the records seen"
+            );
         }
         let top = t.compute(3, 1);
         assert_eq!(top[0].source, IpAddr::from([10, 9, 9, 9]));
@@ -378,7 +380,10 @@ mod tests {
             s.add(IpAddr::from([10, 0, (i / 256) as u8, i as u8]), 1);
         }
         assert_eq!(s.slots.len(), SLOTS);
-        assert_eq!(s.slots.iter().map(|x| x.count).sum::<u64>(), SLOTS as u64 * 3);
+        assert_eq!(
+            s.slots.iter().map(|x| x.count).sum::<u64>(),
+            SLOTS as u64 * 3
+        );
         assert!(s.absent_bound() >= 1);
     }
 

@@ -268,7 +268,7 @@ async function confirmChange() {
 }
 
 function renderChart() {
-  const W = 640, H = 150, L = 48, R = 8, T = 8, B = 20;
+  const W = Math.max(320, $('#chart').clientWidth || 640), H = 150, L = 48, R = 8, T = 8, B = 20;
   const series = live.backends.map((b) => b.routed_per_second);
   const n = Math.max(1, ...series.map((s) => s.length));
   const peak = Math.max(1, ...series.flat());
@@ -322,9 +322,9 @@ function renderPipeline() {
     ['Captured', fmtInt(live.captured), false],
     ['Queue depth', fmtInt(live.queue_depth), false],
     ['Buffered', fmtInt(live.buffered) + ' of ' + fmtInt(live.buffer_max), live.buffered > 0],
-    ['Dropped', fmtInt(dropped), dropped > 0],
+    ['Dropped', fmtInt(dropped) + ' records', dropped > 0],
   ];
-  for (const [reason, v] of Object.entries(d)) items.push(['  ' + reason.replace('_', ' '), fmtInt(v), v > 0]);
+  items.push(['Dropped by reason', Object.entries(d).map(([r, v]) => r.replace('_', ' ') + ' ' + fmtInt(v)).join(', '), dropped > 0]);
   items.push(['Kernel drops', 'ring ' + fmtInt(k.ring) + ', interface ' + fmtInt(k.interface), k.ring + k.interface > 0]);
   $('#pipeline').replaceChildren(...items.flatMap(([name, value, bad]) => [
     el('dt', {}, name), el('dd', { class: bad ? 'bad' : '', 'data-stat': name.trim() }, value)]));

@@ -57,7 +57,10 @@ pub fn public(state: &AdminState) -> Router<AdminState> {
         }
     }
     Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
         .route(
             "/page/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
@@ -170,9 +173,7 @@ fn summarize(names: &[String], now: &Sample, ring: &[Sample]) -> LiveView {
     let delta = |f: fn(&Sample) -> &Vec<u64>, i: usize| {
         since.map_or(0, |s| f(now)[i].saturating_sub(f(s)[i]))
     };
-    let routed: Vec<u64> = (0..names.len())
-        .map(|i| delta(|s| &s.routed, i))
-        .collect();
+    let routed: Vec<u64> = (0..names.len()).map(|i| delta(|s| &s.routed, i)).collect();
     let all: u64 = routed.iter().sum();
     let rate = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
     let backends = names
