@@ -14,6 +14,8 @@ need hping3 hping3
 need tcpdump tcpdump
 need setpriv util-linux
 need ip iproute2
+need chromium chromium
+need chromedriver chromium-driver
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast "$@"

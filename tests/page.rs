@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{connect_many, free_port, http_get, Daemon, RedisServer};
+use common::{connect_many, free_port, http_get, paced_connections, Daemon, RedisServer};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
@@ -261,6 +261,26 @@ async fn review_and_confirm(c: &Client) -> String {
     listed
 }
 
+/// Open and close `n` connections to `addr` (bounded: each connect has a 5 s timeout). When a
+/// screenshot is wanted, send five times as many spread over 15 s, so the chart has a shape.
+async fn send(addr: std::net::SocketAddr, n: usize) -> usize {
+    if std::env::var_os("REDTAP_PAGE_SCREENSHOT").is_some() {
+        let n = n * 5;
+        let per_tick = n.div_ceil(75);
+        tokio::task::spawn_blocking(move || {
+            paced_connections(addr, n, per_tick, Duration::from_millis(200))
+                .join()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    } else {
+        tokio::task::spawn_blocking(move || connect_many(addr, n, 4))
+            .await
+            .unwrap()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_both_backends_changes_a_weight_and_the_shares_follow_traffic() {
     let (a, b) = (RedisServer::start(), RedisServer::start());
@@ -297,9 +317,7 @@ async fn the_page_shows_both_backends_changes_a_weight_and_the_shares_follow_tra
         .await;
 
         // Traffic at 50/50: both get records, and the recent share is near a half.
-        let ok = tokio::task::spawn_blocking(move || connect_many(listen, 400, 4))
-            .await
-            .unwrap();
+        let ok = send(listen, 400).await;
         assert!(ok > 300, "only {ok} of 400 connections made");
         until(
             c,
@@ -370,9 +388,7 @@ async fn the_page_shows_both_backends_changes_a_weight_and_the_shares_follow_tra
         .await;
 
         // Under traffic the shares move to the new weights.
-        let ok = tokio::task::spawn_blocking(move || connect_many(listen, 500, 4))
-            .await
-            .unwrap();
+        let ok = send(listen, 500).await;
         assert!(ok > 400, "only {ok} of 500 connections made");
         until(
             c,

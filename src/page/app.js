@@ -290,10 +290,11 @@ function renderChart() {
   };
   for (const f of [0, 0.5, 1]) {
     add('line', { x1: L, x2: W - R, y1: y(top * f), y2: y(top * f), stroke: '#e3e6eb' });
-    add('text', { x: L - 6, y: y(top * f) + 4, 'text-anchor': 'end', 'font-size': 11, fill: '#6b7280' }, fmtRate(top * f));
+    add('text', { x: L - 6, y: y(top * f) + 4, 'text-anchor': 'end', 'font-size': 11, fill: '#6b7280' }, f === 0 ? '0' : fmtRate(top * f));
   }
   for (const s of [60, 45, 30, 15, 0]) {
-    add('text', { x: x(s), y: H - 4, 'text-anchor': 'middle', 'font-size': 11, fill: '#6b7280' }, s ? '-' + s + ' s' : 'now');
+    const anchor = s === 60 ? 'start' : s === 0 ? 'end' : 'middle';
+    add('text', { x: x(s), y: H - 4, 'text-anchor': anchor, 'font-size': 11, fill: '#6b7280' }, s ? '-' + s + ' s' : 'now');
   }
   for (const m of markers) {
     const ago = (live.unix_ms - m) / 1000;
