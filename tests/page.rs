@@ -1,7 +1,8 @@
 //! The live page in a real headless Chromium (through chromedriver), against a real daemon and
 //! real redis-servers: it shows both backends and their live weights, a weight change made on
 //! the page reaches `GET /v1/backends`, the shares follow traffic, a refused change and a gone
-//! daemon say so, and with a token the page asks for it and names a wrong one.
+//! daemon say so, and with a token the page asks for it, names a wrong one, changes weights
+//! with the right one, and shows a backend whose Redis died as down.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`scripts/test.sh` installs them); without
 //! them these tests fail with that message rather than pass. Set `REDTAP_PAGE_SCREENSHOT=PATH`
@@ -462,7 +463,7 @@ fn http_with_token(method: &str, url: &str, token: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_the_page_asks_for_it_names_a_wrong_one_and_changes_weights_with_it() {
     const TOKEN: &str = "s3cret-page-token";
-    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let (mut a, b) = (RedisServer::start(), RedisServer::start());
     let d = Daemon::connections(&[("A", &a, 50), ("B", &b, 50)], &["--admin-token", TOKEN]);
     let driver = Driver::start();
     let admin = d.admin.clone();
@@ -558,6 +559,19 @@ async fn with_a_token_the_page_asks_for_it_names_a_wrong_one_and_changes_weights
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+
+        // A backend whose Redis dies shows as down.
+        a.kill9();
+        until(
+            c,
+            Duration::from_secs(10),
+            "backend A shown down",
+            || async move {
+                let r = rows(c).await;
+                (r.len() == 2 && r[0].state.starts_with("down") && r[1].state == "up").then_some(())
+            },
+        )
+        .await;
     })
     .await;
     drop(d);
