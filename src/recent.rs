@@ -387,6 +387,28 @@ mod tests {
         assert!(s.absent_bound() >= 1);
     }
 
+    #[tokio::test]
+    async fn the_sampler_samples_every_second_and_ends_with_the_pipeline() {
+        let names = vec!["A".to_string(), "B".to_string()];
+        let balance = Balance::new(names.clone(), vec![1, 1]);
+        let metrics = std::sync::Arc::new(Metrics::new(&names));
+        let task = tokio::spawn(sample_every_second(
+            std::sync::Arc::downgrade(&balance),
+            std::sync::Arc::downgrade(&metrics),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.recent.samples().len() < 2 {
+            assert!(Instant::now() < deadline, "no two samples within 5 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(metrics.recent.samples()[0].routed, vec![0, 0]);
+        drop((balance, metrics));
+        tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .expect("the sampler ends once the pipeline is gone")
+            .unwrap();
+    }
+
     #[test]
     fn the_ring_keeps_a_minute_and_one() {
         let r = Recent::default();
