@@ -93,7 +93,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
-            init_tracing(config.log_format);
+            if let Err(e) = init_tracing(config.log_format) {
+                eprintln!("redtap: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -187,9 +190,18 @@ fn cancel_on_signal(token: CancellationToken) -> impl std::future::Future<Output
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Log to stderr at `REDTAP_LOG` (default `info`). A value that would silence redtap's own
+/// errors by mistake (a bare word that is not a level reads as a target name to `EnvFilter`,
+/// turning every other line off) is refused.
+fn init_tracing(format: LogFormat) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("REDTAP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match std::env::var("REDTAP_LOG") {
+        Ok(v) if !v.trim().is_empty() => {
+            check_log_directives(&v)?;
+            EnvFilter::try_new(&v).map_err(|e| format!("REDTAP_LOG={v:?}: {e}"))?
+        }
+        _ => EnvFilter::new("info"),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -198,4 +210,21 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
+}
+
+/// Each comma-separated directive is a level, or `TARGET=LEVEL` (`redtap=debug`).
+fn check_log_directives(v: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for d in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "REDTAP_LOG={v:?}: {d:?} is not a log level; use one of {} (e.g. REDTAP_LOG=debug) \
+                 or TARGET=LEVEL (e.g. REDTAP_LOG=info,redtap::sink=debug)",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
