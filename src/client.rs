@@ -9,7 +9,7 @@ use crate::config::parse_weight;
 
 /// Fetch `GET /v1/backends` from the agent at `admin`.
 pub async fn backends(admin: &str, token: Option<&str>) -> anyhow::Result<Vec<BackendView>> {
-    let url = format!("{}/v1/backends", admin.trim_end_matches('/'));
+    let url = format!("{}/v1/backends", admin_url(admin));
     let resp = authorized(reqwest::Client::new().get(&url), token)
         .send()
         .await
@@ -17,7 +17,18 @@ pub async fn backends(admin: &str, token: Option<&str>) -> anyhow::Result<Vec<Ba
     answer(resp).await
 }
 
-/// Parse `NAME=WEIGHT` arguments.
+/// The admin API's base URL from an address as `run --admin` takes it (`127.0.0.1:9900`,
+/// `[::1]:9900`) or from a URL (`http://10.0.0.7:9900`).
+pub fn admin_url(addr: &str) -> String {
+    let addr = addr.trim().trim_end_matches('/');
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Parse `NAME=WEIGHT` arguments. A name given twice is refused: which one was meant?
 pub fn parse_pairs(pairs: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
     let mut out = BTreeMap::new();
     for p in pairs {
@@ -25,7 +36,9 @@ pub fn parse_pairs(pairs: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
             bail!("{p:?}: expected NAME=WEIGHT, e.g. A=50");
         };
         let w = parse_weight(w).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        out.insert(name.to_string(), w);
+        if let Some(first) = out.insert(name.to_string(), w) {
+            bail!("{name} is given twice ({name}={first} and {name}={w}): give each backend once");
+        }
     }
     if out.is_empty() {
         bail!("give at least one NAME=WEIGHT, e.g. redtap weights set A=50 B=50");
@@ -39,7 +52,7 @@ pub async fn set(
     token: Option<&str>,
     weights: &BTreeMap<String, u32>,
 ) -> anyhow::Result<Vec<BackendView>> {
-    let url = format!("{}/v1/weights", admin.trim_end_matches('/'));
+    let url = format!("{}/v1/weights", admin_url(admin));
     let resp = authorized(reqwest::Client::new().put(&url), token)
         .json(weights)
         .send()

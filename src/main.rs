@@ -29,15 +29,14 @@ enum Command {
     Run(Box<RunArgs>),
     /// Show backends, weights and shares; `weights set NAME=W…` changes them live.
     Weights {
-        /// The agent's admin API.
-        #[arg(
-            long,
-            global = true,
-            env = "REDTAP_ADMIN",
-            default_value = "http://127.0.0.1:9900"
-        )]
-        admin: String,
-        /// Bearer token of the admin API, if it requires one.
+        /// The agent's admin API: ADDR:PORT as for `run --admin`, or a URL (default: the config
+        /// file's `admin`, else 127.0.0.1:9900).
+        #[arg(long, global = true, env = "REDTAP_ADMIN", value_name = "ADDR")]
+        admin: Option<String>,
+        /// The agent's TOML configuration file: its `admin` and `admin_token`.
+        #[arg(long, short = 'c', global = true)]
+        config: Option<std::path::PathBuf>,
+        /// Bearer token of the admin API, if it requires one (default: the file's).
         #[arg(
             long,
             global = true,
@@ -116,10 +115,27 @@ fn main() -> ExitCode {
         }
         Command::Weights {
             admin,
+            config,
             token,
             json,
             action,
         } => rt.block_on(async {
+            let file = match config.as_deref().map(redtap::config::read_file).transpose() {
+                Ok(f) => f.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("redtap: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let admin = match admin.or(file.admin) {
+                Some(a) if a == "off" => {
+                    eprintln!("redtap: the agent's admin API is off (admin = \"off\")");
+                    return ExitCode::from(EX_USAGE);
+                }
+                Some(a) => a,
+                None => "127.0.0.1:9900".to_string(),
+            };
+            let token = token.or(file.admin_token);
             let token = token.as_deref();
             let result = match action {
                 None => redtap::client::backends(&admin, token).await,
