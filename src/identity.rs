@@ -243,6 +243,8 @@ async fn acquire(
 /// What the start-up check learned of one backend.
 struct Found {
     conn: Option<MultiplexedConnection>,
+    /// Why it could not be reached at start, and by which command.
+    failed: Option<(&'static str, Cause)>,
     id: Option<ServerId>,
     lease: bool,
 }
@@ -300,6 +302,7 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
                       db = id.db, "backend up at start");
                 guard.found.push(Found {
                     conn: Some(conn),
+                    failed: None,
                     id: Some(id),
                     lease: false,
                 });
@@ -310,6 +313,7 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
                        (its identity and lease are checked when it is first reached)");
                 guard.found.push(Found {
                     conn: None,
+                    failed: Some((command, cause)),
                     id: None,
                     lease: false,
                 });
@@ -414,6 +418,11 @@ impl Guard {
         });
         let mut set = tokio::task::JoinSet::new();
         for (i, (b, f)) in backends.into_iter().zip(found).enumerate() {
+            // What the start-up check learned shows as soon as the writer marks it down.
+            if let Some((command, cause)) = f.failed {
+                shared.metrics.command_error(i, command, &cause);
+                shared.board.set_cause(i, cause);
+            }
             let task = One {
                 i,
                 b,
