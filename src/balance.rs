@@ -775,6 +775,55 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The bound holds for the counts the API shows, after any sequence of weight changes —
+        /// including changes that leave the weights (and so the effective weights) equal.
+        #[test]
+        fn since_change_counts_shown_stay_within_one_record(
+            start in prop::collection::vec(1u32..=20, 2..5),
+            steps in prop::collection::vec(
+                (1usize..300, 1usize..40, any::<bool>(), prop::collection::vec(0u32..=20, 4)),
+                1..12,
+            ),
+        ) {
+            let n = start.len();
+            let names: Vec<String> = (0..n).map(|i| format!("b{i}")).collect();
+            let balance = Balance::new(names.clone(), start);
+            let board = Arc::new(Board::new(n));
+            let mut router = Router::new(balance.clone(), board, OnDown::Hold);
+            for (records, batch, same, next) in steps {
+                let mut left = records;
+                while left > 0 {
+                    let k = left.min(batch);
+                    for _ in 0..k {
+                        prop_assert!(router.route().is_some());
+                    }
+                    router.flush();
+                    left -= k;
+                    let view = balance.view();
+                    let w: u64 = view.iter().map(|v| u64::from(v.weight)).sum();
+                    let total: u64 = view.iter().map(|v| v.routed_since_change).sum();
+                    for v in &view {
+                        let dev = (i128::from(v.routed_since_change) * i128::from(w)
+                            - i128::from(total) * i128::from(v.weight))
+                        .abs();
+                        prop_assert!(dev <= i128::from(w),
+                            "{}: {} of {} since change at weight {}/{}",
+                            v.name, v.routed_since_change, total, v.weight, w);
+                    }
+                }
+                let changes: BTreeMap<String, u32> = if same {
+                    balance.weights_by_name()
+                } else {
+                    names.iter().cloned().zip(next.iter().copied()).collect()
+                };
+                let _ = balance.set_weights(&changes); // all-zero is refused: keep going
+            }
+        }
+    }
+
     #[test]
     fn unknown_backend_refused() {
         let balance = Balance::new(vec!["A".into(), "B".into()], vec![30, 70]);
