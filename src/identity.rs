@@ -240,6 +240,9 @@ async fn acquire(
     Ok(Lease::Busy(holder))
 }
 
+/// One backend at start: its connection and identity, or the failed command and why.
+type Reached = Result<(MultiplexedConnection, ServerId), (&'static str, Cause)>;
+
 /// What the start-up check learned of one backend.
 struct Found {
     conn: Option<MultiplexedConnection>,
@@ -280,8 +283,7 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
             (i, r)
         });
     }
-    let mut results: Vec<Option<Result<(MultiplexedConnection, ServerId), (&str, Cause)>>> =
-        (0..config.backends.len()).map(|_| None).collect();
+    let mut results: Vec<Option<Reached>> = (0..config.backends.len()).map(|_| None).collect();
     while let Some(joined) = tasks.join_next().await {
         let (i, r) = joined.map_err(|e| ConfigError(format!("start-up check failed: {e}")))?;
         results[i] = Some(r);
