@@ -183,6 +183,24 @@ impl Default for HealthConfig {
     }
 }
 
+/// A command redtap relies on (expiry, probe, trim, lease…) failed on backend number `index`:
+/// log it with its cause and count it in `redtap_backend_command_errors_total{backend,command,
+/// cause}`. Returns the cause, for [`Tracker::record_failure`]. Failures only: never on the hot
+/// path of a successful write.
+pub fn command_failed(
+    metrics: &crate::metrics::Metrics,
+    index: usize,
+    backend: &str,
+    command: &'static str,
+    error: &redis::RedisError,
+) -> Cause {
+    let cause = Cause::from_redis_error(error);
+    tracing::warn!(backend, command, cause = %cause, cause_code = cause.label(),
+                   "Redis command failed: {cause}");
+    metrics.command_error(index, command, &cause);
+    cause
+}
+
 /// The shared up/down state of every backend.
 #[derive(Debug)]
 pub struct Board {
@@ -392,6 +410,31 @@ mod tests {
             board.cause(1).unwrap().to_string(),
             "same server as backend A"
         );
+    }
+
+    #[test]
+    fn a_failed_command_is_counted_by_cause() {
+        let metrics = crate::metrics::Metrics::new(&["A".into(), "B".into()]);
+        let oom = redis::RedisError::from((
+            redis::ErrorKind::ExtensionError,
+            "An error was signalled by the server",
+            "OOM command not allowed when used memory > 'maxmemory'.".to_string(),
+        ));
+        assert_eq!(
+            command_failed(&metrics, 1, "B", "PEXPIRE", &oom),
+            Cause::Oom
+        );
+        assert_eq!(metrics.command_errors(1, "PEXPIRE"), 1);
+        assert_eq!(metrics.command_errors(0, "PEXPIRE"), 0);
+        let board = Board::new(2);
+        let text = metrics.render(
+            &crate::balance::Balance::new(vec!["A".into(), "B".into()], vec![1, 1]),
+            &board,
+            &crate::buffer::Budget::new(1024),
+        );
+        assert!(text.contains(
+            "redtap_backend_command_errors_total{backend=\"B\",command=\"PEXPIRE\",cause=\"oom\"} 1"
+        ), "{text}");
     }
 
     #[test]
