@@ -279,6 +279,10 @@ impl Board {
     }
 
     fn set(&self, i: usize, up: bool) {
+        if up {
+            // The next outage gets its own cause, not this one's.
+            self.causes[i].store(None);
+        }
         if self.up[i].swap(up, Ordering::AcqRel) != up {
             self.generation.fetch_add(1, Ordering::AcqRel);
             // One waiter (the balancer); a stored permit means a change between its check and
@@ -349,6 +353,10 @@ impl Tracker {
     /// probes count towards coming back up.
     pub fn record(&mut self, ok: bool, board: &Board) -> Option<Transition> {
         if ok {
+            if self.last_cause.take().is_some() && self.up {
+                // A failure that did not bring it down is forgotten with its cause.
+                board.causes[self.index].store(None);
+            }
             self.failures = 0;
             self.successes += 1;
             if !self.up && self.successes >= self.cfg.up_after {

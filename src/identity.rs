@@ -3,7 +3,7 @@
 //! Owns: the start-up check of every backend (one bounded attempt each, logged as "up" or the
 //! precise [`Cause`]), the refusal of two backends that are the same Redis server and database
 //! (`INFO server` → `run_id`, plus the db number), and this agent's **lease** on each backend —
-//! `<prefix>:lease:<agent>` = `host pid start-time`, taken with `SET NX PX`, renewed every third
+//! `<prefix>:lease:<agent>` = `host pid start-time pid-namespace`, taken with `SET NX PX`, renewed every third
 //! of its TTL by a compare-and-renew script, released on clean shutdown — so that two live redtap
 //! processes with the same agent name never write one stream.
 //!
@@ -27,7 +27,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{BackendConfig, Config, ConfigError};
 use crate::health::{Board, Cause};
@@ -68,7 +68,7 @@ pub struct ServerId {
     pub db: i64,
 }
 
-/// This process, as written in its leases: `host pid start-time`.
+/// This process, as written in its leases: `host pid start-time pid-namespace`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
     /// Host name.
@@ -78,6 +78,9 @@ pub struct Holder {
     /// Process start time, clock ticks since boot (/proc/<pid>/stat field 22), so a reused pid
     /// is not mistaken for the holder.
     pub start: u64,
+    /// The pid namespace (`/proc/self/ns/pid`), so that containers sharing the host's name
+    /// never judge each other's pids.
+    pub pidns: String,
 }
 
 impl Holder {
@@ -88,12 +91,13 @@ impl Holder {
             host: hostname(),
             pid,
             start: start_time(pid).unwrap_or(0),
+            pidns: pid_namespace(),
         }
     }
 
     /// The lease value.
     pub fn value(&self) -> String {
-        format!("{} {} {}", self.host, self.pid, self.start)
+        format!("{} {} {} {}", self.host, self.pid, self.start, self.pidns)
     }
 
     /// Parse a lease value.
@@ -104,13 +108,17 @@ impl Holder {
             host: host.to_string(),
             pid: pid.parse().ok()?,
             start: start.parse().ok()?,
+            pidns: it.next().unwrap_or("").to_string(),
         })
     }
 
-    /// Whether this holder is certainly dead: it ran on this host, and its pid is gone or now
-    /// belongs to a process started at another time. (Another host's holder is never judged.)
+    /// Whether this holder is certainly dead: it ran on this host in this pid namespace, and its
+    /// pid is gone or now belongs to a process started at another time. (A holder elsewhere is
+    /// never judged: it may be alive.)
     pub fn is_dead_here(&self) -> bool {
-        self.host == hostname() && start_time(self.pid) != Some(self.start)
+        self.host == hostname()
+            && self.pidns == pid_namespace()
+            && start_time(self.pid) != Some(self.start)
     }
 }
 
@@ -128,6 +136,13 @@ fn hostname() -> String {
     } else {
         h
     }
+}
+
+/// This process's pid namespace, e.g. `pid:[4026531836]`.
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.to_string_lossy().replace(' ', "_"))
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// Start time of process `pid` in clock ticks since boot, or `None` if there is no such process.
@@ -250,6 +265,8 @@ struct Found {
     failed: Option<(&'static str, Cause)>,
     id: Option<ServerId>,
     lease: bool,
+    /// The lease was refused by an ACL (NOPERM).
+    lease_denied: bool,
 }
 
 /// The per-backend guards, created by [`check_at_start`] and run by [`Guard::spawn`].
@@ -307,6 +324,7 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
                     failed: None,
                     id: Some(id),
                     lease: false,
+                    lease_denied: false,
                 });
             }
             Err((command, cause)) => {
@@ -318,6 +336,7 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
                     failed: Some((command, cause)),
                     id: None,
                     lease: false,
+                    lease_denied: false,
                 });
             }
         }
@@ -357,8 +376,9 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
             }
             Err((command, cause)) => {
                 warn!(backend = %guard.backends[i].name, command, %cause,
-                      "cannot take this agent's lease; running without it (another redtap \
-                       with the same --agent would not be detected on this backend)");
+                      "cannot take this agent's lease now (another redtap with the same \
+                       --agent would not be detected on this backend until it is taken)");
+                guard.found[i].lease_denied = cause == Cause::NoPerm;
             }
         }
     }
@@ -431,6 +451,7 @@ impl Guard {
                 conn: f.conn,
                 identified: f.id.is_some(),
                 lease: f.lease,
+                lease_wanted: !f.lease_denied,
                 shared: shared.clone(),
             };
             set.spawn(task.run(stop.clone()));
@@ -457,6 +478,8 @@ struct One {
     conn: Option<MultiplexedConnection>,
     identified: bool,
     lease: bool,
+    /// False once the lease was refused by an ACL (NOPERM): retrying would only repeat it.
+    lease_wanted: bool,
     shared: Arc<Shared>,
 }
 
@@ -476,6 +499,9 @@ impl One {
                     }
                     if !self.identified {
                         self.first_contact().await;
+                    } else if !self.lease && self.lease_wanted && self.shared.board.is_up(self.i) {
+                        // Not taken at start (e.g. Redis out of memory then): take it now.
+                        self.take_lease().await;
                     } else if !self.shared.board.is_up(self.i) {
                         let cause = self.diagnose().await;
                         if cause.is_some() && cause != last_cause {
@@ -579,7 +605,14 @@ impl One {
                 shared.board.exclude(self.i, Cause::LeaseHeld(holder));
             }
             Err((command, cause)) => {
-                warn!(backend = %self.b.name, command, %cause, "cannot take the lease; will retry");
+                if cause == Cause::NoPerm {
+                    warn!(backend = %self.b.name, command, %cause,
+                          "the ACL forbids this agent's lease; running without it");
+                    self.lease_wanted = false;
+                } else {
+                    debug!(backend = %self.b.name, command, %cause,
+                           "cannot take the lease; will retry");
+                }
                 self.failed(command, &cause);
             }
         }
@@ -672,11 +705,20 @@ mod tests {
         let elsewhere = Holder {
             host: format!("{}-elsewhere", me.host),
             pid: u32::MAX,
-            ..me
+            ..me.clone()
         };
         assert!(
             !elsewhere.is_dead_here(),
             "another host's holder is never judged"
+        );
+        let container = Holder {
+            pidns: "pid:[1]".into(),
+            pid: u32::MAX,
+            ..me
+        };
+        assert!(
+            !container.is_dead_here(),
+            "another pid namespace is never judged"
         );
         assert_eq!(Holder::parse("garbage"), None);
     }
