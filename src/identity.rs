@@ -213,31 +213,37 @@ async fn acquire(
     me: &str,
 ) -> Result<Lease, (&'static str, Cause)> {
     let ttl = LEASE_TTL.as_millis() as u64;
-    let set: Option<String> = redis::cmd("SET")
-        .arg(key)
-        .arg(me)
-        .arg("NX")
-        .arg("PX")
-        .arg(ttl)
-        .query_async(conn)
-        .await
-        .map_err(|e| ("SET", Cause::from_redis_error(&e)))?;
-    if set.is_some() {
-        return Ok(Lease::Held);
-    }
-    let current: Option<String> = redis::cmd("GET")
-        .arg(key)
-        .query_async(conn)
-        .await
-        .map_err(|e| ("GET", Cause::from_redis_error(&e)))?;
-    let Some(current) = current else {
-        // It expired between the two commands: try once more.
-        return Box::pin(acquire(conn, key, me)).await;
-    };
-    if current == me {
-        return Ok(Lease::Held);
-    }
-    if Holder::parse(&current).is_some_and(|h| h.is_dead_here()) {
+    // A lease that expires or is taken over between our commands needs another round; a few
+    // are plenty (each round either sees a holder or finds the key free).
+    let mut current = String::new();
+    for _ in 0..3 {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(me)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl)
+            .query_async(conn)
+            .await
+            .map_err(|e| ("SET", Cause::from_redis_error(&e)))?;
+        if set.is_some() {
+            return Ok(Lease::Held);
+        }
+        let Some(now) = redis::cmd("GET")
+            .arg(key)
+            .query_async::<Option<String>>(conn)
+            .await
+            .map_err(|e| ("GET", Cause::from_redis_error(&e)))?
+        else {
+            continue; // it expired between the two commands
+        };
+        if now == me {
+            return Ok(Lease::Held);
+        }
+        current = now;
+        if !Holder::parse(&current).is_some_and(|h| h.is_dead_here()) {
+            break;
+        }
         let took: i64 = eval(TAKE_OVER, key)
             .arg(&current)
             .arg(me)
@@ -249,7 +255,6 @@ async fn acquire(
             info!(key, stale = %current, "took over the lease of a redtap that is gone");
             return Ok(Lease::Held);
         }
-        return Box::pin(acquire(conn, key, me)).await;
     }
     let holder = Holder::parse(&current).map_or(current, |h| h.to_string());
     Ok(Lease::Busy(holder))
