@@ -418,3 +418,42 @@ fn in_hold_mode_a_stalled_backend_never_stalls_the_other() {
         );
     }
 }
+
+#[test]
+fn the_lease_is_renewed_and_a_lease_lost_to_another_agent_excludes_the_backend() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let d = Daemon::connections(&[("A", &a, 1), ("B", &b, 1)], &[]);
+    let pttl = |r: &RedisServer| -> i64 {
+        redis::cmd("PTTL")
+            .arg("redtap:lease:t")
+            .query(&mut r.conn().unwrap())
+            .unwrap()
+    };
+    // Renewed every 5 s back to 15 s: seen running down, then back up.
+    let mut ran_down = false;
+    eventually(Duration::from_secs(12), "A's lease renewed", || {
+        let left = pttl(&a);
+        ran_down |= (0..13_500).contains(&left);
+        ran_down && left > 14_000
+    });
+
+    // Another agent (on another host, so never judged dead from here) takes B's lease.
+    redis::cmd("SET")
+        .arg(&["redtap:lease:t", "elsewhere 4242 1 pid:[1]", "PX", "60000"])
+        .query::<()>(&mut b.conn().unwrap())
+        .unwrap();
+    eventually(Duration::from_secs(10), "B excluded: lease held", || {
+        let v = d.backends();
+        v[1]["excluded"] == true
+            && v[1]["down_cause"] == "agent lease held by host elsewhere pid 4242"
+            && v[0]["up"] == true
+    });
+    // Its lease is left alone; A's is still ours.
+    let held: String = redis::cmd("GET")
+        .arg("redtap:lease:t")
+        .query(&mut b.conn().unwrap())
+        .unwrap();
+    assert_eq!(held, "elsewhere 4242 1 pid:[1]");
+    assert!(pttl(&a) > 0);
+}
