@@ -100,7 +100,10 @@ pub fn table(backends: &[BackendView]) -> String {
             b.actual_share * 100.0,
             b.actual_share_since_change * 100.0,
             b.records_written,
-            b.url
+            match &b.down_cause {
+                Some(c) => format!("{}  ({c})", b.url),
+                None => b.url.clone(),
+            }
         );
     }
     out

@@ -14,7 +14,9 @@
 //! - [`capture`]: produces records (packets mode: one per TCP segment to the address, from a
 //!   libpcap ring; connections mode: one per accepted connection).
 //! - [`balance`]: weights, the per-record selector, target vs actual shares, the balancer task.
-//! - [`health`]: each backend's up/down verdict; [`buffer`]: the bound on waiting records.
+//! - [`health`]: each backend's up/down verdict and why; [`buffer`]: the bound on waiting records.
+//! - [`identity`]: one Redis, one writer — the start-up check of every backend, duplicate servers
+//!   refused by `run_id`, this agent's lease on each backend.
 //! - [`sink`]: per-backend Redis writers and the data layouts ([`sink::schema`]).
 //! - [`admin`]: the HTTP API (`/v1/backends`, `/v1/weights`, `/metrics`, `/healthz`);
 //!   [`state`]: run-time weights kept across restarts.
@@ -37,6 +39,7 @@ pub mod capture;
 pub mod client;
 pub mod config;
 pub mod health;
+pub mod identity;
 pub mod metrics;
 pub mod query;
 pub mod record;
@@ -227,6 +230,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         CaptureMode::Connections => None,
     };
+    // Every backend tried once: logged up or why not; the same server twice, or this agent
+    // already running on a backend, is refused here (exit 64).
+    let guard = identity::check_at_start(&config).await?;
     let listener = match config.serve {
         ServeMode::Sink => Some(
             capture::connections::bind_listener(config.listen)
@@ -250,6 +256,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         CaptureMode::Packets => OnFull::DropOldest,
     };
     let pipeline = Pipeline::start(&config, on_full)?;
+    let guard_stop = CancellationToken::new();
+    let guard_task = guard.spawn(
+        pipeline.board.clone(),
+        pipeline.metrics.clone(),
+        guard_stop.clone(),
+    );
 
     let stop_capture = shutdown.child_token();
     let conns = capture::connections::ConnCapture {
@@ -322,6 +334,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if let Some(t) = admin_task {
         let _ = t.await;
     }
+    // The leases go last: until the writers are done, this agent still writes.
+    guard_stop.cancel();
+    let _ = guard_task.await;
     info!(
         captured = summary.captured,
         written = summary.written,
