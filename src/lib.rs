@@ -307,17 +307,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     ));
 
+    let in_force = pipeline.balance.weights_by_name();
+    let restored = config
+        .backends
+        .iter()
+        .any(|b| in_force.get(&b.name) != Some(&b.weight));
     info!(
         listen = %config.listen,
-        capture = ?config.capture,
-        serve = ?config.serve,
-        schema = ?config.schema,
+        capture = %value_name(&config.capture),
+        serve = %value_name(&config.serve),
+        schema = %value_name(&config.schema),
         agent = %config.agent,
-        retention = ?config.retention,
-        admin = ?config.admin,
+        retention = %humantime::format_duration(config.retention),
+        admin = %config.admin.map_or_else(|| "off".to_string(), |a| a.to_string()),
         backends = %config.backends.iter()
-            .map(|b| format!("{}={}@{}", b.name, b.redacted_url(), b.weight))
+            .map(|b| format!("{}={}@{}", b.name, b.redacted_url(), in_force[&b.name]))
             .collect::<Vec<_>>().join(" "),
+        weights = %if restored { "restored from the state file" } else { "as configured" },
         "redtap running"
     );
 
@@ -380,12 +386,29 @@ async fn reload_on_sighup(
                 apply_weights(&balance, &changes, state_file.as_deref()).map_err(|e| e.to_string())
             });
         match result {
-            Ok(()) => info!(path = %path.display(), weights = ?balance.current().weights,
-                            "SIGHUP: weights reloaded"),
+            Ok(()) => info!(path = %path.display(), weights = %weights_text(&balance),
+                            "SIGHUP: weights reloaded (only the weights: other settings take \
+                             effect at the next restart)"),
             Err(e) => error!(path = %path.display(), error = %e,
                              "SIGHUP: config not applied; weights unchanged"),
         }
     }
+}
+
+/// A setting's value as it is written on the command line (`connections`, `stream`).
+fn value_name<T: clap::ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
+}
+
+/// The weights in force, `A=30 B=70`, for the log.
+fn weights_text(balance: &Balance) -> String {
+    balance
+        .weights_by_name()
+        .iter()
+        .map(|(n, w)| format!("{n}={w}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Poll a future once with a no-op waker: `Some(output)` if it completed at once. Used where a

@@ -388,6 +388,9 @@ fn sighup_reloads_weights_from_the_config_file() {
     eventually(Duration::from_secs(5), "weights reloaded", || {
         d.backends()[0]["weight"] == 10
     });
+    eventually(Duration::from_secs(5), "the reload logged by name", || {
+        d.log().contains("weights=A=10 B=90")
+    });
     // A bad file changes nothing.
     write(-1, 90);
     d.signal("HUP");
