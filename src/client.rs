@@ -84,21 +84,32 @@ async fn answer(resp: reqwest::Response) -> anyhow::Result<Vec<BackendView>> {
     serde_json::from_str(&text).context("the admin API's answer is not the expected JSON")
 }
 
-/// A table of backends for a terminal.
+/// A table of backends for a terminal. ACTUAL is the share of every record since start, SINCE
+/// the share since the last weight change: `-` until a record has been routed since it (a row
+/// of `0.0%` would read as a failure), `-` too for ACTUAL before the first record.
 pub fn table(backends: &[BackendView]) -> String {
+    let share = |x: f64, any: bool| {
+        if any {
+            format!("{:.1}%", x * 100.0)
+        } else {
+            "-".to_string()
+        }
+    };
+    let routed = backends.iter().any(|b| b.records_routed > 0);
+    let routed_since = backends.iter().any(|b| b.records_routed_since_change > 0);
     let mut out = format!(
         "{:<10} {:>4} {:>6} {:>7} {:>8} {:>8} {:>12}  {}\n",
         "BACKEND", "UP", "WEIGHT", "TARGET", "ACTUAL", "SINCE", "WRITTEN", "URL"
     );
     for b in backends {
         out += &format!(
-            "{:<10} {:>4} {:>6} {:>6.1}% {:>7.1}% {:>7.1}% {:>12}  {}\n",
+            "{:<10} {:>4} {:>6} {:>6.1}% {:>8} {:>8} {:>12}  {}\n",
             b.name,
             if b.up { "up" } else { "DOWN" },
             b.weight,
             b.target_share * 100.0,
-            b.actual_share * 100.0,
-            b.actual_share_since_change * 100.0,
+            share(b.actual_share, routed),
+            share(b.actual_share_since_change, routed_since),
             b.records_written,
             match &b.down_cause {
                 Some(c) => format!("{}  ({c})", b.url),
@@ -106,5 +117,6 @@ pub fn table(backends: &[BackendView]) -> String {
             }
         );
     }
+    out += "(ACTUAL: share of every record since start; SINCE: since the last weight change)\n";
     out
 }

@@ -318,6 +318,15 @@ fn weights_cli_shows_and_changes_weights() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(d.backends()[0]["weight"], 50);
+    // Nothing routed since the change yet: SINCE says so rather than 0.0%.
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("A "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!((row[3], row[5]), ("50.0%", "-"), "{table}");
 
     let out = cli(&["set", "A=50", "C=1"]);
     assert_eq!(out.status.code(), Some(1));
