@@ -39,7 +39,6 @@ echo "==> 10,000 more connections"
 "$load" "127.0.0.1:$listen" 10000
 sleep 0.5
 "$bin" weights
-echo "(SINCE = share since the last weight change; ACTUAL = since start)"
 
 echo; echo "==> what Redis holds (stream redtap:events:demo)"
 echo "A: $(redis-cli -p "$port_a" xlen redtap:events:demo) records   B: $(redis-cli -p "$port_b" xlen redtap:events:demo) records"

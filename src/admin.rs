@@ -2,7 +2,8 @@
 //!
 //! Endpoints:
 //! - `GET /v1/backends` — every backend: name, url (password redacted), weight, target share,
-//!   actual share since start and since the last weight change, records routed and written.
+//!   actual share since start and since the last weight change, records routed and written, up,
+//!   and while down why (`down_cause`, `down_cause_code`, `excluded`).
 //! - `PUT /v1/weights` — body `{"A":50,"B":50}`: change any subset of weights atomically, from
 //!   the next record routed. Answers with the new state, or a 4xx `{"error": "…"}` and changes
 //!   nothing.
@@ -110,6 +111,17 @@ pub struct BackendView {
     pub write_errors: u64,
     /// Whether the backend takes records now.
     pub up: bool,
+    /// Why it is down (`"connection refused"`, `"authentication failed (WRONGPASS/NOAUTH)"`,
+    /// `"out of memory (OOM)"`, `"timeout"`, `"same server as backend A"`…); `null` while up.
+    #[serde(default)]
+    pub down_cause: Option<String>,
+    /// The metric label of `down_cause` (`refused`, `auth`, `oom`, `timeout`, …); `null` while up.
+    #[serde(default)]
+    pub down_cause_code: Option<String>,
+    /// Taken out of service for the rest of the run (same server as another backend, or its
+    /// lease held by another redtap with this agent name).
+    #[serde(default)]
+    pub excluded: bool,
 }
 
 /// The admin router.
@@ -271,18 +283,25 @@ fn view(state: &AdminState) -> Vec<BackendView> {
         .zip(&state.backends)
         .zip(&state.metrics.backends)
         .zip(state.board.snapshot())
-        .map(|(((v, b), m), up)| BackendView {
-            name: v.name,
-            url: b.redacted_url(),
-            weight: v.weight,
-            target_share: v.target_share,
-            actual_share: v.actual_share,
-            actual_share_since_change: v.actual_share_since_change,
-            records_routed: v.routed,
-            records_routed_since_change: v.routed_since_change,
-            records_written: m.written.get(),
-            write_errors: m.write_errors.get(),
-            up,
+        .enumerate()
+        .map(|(i, (((v, b), m), up))| {
+            let cause = if up { None } else { state.board.cause(i) };
+            BackendView {
+                name: v.name,
+                url: b.redacted_url(),
+                weight: v.weight,
+                target_share: v.target_share,
+                actual_share: v.actual_share,
+                actual_share_since_change: v.actual_share_since_change,
+                records_routed: v.routed,
+                records_routed_since_change: v.routed_since_change,
+                records_written: m.written.get(),
+                write_errors: m.write_errors.get(),
+                up,
+                down_cause: cause.as_ref().map(|c| c.to_string()),
+                down_cause_code: cause.as_ref().map(|c| c.label().to_string()),
+                excluded: state.board.is_excluded(i),
+            }
         })
         .collect()
 }

@@ -12,7 +12,6 @@
 //! of N records, every backend's count differs from N·w/Σw by at most 1.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -141,11 +140,21 @@ pub struct Balance {
     snapshot: ArcSwap<WeightSnapshot>,
     /// Serialises weight changes; never taken on the hot path.
     change: Mutex<()>,
-    /// Records routed to each backend since start.
-    routed: Vec<AtomicU64>,
-    /// Records routed to each backend since the generation in `since_gen` took effect.
-    routed_since: Vec<AtomicU64>,
-    since_gen: AtomicU64,
+    /// Routing counts, published whole once per batch by the router, so a reader never sees
+    /// one backend's count of a batch without the others' (the one-record bound holds for every
+    /// view).
+    counts: ArcSwap<Counts>,
+}
+
+/// Records routed per backend, as of one batch.
+#[derive(Debug, Clone)]
+struct Counts {
+    /// The weight generation `since` counts from.
+    generation: u64,
+    /// Since start.
+    routed: Vec<u64>,
+    /// Since weight generation `generation` took effect.
+    since: Vec<u64>,
 }
 
 /// A read of the routing state for one backend.
@@ -179,9 +188,11 @@ impl Balance {
                 weights,
             }),
             change: Mutex::new(()),
-            routed: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            routed_since: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            since_gen: AtomicU64::new(0),
+            counts: ArcSwap::from_pointee(Counts {
+                generation: 0,
+                routed: vec![0; n],
+                since: vec![0; n],
+            }),
         })
     }
 
@@ -240,17 +251,14 @@ impl Balance {
     pub fn view(&self) -> Vec<ShareView> {
         let snap = self.snapshot.load();
         let total_w: u64 = snap.weights.iter().map(|&w| u64::from(w)).sum();
-        let routed: Vec<u64> = self
-            .routed
+        let counts = self.counts.load();
+        let routed = &counts.routed;
+        // Counts of an older generation are stale until the balancer routes its next record.
+        let fresh = counts.generation == snap.generation;
+        let since: Vec<u64> = counts
+            .since
             .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect();
-        // Counters of an older generation are stale until the balancer routes its next record.
-        let fresh = self.since_gen.load(Ordering::Acquire) == snap.generation;
-        let since: Vec<u64> = self
-            .routed_since
-            .iter()
-            .map(|c| if fresh { c.load(Ordering::Relaxed) } else { 0 })
+            .map(|&c| if fresh { c } else { 0 })
             .collect();
         let all: u64 = routed.iter().sum();
         let all_since: u64 = since.iter().sum();
@@ -292,6 +300,8 @@ pub struct Router {
     swrr: Option<Swrr>,
     /// Per-backend counts not yet published to the shared counters.
     pending: Vec<u64>,
+    /// The counts last published (this router is their only writer).
+    counts: Counts,
     /// The weights the selector was built for (0 for a down backend in `redistribute`).
     effective: Vec<u32>,
     /// Whether the first rebuild has run.
@@ -310,6 +320,11 @@ impl Router {
             health_generation: 0,
             swrr: None,
             pending: vec![0; n],
+            counts: Counts {
+                generation: 0,
+                routed: vec![0; n],
+                since: vec![0; n],
+            },
             effective: Vec::new(),
             started: false,
         };
@@ -336,14 +351,12 @@ impl Router {
     fn rebuild(&mut self) {
         let snap = self.balance.snapshot.load();
         self.health_generation = self.board.generation();
-        if snap.generation != self.generation || !self.started {
+        let new_weights = snap.generation != self.generation || !self.started;
+        if new_weights {
             self.flush();
-            for c in &self.balance.routed_since {
-                c.store(0, Ordering::Relaxed);
-            }
-            self.balance
-                .since_gen
-                .store(snap.generation, Ordering::Release);
+            self.counts.since.iter_mut().for_each(|c| *c = 0);
+            self.counts.generation = snap.generation;
+            self.balance.counts.store(Arc::new(self.counts.clone()));
             self.generation = snap.generation;
             self.started = true;
         }
@@ -352,14 +365,18 @@ impl Router {
             .weights
             .iter()
             .zip(&up)
-            .map(|(&w, &up)| match self.on_down {
+            .enumerate()
+            .map(|(i, (&w, &up))| match self.on_down {
                 OnDown::Redistribute if !up => 0,
+                // An excluded backend takes nothing, even in hold mode: it will never come back.
+                OnDown::Hold if self.board.is_excluded(i) => 0,
                 _ => w,
             })
             .collect();
-        // Unchanged effective weights (e.g. a health change in hold mode) keep the selector and
-        // its bound.
-        if effective != self.effective || self.swrr.is_none() {
+        // Unchanged effective weights after a health change (e.g. in hold mode) keep the
+        // selector and its bound. A weight change always restarts it, even to equal weights:
+        // the "since change" counts restart too, and the bound must hold for them.
+        if new_weights || effective != self.effective || self.swrr.is_none() {
             self.swrr = effective
                 .iter()
                 .any(|&w| w > 0)
@@ -383,13 +400,15 @@ impl Router {
     /// Publish the counts of the records routed since the last flush. Called once per batch so
     /// the shared counters are touched per batch, not per record.
     pub fn flush(&mut self) {
-        for (i, n) in self.pending.iter_mut().enumerate() {
-            if *n > 0 {
-                self.balance.routed[i].fetch_add(*n, Ordering::Relaxed);
-                self.balance.routed_since[i].fetch_add(*n, Ordering::Relaxed);
-                *n = 0;
-            }
+        if self.pending.iter().all(|&n| n == 0) {
+            return;
         }
+        for (i, n) in self.pending.iter_mut().enumerate() {
+            self.counts.routed[i] += *n;
+            self.counts.since[i] += *n;
+            *n = 0;
+        }
+        self.balance.counts.store(Arc::new(self.counts.clone()));
     }
 }
 
@@ -423,24 +442,30 @@ impl Balancer {
     pub async fn run(mut self, abort: CancellationToken) {
         let mut buf = Vec::with_capacity(self.batch_size);
         let mut held: VecDeque<Record> = VecDeque::new();
+        let mut over = Overflow::new(self.writers.len());
         let mut closed = false;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.router.sync_health();
+            self.send_overflow(&mut over);
             if self.router.can_route() && !held.is_empty() {
                 let n = held.len().min(self.batch_size);
                 let chunk: Vec<Record> = held.drain(..n).collect();
                 self.budget.release(n);
-                let mut unrouted = self.dispatch(chunk).await;
+                let mut unrouted = self.dispatch(chunk, &mut over);
                 self.hold(&mut held, &mut unrouted);
+                // Let the writers run: this loop must not spin while they are full.
+                tokio::task::yield_now().await;
                 continue;
             }
-            if closed && held.is_empty() {
+            if closed && held.is_empty() && over.records == 0 {
                 break;
             }
-            // After the grace period, take everything so capture is never left blocked.
-            let room = self.router.can_route()
+            // After the grace period, take everything so capture is never left blocked. A
+            // writer that is behind holds its records in `over` (within the budget), so the
+            // others keep receiving.
+            let room = (self.router.can_route() && over.records == 0)
                 || self.on_full == OnFull::DropOldest
                 || self.budget.has_room(self.batch_size)
                 || abort.is_cancelled();
@@ -451,7 +476,7 @@ impl Balancer {
                     if n == 0 {
                         closed = true;
                     } else if self.router.can_route() {
-                        let mut unrouted = self.dispatch(std::mem::take(&mut buf)).await;
+                        let mut unrouted = self.dispatch(std::mem::take(&mut buf), &mut over);
                         self.hold(&mut held, &mut unrouted);
                     } else if abort.is_cancelled() {
                         self.metrics.dropped(DropReason::Shutdown, buf.len() as u64);
@@ -461,8 +486,15 @@ impl Balancer {
                     }
                 }
                 _ = self.board.changed() => {}
+                _ = room_in(&self.writers, &over), if over.records > 0 => {}
                 _ = tick.tick() => self.evict_expired(&mut held),
                 _ = abort.cancelled(), if !abort.is_cancelled() => {}
+            }
+            if abort.is_cancelled() && over.records > 0 {
+                self.metrics
+                    .dropped(DropReason::Shutdown, over.records as u64);
+                self.budget.release(over.records);
+                over.clear();
             }
             if abort.is_cancelled() && !self.router.can_route() && !held.is_empty() {
                 self.metrics
@@ -474,9 +506,11 @@ impl Balancer {
         self.metrics.set_queue_depth(0);
     }
 
-    /// Route `records` and send each backend its share. Returns the records no backend could
-    /// take (a weight change mid-batch left only down backends with weight).
-    async fn dispatch(&mut self, records: Vec<Record>) -> Vec<Record> {
+    /// Route `records` and send each backend its share without waiting: a writer whose queue is
+    /// full gets its share later, from `over` (counted in the budget), so one slow or recovering
+    /// backend never holds up the others. Returns the records no backend could take (a weight
+    /// change mid-batch left only down backends with weight).
+    fn dispatch(&mut self, records: Vec<Record>, over: &mut Overflow) -> Vec<Record> {
         let n = self.writers.len();
         let mut per_backend: Vec<Vec<Record>> = vec![Vec::new(); n];
         let mut unrouted = Vec::new();
@@ -488,16 +522,63 @@ impl Balancer {
         }
         self.router.flush();
         for (i, batch) in per_backend.into_iter().enumerate() {
-            if !batch.is_empty() {
-                let len = batch.len() as u64;
-                // A writer only goes away at shutdown, after its queue has closed.
-                if self.writers[i].send(batch).await.is_err() {
-                    tracing::error!(backend = i, records = len, "writer gone; records dropped");
-                    self.metrics.dropped(DropReason::Shutdown, len);
+            if batch.is_empty() {
+                continue;
+            }
+            if over.queues[i].is_empty() {
+                match self.writers[i].try_send(batch) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Full(batch)) => {
+                        over.push(i, batch, &self.budget)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(batch)) => {
+                        self.writer_gone(i, batch.len())
+                    }
                 }
+            } else {
+                // Behind the batches already waiting for this writer, in order.
+                over.push(i, batch, &self.budget);
+            }
+        }
+        if self.on_full == OnFull::DropOldest {
+            let excess = self.budget.used().saturating_sub(self.budget.max_records());
+            let gone = over.evict_oldest(excess);
+            if gone > 0 {
+                self.budget.release(gone);
+                self.metrics.dropped(DropReason::Overflow, gone as u64);
             }
         }
         unrouted
+    }
+
+    /// Hand each writer what waits for it in `over`, as far as its queue has room.
+    fn send_overflow(&self, over: &mut Overflow) {
+        for i in 0..over.queues.len() {
+            while let Some(batch) = over.queues[i].pop_front() {
+                let n = batch.len();
+                match self.writers[i].try_send(batch) {
+                    Ok(()) => {
+                        over.records -= n;
+                        self.budget.release(n);
+                    }
+                    Err(mpsc::error::TrySendError::Full(batch)) => {
+                        over.queues[i].push_front(batch);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        over.records -= n;
+                        self.budget.release(n);
+                        self.writer_gone(i, n);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A writer only goes away at shutdown, after its queue has closed.
+    fn writer_gone(&self, i: usize, n: usize) {
+        tracing::error!(backend = i, records = n, "writer gone; records dropped");
+        self.metrics.dropped(DropReason::Shutdown, n as u64);
     }
 
     /// Keep records while no backend can take them, within the budget.
@@ -520,6 +601,7 @@ impl Balancer {
     }
 
     fn evict_expired(&self, held: &mut VecDeque<Record>) {
+        // (Records in `Overflow` are checked by their writer when it takes them.)
         let cutoff_ms = (now_us() / 1000).saturating_sub(self.retention_ms);
         let before = held.len();
         held.retain(|r| r.ts_ms() > cutoff_ms);
@@ -529,6 +611,79 @@ impl Balancer {
             self.metrics.dropped(DropReason::Expired, gone as u64);
         }
     }
+}
+
+/// Batches routed to writers whose queue was full, oldest first per writer; every record here
+/// is counted in the buffer budget.
+struct Overflow {
+    queues: Vec<VecDeque<Vec<Record>>>,
+    records: usize,
+}
+
+impl Overflow {
+    fn new(writers: usize) -> Self {
+        Overflow {
+            queues: (0..writers).map(|_| VecDeque::new()).collect(),
+            records: 0,
+        }
+    }
+
+    fn push(&mut self, i: usize, batch: Vec<Record>, budget: &Budget) {
+        self.records += batch.len();
+        budget.take(batch.len());
+        self.queues[i].push_back(batch);
+    }
+
+    /// Drop up to `n` of the oldest records, from the writer furthest behind first. Returns how
+    /// many went.
+    fn evict_oldest(&mut self, mut n: usize) -> usize {
+        let mut gone = 0;
+        while n > 0 {
+            let Some(q) = self
+                .queues
+                .iter_mut()
+                .filter(|q| !q.is_empty())
+                .max_by_key(|q| q.iter().map(Vec::len).sum::<usize>())
+            else {
+                break;
+            };
+            let front = q.front_mut().expect("not empty");
+            let k = n.min(front.len());
+            front.drain(..k);
+            if front.is_empty() {
+                q.pop_front();
+            }
+            n -= k;
+            gone += k;
+        }
+        self.records -= gone;
+        gone
+    }
+
+    fn clear(&mut self) {
+        self.queues.iter_mut().for_each(VecDeque::clear);
+        self.records = 0;
+    }
+}
+
+/// Resolves when any writer with batches waiting in `over` has room in its queue.
+async fn room_in(writers: &[mpsc::Sender<Vec<Record>>], over: &Overflow) {
+    let mut waits: Vec<_> = writers
+        .iter()
+        .zip(&over.queues)
+        .filter(|(_, q)| !q.is_empty())
+        .map(|(w, _)| Box::pin(w.reserve()))
+        .collect();
+    std::future::poll_fn(|cx| {
+        for w in waits.iter_mut() {
+            if std::future::Future::poll(w.as_mut(), cx).is_ready() {
+                // The permit is dropped at once: the slot is free for `send_overflow`.
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -617,6 +772,55 @@ mod tests {
             } else {
                 prop_assert_eq!(&now.weights, &vec![1; w.len()]);
                 prop_assert_eq!(now.generation, 0);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The bound holds for the counts the API shows, after any sequence of weight changes —
+        /// including changes that leave the weights (and so the effective weights) equal.
+        #[test]
+        fn since_change_counts_shown_stay_within_one_record(
+            start in prop::collection::vec(1u32..=20, 2..5),
+            steps in prop::collection::vec(
+                (1usize..300, 1usize..40, any::<bool>(), prop::collection::vec(0u32..=20, 4)),
+                1..12,
+            ),
+        ) {
+            let n = start.len();
+            let names: Vec<String> = (0..n).map(|i| format!("b{i}")).collect();
+            let balance = Balance::new(names.clone(), start);
+            let board = Arc::new(Board::new(n));
+            let mut router = Router::new(balance.clone(), board, OnDown::Hold);
+            for (records, batch, same, next) in steps {
+                let mut left = records;
+                while left > 0 {
+                    let k = left.min(batch);
+                    for _ in 0..k {
+                        prop_assert!(router.route().is_some());
+                    }
+                    router.flush();
+                    left -= k;
+                    let view = balance.view();
+                    let w: u64 = view.iter().map(|v| u64::from(v.weight)).sum();
+                    let total: u64 = view.iter().map(|v| v.routed_since_change).sum();
+                    for v in &view {
+                        let dev = (i128::from(v.routed_since_change) * i128::from(w)
+                            - i128::from(total) * i128::from(v.weight))
+                        .abs();
+                        prop_assert!(dev <= i128::from(w),
+                            "{}: {} of {} since change at weight {}/{}",
+                            v.name, v.routed_since_change, total, v.weight, w);
+                    }
+                }
+                let changes: BTreeMap<String, u32> = if same {
+                    balance.weights_by_name()
+                } else {
+                    names.iter().cloned().zip(next.iter().copied()).collect()
+                };
+                let _ = balance.set_weights(&changes); // all-zero is refused: keep going
             }
         }
     }

@@ -9,7 +9,7 @@ use crate::config::parse_weight;
 
 /// Fetch `GET /v1/backends` from the agent at `admin`.
 pub async fn backends(admin: &str, token: Option<&str>) -> anyhow::Result<Vec<BackendView>> {
-    let url = format!("{}/v1/backends", admin.trim_end_matches('/'));
+    let url = format!("{}/v1/backends", admin_url(admin));
     let resp = authorized(reqwest::Client::new().get(&url), token)
         .send()
         .await
@@ -17,7 +17,18 @@ pub async fn backends(admin: &str, token: Option<&str>) -> anyhow::Result<Vec<Ba
     answer(resp).await
 }
 
-/// Parse `NAME=WEIGHT` arguments.
+/// The admin API's base URL from an address as `run --admin` takes it (`127.0.0.1:9900`,
+/// `[::1]:9900`) or from a URL (`http://10.0.0.7:9900`).
+pub fn admin_url(addr: &str) -> String {
+    let addr = addr.trim().trim_end_matches('/');
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Parse `NAME=WEIGHT` arguments. A name given twice is refused: which one was meant?
 pub fn parse_pairs(pairs: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
     let mut out = BTreeMap::new();
     for p in pairs {
@@ -25,7 +36,9 @@ pub fn parse_pairs(pairs: &[String]) -> anyhow::Result<BTreeMap<String, u32>> {
             bail!("{p:?}: expected NAME=WEIGHT, e.g. A=50");
         };
         let w = parse_weight(w).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-        out.insert(name.to_string(), w);
+        if let Some(first) = out.insert(name.to_string(), w) {
+            bail!("{name} is given twice ({name}={first} and {name}={w}): give each backend once");
+        }
     }
     if out.is_empty() {
         bail!("give at least one NAME=WEIGHT, e.g. redtap weights set A=50 B=50");
@@ -39,7 +52,7 @@ pub async fn set(
     token: Option<&str>,
     weights: &BTreeMap<String, u32>,
 ) -> anyhow::Result<Vec<BackendView>> {
-    let url = format!("{}/v1/weights", admin.trim_end_matches('/'));
+    let url = format!("{}/v1/weights", admin_url(admin));
     let resp = authorized(reqwest::Client::new().put(&url), token)
         .json(weights)
         .send()
@@ -71,24 +84,39 @@ async fn answer(resp: reqwest::Response) -> anyhow::Result<Vec<BackendView>> {
     serde_json::from_str(&text).context("the admin API's answer is not the expected JSON")
 }
 
-/// A table of backends for a terminal.
+/// A table of backends for a terminal. ACTUAL is the share of every record since start, SINCE
+/// the share since the last weight change: `-` until a record has been routed since it (a row
+/// of `0.0%` would read as a failure), `-` too for ACTUAL before the first record.
 pub fn table(backends: &[BackendView]) -> String {
+    let share = |x: f64, any: bool| {
+        if any {
+            format!("{:.1}%", x * 100.0)
+        } else {
+            "-".to_string()
+        }
+    };
+    let routed = backends.iter().any(|b| b.records_routed > 0);
+    let routed_since = backends.iter().any(|b| b.records_routed_since_change > 0);
     let mut out = format!(
         "{:<10} {:>4} {:>6} {:>7} {:>8} {:>8} {:>12}  {}\n",
         "BACKEND", "UP", "WEIGHT", "TARGET", "ACTUAL", "SINCE", "WRITTEN", "URL"
     );
     for b in backends {
         out += &format!(
-            "{:<10} {:>4} {:>6} {:>6.1}% {:>7.1}% {:>7.1}% {:>12}  {}\n",
+            "{:<10} {:>4} {:>6} {:>6.1}% {:>8} {:>8} {:>12}  {}\n",
             b.name,
             if b.up { "up" } else { "DOWN" },
             b.weight,
             b.target_share * 100.0,
-            b.actual_share * 100.0,
-            b.actual_share_since_change * 100.0,
+            share(b.actual_share, routed),
+            share(b.actual_share_since_change, routed_since),
             b.records_written,
-            b.url
+            match &b.down_cause {
+                Some(c) => format!("{}  ({c})", b.url),
+                None => b.url.clone(),
+            }
         );
     }
+    out += "(ACTUAL: share of every record since start; SINCE: since the last weight change)\n";
     out
 }

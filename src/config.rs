@@ -23,6 +23,65 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
+/// Bounds of every numeric setting: each is refused outside them with a message naming the
+/// range (a value inside can never overflow a timer, an allocation or a Redis argument).
+pub mod bounds {
+    use std::time::Duration;
+
+    /// `--retention`: 1 s to 30 days.
+    pub const RETENTION: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(30 * 86_400));
+    /// `--idle-timeout`: 100 ms to 1 day.
+    pub const IDLE_TIMEOUT: (Duration, Duration) =
+        (Duration::from_millis(100), Duration::from_secs(86_400));
+    /// `--grace`: 0 (drop what is queued at once) to 1 hour.
+    pub const GRACE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(3_600));
+    /// `--health-timeout`: 10 ms to 60 s.
+    pub const HEALTH_TIMEOUT: (Duration, Duration) =
+        (Duration::from_millis(10), Duration::from_secs(60));
+    /// `--down-after`, `--up-after`: 1 to 1000 outcomes.
+    pub const HEALTH_COUNT: (u32, u32) = (1, 1_000);
+    /// `--max-connections`: 1 to 1,000,000.
+    pub const MAX_CONNECTIONS: (usize, usize) = (1, 1_000_000);
+    /// `--queue-capacity`: 1 to 16 Mi records.
+    pub const QUEUE_CAPACITY: (usize, usize) = (1, 1 << 24);
+    /// `--batch-size`: 1 to 100,000 records per pipeline.
+    pub const BATCH_SIZE: (usize, usize) = (1, 100_000);
+    /// `--buffer-max`: 1 KiB to 64 GiB.
+    pub const BUFFER_MAX: (usize, usize) = (1 << 10, 64 << 30);
+    /// `--ring-size`: 1 MiB to 2 GiB.
+    pub const RING_SIZE: (usize, usize) = (1 << 20, 1 << 31);
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display>(
+    name: &str,
+    v: T,
+    (lo, hi): (T, T),
+) -> Result<T, ConfigError> {
+    if v < lo || v > hi {
+        return err(format!("--{name} {v} is out of range: use {lo} to {hi}"));
+    }
+    Ok(v)
+}
+
+fn bounded_duration(
+    name: &str,
+    value: Option<&str>,
+    default: &str,
+    (lo, hi): (Duration, Duration),
+) -> Result<Duration, ConfigError> {
+    let d = duration(name, value, default)?;
+    if d < lo || d > hi {
+        return err(format!(
+            "--{name} {:?} is out of range: use {} to {}",
+            value.unwrap_or(default),
+            humantime::format_duration(lo),
+            humantime::format_duration(hi)
+        ));
+    }
+    Ok(d)
+}
+
 /// How records are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -404,14 +463,12 @@ impl Config {
         }
         validate_backends(&backends)?;
 
-        let retention = duration(
+        let retention = bounded_duration(
             "retention",
             args.retention.as_deref().or(file.retention.as_deref()),
             "5m",
+            bounds::RETENTION,
         )?;
-        if retention < Duration::from_secs(1) {
-            return err("--retention must be at least 1s");
-        }
         let admin_s = args
             .admin
             .clone()
@@ -438,18 +495,25 @@ impl Config {
         };
         check_key_part("agent", &agent)?;
 
-        let max_connections = args
-            .max_connections
-            .or(file.max_connections)
-            .unwrap_or(1024);
-        positive("max-connections", max_connections)?;
-        let queue_capacity = args
-            .queue_capacity
-            .or(file.queue_capacity)
-            .unwrap_or(65_536);
-        positive("queue-capacity", queue_capacity)?;
-        let batch_size = args.batch_size.or(file.batch_size).unwrap_or(1024);
-        positive("batch-size", batch_size)?;
+        let max_connections = in_range(
+            "max-connections",
+            args.max_connections
+                .or(file.max_connections)
+                .unwrap_or(1024),
+            bounds::MAX_CONNECTIONS,
+        )?;
+        let queue_capacity = in_range(
+            "queue-capacity",
+            args.queue_capacity
+                .or(file.queue_capacity)
+                .unwrap_or(65_536),
+            bounds::QUEUE_CAPACITY,
+        )?;
+        let batch_size = in_range(
+            "batch-size",
+            args.batch_size.or(file.batch_size).unwrap_or(1024),
+            bounds::BATCH_SIZE,
+        )?;
 
         let buffer_s = args
             .buffer_max
@@ -461,28 +525,35 @@ impl Config {
                 "--buffer-max {buffer_s:?} is not a size; use e.g. 64MiB or 1GiB"
             ))
         })?;
+        if !(bounds::BUFFER_MAX.0..=bounds::BUFFER_MAX.1).contains(&buffer_max) {
+            return err(format!(
+                "--buffer-max {buffer_s:?} is out of range: use 1KiB to 64GiB"
+            ));
+        }
         let defaults = HealthConfig::default();
         let health = HealthConfig {
-            down_after: args
-                .down_after
-                .or(file.down_after)
-                .unwrap_or(defaults.down_after),
-            up_after: args.up_after.or(file.up_after).unwrap_or(defaults.up_after),
-            timeout: duration(
+            down_after: in_range(
+                "down-after",
+                args.down_after
+                    .or(file.down_after)
+                    .unwrap_or(defaults.down_after),
+                bounds::HEALTH_COUNT,
+            )?,
+            up_after: in_range(
+                "up-after",
+                args.up_after.or(file.up_after).unwrap_or(defaults.up_after),
+                bounds::HEALTH_COUNT,
+            )?,
+            timeout: bounded_duration(
                 "health-timeout",
                 args.health_timeout
                     .as_deref()
                     .or(file.health_timeout.as_deref()),
                 "750ms",
+                bounds::HEALTH_TIMEOUT,
             )?,
             probe_every: defaults.probe_every,
         };
-        if health.down_after == 0 || health.up_after == 0 {
-            return err("--down-after and --up-after must be at least 1");
-        }
-        if health.timeout.is_zero() {
-            return err("--health-timeout must be more than 0");
-        }
         let state_file = match args.state_file.clone().or(file.state_file) {
             Some(s) if s == "off" => None,
             Some(s) => Some(PathBuf::from(s)),
@@ -529,7 +600,7 @@ impl Config {
                 "--ring-size {ring_s:?} is not a size; use e.g. 8MiB, 64MiB, 1GiB"
             ))
         })?;
-        if !(1 << 20..=1 << 31).contains(&ring_size) {
+        if !(bounds::RING_SIZE.0..=bounds::RING_SIZE.1).contains(&ring_size) {
             return err(format!("--ring-size {ring_s:?} must be from 1MiB to 2GiB"));
         }
 
@@ -554,17 +625,19 @@ impl Config {
             prefix,
             agent,
             max_connections,
-            idle_timeout: duration(
+            idle_timeout: bounded_duration(
                 "idle-timeout",
                 args.idle_timeout
                     .as_deref()
                     .or(file.idle_timeout.as_deref()),
                 "30s",
+                bounds::IDLE_TIMEOUT,
             )?,
-            grace: duration(
+            grace: bounded_duration(
                 "grace",
                 args.grace.as_deref().or(file.grace.as_deref()),
                 "5s",
+                bounds::GRACE,
             )?,
             queue_capacity,
             batch_size,
@@ -596,16 +669,26 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 
 /// Parse `NAME=URL@WEIGHT`. The weight follows the *last* `@`, so a URL with credentials
 /// (`redis://user:pass@host`) still parses.
+///
+/// Errors never repeat the flag or its URL: either may hold a password.
 pub fn parse_backend_flag(s: &str) -> Result<BackendConfig, ConfigError> {
     let usage = "expected NAME=URL@WEIGHT, e.g. A=redis://127.0.0.1:6379@30";
     let Some((name, rest)) = s.split_once('=') else {
-        return err(format!("--backend {s:?}: {usage}"));
+        return err(format!("--backend: no '=' after the name; {usage}"));
     };
+    if name.contains("://") {
+        return err(format!("--backend: the name comes first; {usage}"));
+    }
     let Some((url, weight)) = rest.rsplit_once('@') else {
-        return err(format!("--backend {s:?}: missing @WEIGHT; {usage}"));
+        return err(format!("--backend {name:?}: missing @WEIGHT; {usage}"));
     };
-    let weight = parse_weight(weight)
-        .map_err(|m| ConfigError(format!("--backend {name:?}: {m}; {usage}")))?;
+    let weight = parse_weight(weight).map_err(|_| {
+        // The text after the last '@' may be part of a password when the weight is missing.
+        ConfigError(format!(
+            "--backend {name:?}: the weight after the last '@' must be an integer from 0 to \
+             {MAX_WEIGHT}; {usage}"
+        ))
+    })?;
     Ok(BackendConfig {
         name: name.to_string(),
         url: url.to_string(),
@@ -716,13 +799,6 @@ pub fn parse_bytes(s: &str) -> Option<usize> {
         .parse::<bytesize::ByteSize>()
         .ok()
         .and_then(|b| usize::try_from(b.as_u64()).ok())
-}
-
-fn positive(name: &str, v: usize) -> Result<(), ConfigError> {
-    if v == 0 {
-        return err(format!("--{name} must be at least 1"));
-    }
-    Ok(())
 }
 
 fn check_key_part(name: &str, v: &str) -> Result<(), ConfigError> {

@@ -14,7 +14,9 @@
 //! - [`capture`]: produces records (packets mode: one per TCP segment to the address, from a
 //!   libpcap ring; connections mode: one per accepted connection).
 //! - [`balance`]: weights, the per-record selector, target vs actual shares, the balancer task.
-//! - [`health`]: each backend's up/down verdict; [`buffer`]: the bound on waiting records.
+//! - [`health`]: each backend's up/down verdict and why; [`buffer`]: the bound on waiting records.
+//! - [`identity`]: one Redis, one writer — the start-up check of every backend, duplicate servers
+//!   refused by `run_id`, this agent's lease on each backend.
 //! - [`sink`]: per-backend Redis writers and the data layouts ([`sink::schema`]).
 //! - [`admin`]: the HTTP API (`/v1/backends`, `/v1/weights`, `/metrics`, `/healthz`);
 //!   [`state`]: run-time weights kept across restarts.
@@ -39,6 +41,7 @@ pub mod capture;
 pub mod client;
 pub mod config;
 pub mod health;
+pub mod identity;
 pub mod metrics;
 pub mod page;
 pub mod query;
@@ -231,6 +234,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         CaptureMode::Connections => None,
     };
+    // Every backend tried once: logged up or why not; the same server twice, or this agent
+    // already running on a backend, is refused here (exit 64).
+    let guard = identity::check_at_start(&config).await?;
     let listener = match config.serve {
         ServeMode::Sink => Some(
             capture::connections::bind_listener(config.listen)
@@ -254,6 +260,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         CaptureMode::Packets => OnFull::DropOldest,
     };
     let pipeline = Pipeline::start(&config, on_full)?;
+    let guard_stop = CancellationToken::new();
+    let guard_task = guard.spawn(
+        pipeline.board.clone(),
+        pipeline.metrics.clone(),
+        guard_stop.clone(),
+    );
 
     let stop_capture = shutdown.child_token();
     let conns = capture::connections::ConnCapture {
@@ -299,17 +311,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     ));
 
+    let in_force = pipeline.balance.weights_by_name();
+    let restored = config
+        .backends
+        .iter()
+        .any(|b| in_force.get(&b.name) != Some(&b.weight));
     info!(
         listen = %config.listen,
-        capture = ?config.capture,
-        serve = ?config.serve,
-        schema = ?config.schema,
+        capture = %value_name(&config.capture),
+        serve = %value_name(&config.serve),
+        schema = %value_name(&config.schema),
         agent = %config.agent,
-        retention = ?config.retention,
-        admin = ?config.admin,
+        retention = %humantime::format_duration(config.retention),
+        admin = %config.admin.map_or_else(|| "off".to_string(), |a| a.to_string()),
         backends = %config.backends.iter()
-            .map(|b| format!("{}={}@{}", b.name, b.redacted_url(), b.weight))
+            .map(|b| format!("{}={}@{}", b.name, b.redacted_url(), in_force[&b.name]))
             .collect::<Vec<_>>().join(" "),
+        weights = %if restored { "restored from the state file" } else { "as configured" },
         "redtap running"
     );
 
@@ -326,6 +344,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if let Some(t) = admin_task {
         let _ = t.await;
     }
+    // The leases go last: until the writers are done, this agent still writes.
+    guard_stop.cancel();
+    let _ = guard_task.await;
     info!(
         captured = summary.captured,
         written = summary.written,
@@ -369,12 +390,29 @@ async fn reload_on_sighup(
                 apply_weights(&balance, &changes, state_file.as_deref()).map_err(|e| e.to_string())
             });
         match result {
-            Ok(()) => info!(path = %path.display(), weights = ?balance.current().weights,
-                            "SIGHUP: weights reloaded"),
+            Ok(()) => info!(path = %path.display(), weights = %weights_text(&balance),
+                            "SIGHUP: weights reloaded (only the weights: other settings take \
+                             effect at the next restart)"),
             Err(e) => error!(path = %path.display(), error = %e,
                              "SIGHUP: config not applied; weights unchanged"),
         }
     }
+}
+
+/// A setting's value as it is written on the command line (`connections`, `stream`).
+fn value_name<T: clap::ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
+}
+
+/// The weights in force, `A=30 B=70`, for the log.
+fn weights_text(balance: &Balance) -> String {
+    balance
+        .weights_by_name()
+        .iter()
+        .map(|(n, w)| format!("{n}={w}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Poll a future once with a no-op waker: `Some(output)` if it completed at once. Used where a

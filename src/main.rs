@@ -29,15 +29,14 @@ enum Command {
     Run(Box<RunArgs>),
     /// Show backends, weights and shares; `weights set NAME=W…` changes them live.
     Weights {
-        /// The agent's admin API.
-        #[arg(
-            long,
-            global = true,
-            env = "REDTAP_ADMIN",
-            default_value = "http://127.0.0.1:9900"
-        )]
-        admin: String,
-        /// Bearer token of the admin API, if it requires one.
+        /// The agent's admin API: ADDR:PORT as for `run --admin`, or a URL (default: the config
+        /// file's `admin`, else 127.0.0.1:9900).
+        #[arg(long, global = true, env = "REDTAP_ADMIN", value_name = "ADDR")]
+        admin: Option<String>,
+        /// The agent's TOML configuration file: its `admin` and `admin_token`.
+        #[arg(long, short = 'c', global = true)]
+        config: Option<std::path::PathBuf>,
+        /// Bearer token of the admin API, if it requires one (default: the file's).
         #[arg(
             long,
             global = true,
@@ -93,7 +92,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
-            init_tracing(config.log_format);
+            if let Err(e) = init_tracing(config.log_format) {
+                eprintln!("redtap: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -113,10 +115,27 @@ fn main() -> ExitCode {
         }
         Command::Weights {
             admin,
+            config,
             token,
             json,
             action,
         } => rt.block_on(async {
+            let file = match config.as_deref().map(redtap::config::read_file).transpose() {
+                Ok(f) => f.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("redtap: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let admin = match admin.or(file.admin) {
+                Some(a) if a == "off" => {
+                    eprintln!("redtap: the agent's admin API is off (admin = \"off\")");
+                    return ExitCode::from(EX_USAGE);
+                }
+                Some(a) => a,
+                None => "127.0.0.1:9900".to_string(),
+            };
+            let token = token.or(file.admin_token);
             let token = token.as_deref();
             let result = match action {
                 None => redtap::client::backends(&admin, token).await,
@@ -187,9 +206,18 @@ fn cancel_on_signal(token: CancellationToken) -> impl std::future::Future<Output
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Log to stderr at `REDTAP_LOG` (default `info`). A value that would silence redtap's own
+/// errors by mistake (a bare word that is not a level reads as a target name to `EnvFilter`,
+/// turning every other line off) is refused.
+fn init_tracing(format: LogFormat) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("REDTAP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match std::env::var("REDTAP_LOG") {
+        Ok(v) if !v.trim().is_empty() => {
+            check_log_directives(&v)?;
+            EnvFilter::try_new(&v).map_err(|e| format!("REDTAP_LOG={v:?}: {e}"))?
+        }
+        _ => EnvFilter::new("info"),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -198,4 +226,21 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
+}
+
+/// Each comma-separated directive is a level, or `TARGET=LEVEL` (`redtap=debug`).
+fn check_log_directives(v: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for d in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "REDTAP_LOG={v:?}: {d:?} is not a log level; use one of {} (e.g. REDTAP_LOG=debug) \
+                 or TARGET=LEVEL (e.g. REDTAP_LOG=info,redtap::sink=debug)",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }

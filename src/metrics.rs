@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 
 use crate::balance::Balance;
 use crate::buffer::Budget;
-use crate::health::Board;
+use crate::health::{Board, Cause};
 
 /// Why a captured record was not stored. Every captured record is either written or counted
 /// under exactly one of these.
@@ -105,6 +105,14 @@ pub struct Metrics {
     capture_reopens: Counter,
     /// Admin API connections closed at once because the cap was reached.
     admin_refused: Counter,
+    /// Failed Redis commands redtap relies on (expiry, probe, lease…), by backend, command and
+    /// cause. Touched only on failures.
+    command_errors: Family<CommandErrorLabels, Counter>,
+    /// 1 for the cause a backend is down for, 0 for the causes it was down for before.
+    down_cause: Family<DownCauseLabels, Gauge>,
+    backend_names: Vec<String>,
+    /// The cause label last set to 1 per backend (scrapes only).
+    down_cause_shown: std::sync::Mutex<Vec<Option<&'static str>>>,
     /// One-second samples of the counters, for the live page (not exported).
     pub recent: crate::recent::Recent,
     /// The heaviest sources of the last minute, for the live page (not exported).
@@ -118,6 +126,19 @@ pub enum KernelDrop {
     Ring = 0,
     /// The interface or its driver dropped them (`ps_ifdrop`).
     Interface = 1,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandErrorLabels {
+    backend: String,
+    command: &'static str,
+    cause: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DownCauseLabels {
+    backend: String,
+    cause: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -251,6 +272,20 @@ impl Metrics {
             admin_refused.clone(),
         );
 
+        let command_errors = Family::<CommandErrorLabels, Counter>::default();
+        registry.register(
+            "backend_command_errors",
+            "Failed Redis commands redtap relies on (expiry, probe, lease, identity), by backend, \
+             command and cause",
+            command_errors.clone(),
+        );
+        let down_cause = Family::<DownCauseLabels, Gauge>::default();
+        registry.register(
+            "backend_down_cause",
+            "1 for the cause a backend is down for (refused, timeout, auth, oom, readonly, ...)",
+            down_cause.clone(),
+        );
+
         let label = |name: &String| BackendLabel {
             backend: name.clone(),
         };
@@ -290,10 +325,42 @@ impl Metrics {
             capture_up,
             capture_reopens,
             admin_refused,
+            command_errors,
+            down_cause,
+            backend_names: backend_names.to_vec(),
+            down_cause_shown: std::sync::Mutex::new(vec![None; backend_names.len()]),
             recent: Default::default(),
             sources: Default::default(),
             registry,
         }
+    }
+
+    /// Count one failed `command` (e.g. `"PEXPIRE"`, `"PING"`, `"EVALSHA"`) on backend number
+    /// `backend`, for `cause`.
+    pub fn command_error(&self, backend: usize, command: &'static str, cause: &Cause) {
+        self.command_errors
+            .get_or_create(&CommandErrorLabels {
+                backend: self.backend_names[backend].clone(),
+                command,
+                cause: cause.label(),
+            })
+            .inc();
+    }
+
+    /// Failed `command`s on backend number `backend` so far, every cause.
+    pub fn command_errors(&self, backend: usize, command: &'static str) -> u64 {
+        Cause::LABELS
+            .iter()
+            .map(|&cause| {
+                self.command_errors
+                    .get_or_create(&CommandErrorLabels {
+                        backend: self.backend_names[backend].clone(),
+                        command,
+                        cause,
+                    })
+                    .get()
+            })
+            .sum()
     }
 
     /// Count `n` records dropped for `reason`.
@@ -377,6 +444,30 @@ impl Metrics {
     pub fn render(&self, balance: &Balance, board: &Board, budget: &Budget) -> String {
         for (g, up) in self.backend_up.iter().zip(board.snapshot()) {
             g.set(i64::from(up));
+        }
+        {
+            let mut shown = self
+                .down_cause_shown
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for (i, last) in shown.iter_mut().enumerate() {
+                let now = board.cause(i).map(|c| c.label());
+                let gauge = |cause: &'static str| {
+                    self.down_cause.get_or_create(&DownCauseLabels {
+                        backend: self.backend_names[i].clone(),
+                        cause,
+                    })
+                };
+                if let Some(old) = *last {
+                    if Some(old) != now {
+                        gauge(old).set(0);
+                    }
+                }
+                if let Some(c) = now {
+                    gauge(c).set(1);
+                }
+                *last = now;
+            }
         }
         self.buffered.set(budget.used() as i64);
         for (i, v) in balance.view().iter().enumerate() {

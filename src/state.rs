@@ -5,6 +5,11 @@
 //! rewritten (atomically: temp file + rename) after every applied change. To return to the
 //! configured weights, delete the file or send SIGHUP (which applies the file's weights and
 //! records them here).
+//!
+//! Writing is safe against a hostile or careless directory: the new content goes to a fresh
+//! temp file created exclusively (`O_EXCL`, random name, mode 0600) in the same directory, is
+//! fsynced, renamed over the state file, and the directory is fsynced. A state path that is a
+//! symlink is refused, for reading and writing: redtap never writes through a link.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +25,12 @@ pub struct SavedState {
 
 /// Read the saved weights; `Ok(None)` when there is no file yet.
 pub fn load(path: &Path) -> Result<Option<SavedState>, String> {
+    if is_symlink(path) {
+        return Err(format!(
+            "state file {} is a symbolic link; refusing to follow it",
+            path.display()
+        ));
+    }
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
@@ -29,12 +40,40 @@ pub fn load(path: &Path) -> Result<Option<SavedState>, String> {
     }
 }
 
-/// Save `weights`, replacing the file atomically.
+fn is_symlink(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Save `weights`, replacing the file atomically (see the module doc). The file is mode 0600.
 pub fn save(path: &Path, weights: BTreeMap<String, u32>) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
+    use std::io::Write as _;
+    if is_symlink(path) {
+        return Err(std::io::Error::other(format!(
+            "{} is a symbolic link; refusing to write through it",
+            path.display()
+        )));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let text = serde_json::to_string_pretty(&SavedState { weights }).expect("serializable");
-    std::fs::write(&tmp, text + "\n")?;
-    std::fs::rename(&tmp, path)
+    // O_EXCL with a random name: an existing file or link at the temp path is never opened.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.write_all(b"\n")?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    // The rename is durable once the directory is.
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -51,5 +90,39 @@ mod tests {
         assert_eq!(load(&path).unwrap().unwrap().weights, w);
         std::fs::write(&path, "{").unwrap();
         assert!(load(&path).is_err());
+    }
+
+    #[test]
+    fn written_0600_and_never_through_a_symlink() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        let w = BTreeMap::from([("A".to_string(), 5)]);
+        save(&path, w.clone()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        // A link at the old fixed temp path is not followed: the file it points to is untouched.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        symlink(&victim, dir.path().join("s.json.tmp")).unwrap();
+        save(&path, w.clone()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(load(&path).unwrap().unwrap().weights, w);
+
+        // A state path that is a link is refused, for writing and reading.
+        let link = dir.path().join("link.json");
+        symlink(&victim, &link).unwrap();
+        assert!(save(&link, w).is_err());
+        assert!(load(&link).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        // No temp file is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .filter(|e| !e.file_type().unwrap().is_symlink())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -318,6 +318,15 @@ fn weights_cli_shows_and_changes_weights() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(d.backends()[0]["weight"], 50);
+    // Nothing routed since the change yet: SINCE says so rather than 0.0%.
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("A "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!((row[3], row[5]), ("50.0%", "-"), "{table}");
 
     let out = cli(&["set", "A=50", "C=1"]);
     assert_eq!(out.status.code(), Some(1));
@@ -325,6 +334,37 @@ fn weights_cli_shows_and_changes_weights() {
     let out = cli(&["set", "A=1.5"]);
     assert_eq!(out.status.code(), Some(64));
     assert_eq!(d.backends()[0]["weight"], 50);
+    let out = cli(&["set", "A=60", "A=70"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("given twice"));
+    assert_eq!(d.backends()[0]["weight"], 50);
+}
+
+#[test]
+fn weights_cli_takes_the_admin_address_as_run_does_or_from_the_config_file() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let d = Daemon::connections(&[("A", &a, 30), ("B", &b, 70)], &[]);
+    let addr = d.admin.trim_start_matches("http://");
+    let weights = |args: &[&str]| {
+        let out = std::process::Command::new(common::redtap_bin())
+            .arg("weights")
+            .args(args)
+            .env_remove("REDTAP_ADMIN")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, table) = weights(&["--admin", addr]);
+    assert_eq!(code, Some(0), "{table}");
+    assert!(table.contains("30.0%"), "{table}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("redtap.toml");
+    std::fs::write(&file, format!("admin = \"{addr}\"\n")).unwrap();
+    let (code, table) = weights(&["-c", file.to_str().unwrap(), "set", "A=40", "B=60"]);
+    assert_eq!(code, Some(0), "{table}");
+    assert_eq!(d.backends()[0]["weight"], 40);
 }
 
 #[test]
@@ -356,6 +396,9 @@ fn sighup_reloads_weights_from_the_config_file() {
     d.signal("HUP");
     eventually(Duration::from_secs(5), "weights reloaded", || {
         d.backends()[0]["weight"] == 10
+    });
+    eventually(Duration::from_secs(5), "the reload logged by name", || {
+        d.log().contains("weights=A=10 B=90")
     });
     // A bad file changes nothing.
     write(-1, 90);

@@ -706,3 +706,25 @@ fn capture_reopens_after_its_interface_disappears_and_healthz_says_so() {
     assert!(status.success(), "{status}:\n{}", d.log());
     drop(again);
 }
+
+#[test]
+fn a_log_setting_that_would_silence_errors_is_refused() {
+    let out = std::process::Command::new(common::redtap_bin())
+        .args([
+            "run",
+            "--capture",
+            "connections",
+            "--admin",
+            "off",
+            "--state-file",
+            "off",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{}", common::free_port())])
+        .args(["--backend", "A=redis://127.0.0.1:1@1"])
+        .env("REDTAP_LOG", "nonsense")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("not a log level"), "{err}");
+}

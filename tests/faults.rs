@@ -279,6 +279,16 @@ fn sigterm_then_restart_loses_nothing_and_keeps_api_weights() {
     let v = d2.backends();
     assert_eq!(v[0]["weight"], 50, "API weights survive the restart");
     assert_eq!(v[1]["weight"], 50);
+    let started = d2.log();
+    let line = started
+        .lines()
+        .find(|l| l.contains("redtap running"))
+        .unwrap();
+    assert!(
+        line.contains("@50 ") && line.contains("restored from the state file"),
+        "the start-up line shows the weights in force: {line}"
+    );
+    assert!(line.contains("capture=connections"), "{line}");
     assert_eq!(connect_many(d2.listen, 100, 2), 100);
     eventually(Duration::from_secs(10), "new records stored", || {
         a.xlen(STREAM) + b.xlen(STREAM) == s.captured + 100

@@ -560,18 +560,23 @@ async fn with_a_token_the_page_asks_for_it_names_a_wrong_one_and_changes_weights
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
-        // A backend whose Redis dies shows as down.
+        // A backend whose Redis dies shows as down, with the cause the API gives.
         a.kill9();
-        until(
+        let down = until(
             c,
             Duration::from_secs(10),
-            "backend A shown down",
+            "backend A shown down, with its cause",
             || async move {
                 let r = rows(c).await;
-                (r.len() == 2 && r[0].state.starts_with("down") && r[1].state == "up").then_some(())
+                (r.len() == 2 && r[0].state.starts_with("down: ") && r[1].state == "up")
+                    .then_some(r)
             },
         )
         .await;
+        assert!(
+            down[0].state.len() > "down: ".len(),
+            "a cause is named: {down:?}"
+        );
     })
     .await;
     drop(d);

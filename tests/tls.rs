@@ -192,3 +192,108 @@ fn rediss_with_ca_and_client_certificate() {
         || refused.backends()[0]["up"] == false,
     );
 }
+
+/// A redis-server that speaks only TLS on `port` and requires client certificates from `d`.
+fn tls_redis(d: &Path, port: u16) -> TlsRedis {
+    TlsRedis(
+        Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args([
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+            ])
+            .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "yes"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", d.to_str().unwrap()])
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn read_commands_connect_with_the_tls_files_of_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certs(d);
+    let port = free_port();
+    let _redis = tls_redis(d, port);
+    let path = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let toml = |with_client_cert: bool| {
+        let mut t = format!(
+            "[[backend]]\nname = \"A\"\nurl = \"rediss://127.0.0.1:{port}\"\nweight = 1\n\
+             tls_ca = \"{}\"\n",
+            path("ca.crt")
+        );
+        if with_client_cert {
+            t += &format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path("client.crt"),
+                path("client.key")
+            );
+        }
+        t
+    };
+    let full = d.join("full.toml");
+    std::fs::write(&full, toml(true)).unwrap();
+    let no_cert = d.join("no-cert.toml");
+    std::fs::write(&no_cert, toml(false)).unwrap();
+    let redtap = |args: &[&str]| {
+        Command::new(common::redtap_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Wait for the server through the read side itself.
+    let full_s = full.to_str().unwrap();
+    eventually(Duration::from_secs(10), "TLS redis answers stats", || {
+        redtap(&["stats", "--config", full_s]).status.code() == Some(0)
+    });
+
+    let backend = format!("A=rediss://127.0.0.1:{port}@1");
+    let (ca, cert, key) = (path("ca.crt"), path("client.crt"), path("client.key"));
+    let daemon = Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &backend,
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    assert_eq!(connect_many(daemon.listen, 30, 2), 30);
+    eventually(
+        Duration::from_secs(10),
+        "query reads 30 records over TLS",
+        || {
+            let out = redtap(&["query", "--config", full_s, "--format", "json"]);
+            out.status.code() == Some(0)
+                && String::from_utf8_lossy(&out.stdout).lines().count() == 30
+        },
+    );
+    let top = redtap(&["top", "--config", full_s]);
+    assert_eq!(
+        top.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+
+    // Without the client certificate the server refuses the reader: a partial answer (exit 2).
+    let refused = redtap(&["query", "--config", no_cert.to_str().unwrap()]);
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

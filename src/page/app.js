@@ -191,7 +191,8 @@ function renderBackends() {
     row.querySelector('.swatch').style.background = color;
     const state = row.children[1];
     state.className = 'state ' + (b.up ? 'up' : 'down');
-    state.textContent = b.up ? 'up' : 'down' + (b.down_cause ? ': ' + b.down_cause : '');
+    state.textContent = b.up ? 'up'
+      : (b.excluded ? 'excluded' : 'down') + (b.down_cause ? ': ' + b.down_cause : '');
     row.children[2].textContent = String(b.weight);
     const edit = row.children[3];
     const [num, slider] = edit.querySelectorAll('input');

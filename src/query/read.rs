@@ -78,9 +78,17 @@ pub struct Holdings {
     pub keys_outside: u64,
 }
 
-/// Connect to `b` with bounded connect and answer times.
+/// Connect to `b` with bounded connect and answer times, through the same
+/// [`BackendConfig::client`] as the writer (so `rediss://` with `tls_ca`/`tls_cert`/`tls_key`
+/// works for reads too).
 pub async fn connect(b: &BackendConfig) -> Result<MultiplexedConnection, BackendError> {
-    let client = redis::Client::open(b.url.as_str()).map_err(BackendError::Unreachable)?;
+    let client = b.client().map_err(|e| {
+        BackendError::Unreachable(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "bad backend configuration",
+            e.to_string(),
+        )))
+    })?;
     let cfg = AsyncConnectionConfig::new()
         .set_connection_timeout(CONNECT_TIMEOUT)
         .set_response_timeout(RESPONSE_TIMEOUT);

@@ -188,15 +188,6 @@ impl Stats {
     }
 }
 
-/// An admin address as `run --admin` takes it (`127.0.0.1:9900`), or a URL.
-fn admin_url(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.trim_end_matches('/').to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 /// `redtap stats`: what each backend holds against its weight.
 pub async fn run(args: &StatsArgs, mut out: impl Write) -> Result<Exit, CliError> {
     let sources = sources(&args.source)?;
@@ -205,7 +196,7 @@ pub async fn run(args: &StatsArgs, mut out: impl Write) -> Result<Exit, CliError
     let mut s = stats(&sources, &progress).await;
     line.finish().await;
     if let Some(admin) = args.admin.as_ref().or(sources.admin.as_ref()) {
-        let url = admin_url(admin);
+        let url = client::admin_url(admin);
         let token = args.token.as_deref().or(sources.admin_token.as_deref());
         match client::backends(&url, token).await {
             Ok(live) => s.use_live_weights(&live, &url),
