@@ -17,8 +17,9 @@
 //!   first stores it, the others are refused (XADD: ID not above the top; SET … NX: nil).
 //! - Stream: a *first* attempt refused as "not above the top" is surely not stored and never will
 //!   be (IDs only grow in a key): it takes a new slot, and the bucket's top is read so the new
-//!   slot jumps past it. A *resend* refused that way is read back (`XRANGE key id id`) — present:
-//!   stored; absent: never will be (the top is already past it), so a new slot.
+//!   slot jumps past it. A *resend* refused that way is read back (`XRANGE key id id`) — present
+//!   with its capture time and source port: stored; absent (or someone else's entry): never will
+//!   be (the top is already past it), so a new slot.
 //! - Stream: a nil from `XADD … NOMKSTREAM` means the bucket is missing: on a first attempt,
 //!   not stored; on a resend, still unknown (an earlier attempt in flight on a lost connection
 //!   may yet create it), so resent at the same slot.
@@ -126,6 +127,15 @@ impl Tally {
     }
 }
 
+/// What became of a record, as kept by [`Backlog::keep_journal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Stored.
+    Written,
+    /// Dropped, counted under this reason.
+    Dropped(DropReason),
+}
+
 /// Where a held record stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum St {
@@ -157,6 +167,9 @@ impl St {
 struct Held {
     rec: Record,
     st: St,
+    /// A read-back found it absent, which may also mean its bucket expired with it: if it is
+    /// dropped before it is stored again, it counts as `unknown`.
+    doubt: bool,
 }
 
 /// One backend's records on their way to Redis.
@@ -190,6 +203,8 @@ pub struct Backlog {
     tally: Tally,
     /// Since the start.
     totals: Tally,
+    /// Every record's fate, when kept (tests only: it grows without bound).
+    journal: Option<Vec<(Record, Fate)>>,
 }
 
 impl Backlog {
@@ -212,6 +227,7 @@ impl Backlog {
             draining: false,
             tally: Tally::default(),
             totals: Tally::default(),
+            journal: None,
         }
     }
 
@@ -404,6 +420,7 @@ impl Backlog {
                             slot,
                             resend: false,
                         },
+                        doubt: false,
                     },
                 );
                 stores += 1;
@@ -497,9 +514,12 @@ impl Backlog {
                     (h, next)
                 }
                 Cmd::Check { h, slot } => {
+                    let rec = &self.held[&h].rec;
+                    let ours = Some((rec.ts_us, rec.src.port()));
                     let next = match answer {
-                        Some(Answer::Found(true)) => None,
-                        Some(Answer::Found(false)) => Some(St::Retry),
+                        Some(Answer::Found(e)) if *e == ours => None,
+                        // Absent, or another entry (an earlier run's) at that ID.
+                        Some(Answer::Found(_)) => Some(St::Retry),
                         _ => Some(St::Check(slot)),
                     };
                     (h, next)
@@ -507,11 +527,14 @@ impl Backlog {
             };
             match next {
                 None => {
-                    self.held.remove(&h);
+                    let held = self.held.remove(&h).expect("held");
+                    self.note(held.rec, Fate::Written);
                     out.stored += 1;
                 }
                 Some(st) => {
-                    self.held.get_mut(&h).expect("held").st = st;
+                    let held = self.held.get_mut(&h).expect("held");
+                    held.doubt |= matches!(cmd, Cmd::Check { .. }) && st == St::Retry;
+                    held.st = st;
                     self.held_idle += 1;
                 }
             }
@@ -536,7 +559,8 @@ impl Backlog {
             .front()
             .is_some_and(|r| self.layout.is_expired(r, now_ms))
         {
-            self.fresh.pop_front();
+            let rec = self.fresh.pop_front().expect("front");
+            self.note(rec, Fate::Dropped(DropReason::Expired));
             n += 1;
         }
         self.count_drop(DropReason::Expired, n);
@@ -571,7 +595,11 @@ impl Backlog {
             self.drop_held(h, reason);
         }
         let fresh = (n - gone.len()).min(self.fresh.len());
-        self.fresh.drain(..fresh);
+        for rec in self.fresh.drain(..fresh) {
+            if let Some(j) = self.journal.as_mut() {
+                j.push((rec, Fate::Dropped(reason)));
+            }
+        }
         self.count_drop(reason, fresh);
         gone.len() + fresh
     }
@@ -580,12 +608,29 @@ impl Backlog {
         let held = self.held.remove(&h).expect("held");
         debug_assert!(!held.st.in_flight());
         self.held_idle -= 1;
-        let reason = if held.st.maybe_stored() {
+        let reason = if held.st.maybe_stored() || held.doubt {
             DropReason::Unknown
         } else {
             reason
         };
+        self.note(held.rec, Fate::Dropped(reason));
         self.count_drop(reason, 1);
+    }
+
+    fn note(&mut self, rec: Record, fate: Fate) {
+        if let Some(j) = self.journal.as_mut() {
+            j.push((rec, fate));
+        }
+    }
+
+    /// Keep every record's fate from now on, for [`take_journal`](Self::take_journal) (tests).
+    pub fn keep_journal(&mut self) {
+        self.journal = Some(Vec::new());
+    }
+
+    /// The fates kept since the last call.
+    pub fn take_journal(&mut self) -> Vec<(Record, Fate)> {
+        self.journal.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     fn count_drop(&mut self, reason: DropReason, n: usize) {
@@ -698,7 +743,8 @@ mod tests {
         assert_eq!(b.totals().written, 0, "a refusal is not a store");
         let p = b.plan().unwrap();
         assert!(matches!(p.cmds[0], Cmd::Check { .. }));
-        let s = b.settle(p.id, Ok(vec![Answer::Found(true), Answer::Found(false)]));
+        let ours = Some((1_000_000, 1));
+        let s = b.settle(p.id, Ok(vec![Answer::Found(ours), Answer::Found(None)]));
         assert_eq!(s.stored, 1);
         // The absent one takes a new slot above every slot handed out.
         let p = b.plan().unwrap();

@@ -11,7 +11,7 @@ use crate::config::Schema;
 use crate::record::{Kind, Record};
 
 /// Where a record goes inside one backend: a stream entry ID, or a key name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Slot {
     /// Stream: entry ID milliseconds. Keys: capture time in µs.
     pub major: u64,
@@ -95,8 +95,9 @@ pub enum Answer {
     NotAbove,
     /// Any other error reply (OOM, READONLY, LOADING, MISCONF, …): nothing was written.
     Refused(String),
-    /// A check's answer: whether the entry is there.
-    Found(bool),
+    /// A check's answer: the capture time (µs) and source port of the entry at that ID, if
+    /// there is one — so an entry of someone else (an earlier run) at the same ID is told apart.
+    Found(Option<(u64, u16)>),
     /// A top's answer: the newest entry's ID, if any.
     Top(Option<Slot>),
 }
@@ -120,10 +121,43 @@ impl Answer {
                 Value::Nil => Answer::Nil,
                 _ => Answer::Done,
             },
-            Ask::Check => Answer::Found(matches!(v, Value::Array(a) if !a.is_empty())),
+            Ask::Check => Answer::Found(entry_ts_sport(v)),
             Ask::Top => Answer::Top(newest_stream_id(v)),
         }
     }
+}
+
+/// The `ts` and `sport` fields of the first entry of an XRANGE answer.
+fn entry_ts_sport(v: &redis::Value) -> Option<(u64, u16)> {
+    use redis::Value;
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok().map(str::to_string),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let Value::Array(entries) = v else {
+        return None;
+    };
+    let Value::Array(entry) = entries.first()? else {
+        return None;
+    };
+    let pairs: Vec<(String, String)> = match entry.get(1)? {
+        Value::Array(flat) => flat
+            .chunks_exact(2)
+            .filter_map(|p| Some((text(&p[0])?, text(&p[1])?)))
+            .collect(),
+        Value::Map(m) => m
+            .iter()
+            .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+            .collect(),
+        _ => return None,
+    };
+    let field = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    // An entry without these fields is not one of ours: (0, 0) matches no record.
+    Some((
+        field("ts").and_then(|t| t.parse().ok()).unwrap_or(0),
+        field("sport").and_then(|p| p.parse().ok()).unwrap_or(0),
+    ))
 }
 
 /// The ID of the single entry in an `XREVRANGE … COUNT 1` answer.
