@@ -177,6 +177,10 @@ struct Held {
 pub struct Backlog {
     layout: Layout,
     batch_size: usize,
+    /// Most stores in the next pipeline: halved when an answer is lost, doubled back up to
+    /// `batch_size` when one arrives whole — a connection that dies part way through long
+    /// pipelines still lets short ones through.
+    limit: usize,
     on_full: OnFull,
     budget: Arc<Budget>,
     /// How many held records are counted in `budget`.
@@ -213,6 +217,7 @@ impl Backlog {
         Backlog {
             layout,
             batch_size: batch_size.max(1),
+            limit: batch_size.max(1),
             on_full,
             budget,
             budgeted: 0,
@@ -365,7 +370,7 @@ impl Backlog {
             })
             .collect();
         resends.sort_unstable();
-        for (slot, h) in resends.into_iter().take(self.batch_size) {
+        for (slot, h) in resends.into_iter().take(self.limit) {
             let held = self.held.get_mut(&h).expect("held");
             held.st = St::Sending { slot, resend: true };
             self.held_idle -= 1;
@@ -380,7 +385,7 @@ impl Backlog {
         }
         if new_slots {
             for (&h, held) in self.held.iter_mut() {
-                if stores == self.batch_size {
+                if stores == self.limit {
                     break;
                 }
                 if held.st == St::Retry {
@@ -399,7 +404,7 @@ impl Backlog {
                     stores += 1;
                 }
             }
-            while stores < self.batch_size {
+            while stores < self.limit {
                 let Some(rec) = self.fresh.pop_front() else {
                     break;
                 };
@@ -539,6 +544,11 @@ impl Backlog {
                 }
             }
         }
+        self.limit = if out.lost {
+            (self.limit / 2).max(1)
+        } else {
+            (self.limit * 2).min(self.batch_size)
+        };
         self.tally.written += out.stored as u64;
         self.totals.written += out.stored as u64;
         self.release(out.stored);
