@@ -66,11 +66,7 @@ enum Op {
     /// `XREVRANGE key + - COUNT 1`.
     Xrevrange { bucket: u64 },
     /// `SET key value PXAT expire_at NX`.
-    Set {
-        key: Slot,
-        rec: u16,
-        expire_at: u64,
-    },
+    Set { key: Slot, rec: u16, expire_at: u64 },
 }
 
 /// The ops of `plan`, built from the backlog's records and layout.
@@ -234,7 +230,17 @@ impl Model {
                 self.executed[rec as usize] += 1;
                 if expire_at > now {
                     self.appear(rec);
-                    self.keys.insert(key, (Entry { rec, ts: 0, at: now }, expire_at));
+                    self.keys.insert(
+                        key,
+                        (
+                            Entry {
+                                rec,
+                                ts: 0,
+                                at: now,
+                            },
+                            expire_at,
+                        ),
+                    );
                 }
                 Answer::Done
             }
@@ -413,12 +419,16 @@ fn schedule(seed: u64, trace: bool) -> Result<u64, String> {
                     conns.len() - 1
                 });
                 let Some(plan) = b.plan() else { continue };
-                if !checked_resp && seed % 8 == 0 {
+                if !checked_resp && seed.is_multiple_of(8) {
                     checked_resp = true;
                     check_resp(&b, &plan)?;
                 }
                 let ops = ops(&b, &plan);
-                trace!("t={now} send plan {} on conn {c}: {:?} = {ops:?}", plan.id, plan.cmds);
+                trace!(
+                    "t={now} send plan {} on conn {c}: {:?} = {ops:?}",
+                    plan.id,
+                    plan.cmds
+                );
                 awaiting.insert(plan.id, c);
                 conns[c].queue.push_back(Queued {
                     plan: plan.id,
@@ -546,7 +556,10 @@ fn verify(b: &mut Backlog, model: &mut Model, total: u16, now: u64) -> Result<()
     for (rec, f) in b.take_journal() {
         let r = rec.src.port() as usize;
         if fate[r].is_some() {
-            return Err(format!("record {r} settled twice: {:?} then {f:?}", fate[r]));
+            return Err(format!(
+                "record {r} settled twice: {:?} then {f:?}",
+                fate[r]
+            ));
         }
         fate[r] = Some(f);
     }
@@ -554,8 +567,8 @@ fn verify(b: &mut Backlog, model: &mut Model, total: u16, now: u64) -> Result<()
     // or expired since.
     let kept = |r: usize| model.readable[r] - model.lost[r];
     let (mut written_kept, mut unknown_kept) = (0u64, 0u64);
-    for r in 1..=total as usize {
-        match fate[r] {
+    for (r, fate) in fate.iter().enumerate().skip(1) {
+        match fate {
             None => return Err(format!("record {r} neither written nor dropped")),
             Some(Fate::Written) if model.executed[r] == 0 => {
                 return Err(format!("record {r} counted written but never stored"))
@@ -623,11 +636,22 @@ fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
                     && a[4] == expire_at.to_string()
                     && a[5] == id(i)
             }
-            Op::Xadd {
-                bucket, id: i, ..
-            } => a[..4] == ["XADD", key_of(bucket).as_str(), "NOMKSTREAM", id(i).as_str()],
+            Op::Xadd { bucket, id: i, .. } => {
+                a[..4]
+                    == [
+                        "XADD",
+                        key_of(bucket).as_str(),
+                        "NOMKSTREAM",
+                        id(i).as_str(),
+                    ]
+            }
             Op::Xrange { bucket, id: i } => {
-                a == ["XRANGE", key_of(bucket).as_str(), id(i).as_str(), id(i).as_str()]
+                a == [
+                    "XRANGE",
+                    key_of(bucket).as_str(),
+                    id(i).as_str(),
+                    id(i).as_str(),
+                ]
             }
             Op::Xrevrange { bucket } => {
                 a == ["XREVRANGE", key_of(bucket).as_str(), "+", "-", "COUNT", "1"]

@@ -233,10 +233,15 @@ fn mixed_faults_store_every_record_exactly_once(schema: &str) {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let settled = |d: &Daemon| {
-        let written = written_total(&d);
+        let written = written_total(d);
         let dropped: u64 = ["expired", "overflow", "shutdown", "queue_full", "unknown"]
             .iter()
-            .map(|r| m(&d, &format!("redtap_records_dropped_total{{reason=\"{r}\"}}")))
+            .map(|r| {
+                m(
+                    d,
+                    &format!("redtap_records_dropped_total{{reason=\"{r}\"}}"),
+                )
+            })
             .sum();
         written + dropped >= connected as u64
     };
@@ -269,8 +274,14 @@ fn mixed_faults_store_every_record_exactly_once(schema: &str) {
     assert_eq!(s.written, written);
     // Faults happened on both proxies.
     for p in [&pa, &pb] {
-        assert!(p.counts.refused.load(Ordering::Relaxed) > 0, "no write refused");
-        assert!(p.counts.cut.load(Ordering::Relaxed) > 0, "no connection cut");
+        assert!(
+            p.counts.refused.load(Ordering::Relaxed) > 0,
+            "no write refused"
+        );
+        assert!(
+            p.counts.cut.load(Ordering::Relaxed) > 0,
+            "no connection cut"
+        );
     }
     let mut all = records_in(&ra, schema);
     all.extend(records_in(&rb, schema));

@@ -58,10 +58,7 @@ fn readable(r: &RedisServer, schema: &str) -> Vec<(u16, u64)> {
 
 fn retention_holds(schema: &str, then: Then) {
     let r = RedisServer::start();
-    let mut d = Daemon::connections(
-        &[("A", &r, 1)],
-        &["--schema", schema, "--retention", "3s"],
-    );
+    let mut d = Daemon::connections(&[("A", &r, 1)], &["--schema", schema, "--retention", "3s"]);
     // Two bursts 1.5 s apart: an expiry that follows the newest record (not each record's own
     // capture) would keep the first burst past its capture + retention + 1 s.
     assert_eq!(connect_many(d.listen, RECORDS / 2, 4), RECORDS / 2);

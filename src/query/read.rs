@@ -869,7 +869,10 @@ mod tests {
 
     #[test]
     fn bucket_names_parse() {
-        assert_eq!(parse_bucket_rest("{web-1}:1700000000"), Some(("web-1", 1_700_000_000)));
+        assert_eq!(
+            parse_bucket_rest("{web-1}:1700000000"),
+            Some(("web-1", 1_700_000_000))
+        );
         assert_eq!(parse_bucket_rest("web-1"), None);
         assert_eq!(parse_bucket_rest("{a}:x"), None);
         assert_eq!(parse_bucket_rest("{}:1"), None);

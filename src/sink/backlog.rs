@@ -302,10 +302,7 @@ impl Backlog {
             self.budget.take(n);
             self.budgeted += n;
             if self.on_full == OnFull::DropOldest {
-                let over = self
-                    .budget
-                    .used()
-                    .saturating_sub(self.budget.max_records());
+                let over = self.budget.used().saturating_sub(self.budget.max_records());
                 if over > 0 {
                     self.evict(over, DropReason::Overflow);
                 }
@@ -497,7 +494,9 @@ impl Backlog {
                     }
                     continue;
                 }
-                Cmd::Store { h, slot, resend, .. } => {
+                Cmd::Store {
+                    h, slot, resend, ..
+                } => {
                     let next = match answer {
                         Some(Answer::Done) => None,
                         Some(Answer::Nil) if !stream && resend => None,
@@ -640,7 +639,10 @@ impl Backlog {
 
     /// The fates kept since the last call.
     pub fn take_journal(&mut self) -> Vec<(Record, Fate)> {
-        self.journal.as_mut().map(std::mem::take).unwrap_or_default()
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     fn count_drop(&mut self, reason: DropReason, n: usize) {

@@ -451,7 +451,9 @@ async fn connect_to(
     let cfg = AsyncConnectionConfig::new()
         .set_connection_timeout(timeout)
         .set_response_timeout(timeout);
-    client.get_multiplexed_async_connection_with_config(&cfg).await
+    client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
 }
 
 /// Bound a Redis round trip by the health timeout (a hung server never answers).

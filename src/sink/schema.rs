@@ -152,7 +152,12 @@ fn entry_ts_sport(v: &redis::Value) -> Option<(u64, u16)> {
             .collect(),
         _ => return None,
     };
-    let field = |name: &str| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let field = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     // An entry without these fields is not one of ours: (0, 0) matches no record.
     Some((
         field("ts").and_then(|t| t.parse().ok()).unwrap_or(0),
