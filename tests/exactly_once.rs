@@ -66,7 +66,14 @@ enum Op {
     /// `XREVRANGE key + - COUNT 1`.
     Xrevrange { bucket: u64 },
     /// `SET key value PXAT expire_at NX`.
-    Set { key: Slot, rec: u16, expire_at: u64 },
+    Set {
+        key: Slot,
+        rec: u16,
+        ts: u64,
+        expire_at: u64,
+    },
+    /// `GET key`.
+    Get { key: Slot },
 }
 
 /// The ops of `plan`, built from the backlog's records and layout.
@@ -91,13 +98,17 @@ fn ops(b: &Backlog, plan: &Plan) -> Vec<Op> {
                     Schema::Keys => Op::Set {
                         key: slot,
                         rec: r.src.port(),
+                        ts: r.ts_us,
                         expire_at: layout.expire_at_ms(r),
                     },
                 }
             }
-            Cmd::Check { h, slot } => Op::Xrange {
-                bucket: bucket_of(b.record(h)),
-                id: slot,
+            Cmd::Check { h, slot } => match layout.schema {
+                Schema::Stream => Op::Xrange {
+                    bucket: bucket_of(b.record(h)),
+                    id: slot,
+                },
+                Schema::Keys => Op::Get { key: slot },
             },
             Cmd::Top { bucket } => Op::Xrevrange { bucket },
         })
@@ -133,6 +144,11 @@ struct Model {
     executed: Vec<u8>,
     /// A record that was present twice at once.
     twice: Option<u16>,
+    /// Keys schema: percent of key names found taken by someone else (an earlier run) the first
+    /// time one of ours is written there.
+    foreign: u64,
+    /// Keys schema: names written at least once.
+    touched: std::collections::HashSet<Slot>,
     /// Percent of commands refused.
     refuse: u64,
 }
@@ -144,7 +160,7 @@ impl Model {
             let keep = b.expire_at > now;
             if !keep {
                 for e in b.entries.values() {
-                    present[e.rec as usize] -= 1;
+                    present[e.rec as usize] = present[e.rec as usize].saturating_sub(1);
                 }
             }
             keep
@@ -152,7 +168,7 @@ impl Model {
         self.keys.retain(|_, (e, exp)| {
             let keep = *exp > now;
             if !keep {
-                present[e.rec as usize] -= 1;
+                present[e.rec as usize] = present[e.rec as usize].saturating_sub(1);
             }
             keep
         });
@@ -219,28 +235,29 @@ impl Model {
                     .get(&bucket)
                     .and_then(|b| b.entries.keys().next_back().copied()),
             ),
+            Op::Get { key } => Answer::Found(self.keys.get(&key).map(|(e, _)| (e.ts, e.rec))),
             Op::Set {
                 key,
                 rec,
+                ts,
                 expire_at,
             } => {
+                if self.touched.insert(key) && rng.chance(self.foreign) {
+                    let theirs = Entry {
+                        rec: 0,
+                        ts: 0,
+                        at: 0,
+                    };
+                    self.keys.insert(key, (theirs, u64::MAX));
+                }
                 if self.keys.contains_key(&key) {
                     return Answer::Nil;
                 }
                 self.executed[rec as usize] += 1;
                 if expire_at > now {
                     self.appear(rec);
-                    self.keys.insert(
-                        key,
-                        (
-                            Entry {
-                                rec,
-                                ts: 0,
-                                at: now,
-                            },
-                            expire_at,
-                        ),
-                    );
+                    self.keys
+                        .insert(key, (Entry { rec, ts, at: now }, expire_at));
                 }
                 Answer::Done
             }
@@ -252,7 +269,7 @@ impl Model {
         let (lost, present) = (&mut self.lost, &mut self.present);
         let mut gone = |e: &Entry| {
             lost[e.rec as usize] += 1;
-            present[e.rec as usize] -= 1;
+            present[e.rec as usize] = present[e.rec as usize].saturating_sub(1);
         };
         self.buckets.retain(|_, b| {
             // Entries of a bucket created since then are gone with their key.
@@ -328,6 +345,7 @@ fn schedule(seed: u64, trace: bool) -> Result<u64, String> {
         present: vec![0; total as usize + 1],
         executed: vec![0; total as usize + 1],
         refuse: [0, 5, 20, 50][rng.below(4) as usize],
+        foreign: [0, 0, 10, 30][rng.below(4) as usize],
         ..Default::default()
     };
     // A previous run's entries at or above where this run's IDs start.
@@ -655,6 +673,12 @@ fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
             }
             Op::Xrevrange { bucket } => {
                 a == ["XREVRANGE", key_of(bucket).as_str(), "+", "-", "COUNT", "1"]
+            }
+            Op::Get { key } => {
+                a == [
+                    "GET",
+                    format!("sim:ev:a:{}:{}", key.major, key.seq).as_str(),
+                ]
             }
             Op::Set { key, expire_at, .. } => {
                 a[0] == "SET"

@@ -23,8 +23,9 @@
 //! - Stream: a nil from `XADD … NOMKSTREAM` means the bucket is missing: on a first attempt,
 //!   not stored; on a resend, still unknown (an earlier attempt in flight on a lost connection
 //!   may yet create it), so resent at the same slot.
-//! - Keys: a nil from `SET … NX` on a resend means an earlier attempt of ours stored it; on a
-//!   first attempt it means someone else's key (not stored): a new slot.
+//! - Keys: a nil from `SET … NX` on a first attempt means someone else's key (an earlier run,
+//!   after the clock went back): not stored, a new slot. On a resend it is read back (`GET`):
+//!   our value (same `ts` and `sport`): stored; else a new slot.
 //! - A refusal (OOM, READONLY, LOADING, MISCONF) writes nothing; a resend so refused stays
 //!   unknown, a first attempt so refused takes a new slot.
 
@@ -499,7 +500,8 @@ impl Backlog {
                 } => {
                     let next = match answer {
                         Some(Answer::Done) => None,
-                        Some(Answer::Nil) if !stream && resend => None,
+                        // Keys: ours from an earlier attempt, or someone else's: read back.
+                        Some(Answer::Nil) if !stream && resend => Some(St::Check(slot)),
                         Some(Answer::Nil) if stream && resend => Some(St::Unknown(slot)),
                         Some(Answer::NotAbove) if stream && resend => Some(St::Check(slot)),
                         Some(Answer::NotAbove) if stream => {
@@ -791,7 +793,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_nil_is_stored_only_on_a_resend() {
+    fn keys_nil_on_a_resend_is_read_back_and_on_a_first_attempt_is_not_ours() {
         let mut b = backlog(Schema::Keys, 10);
         b.accept([rec(1_000_000, 1)]);
         let p = b.plan().unwrap();
@@ -805,6 +807,10 @@ mod tests {
         let p = b.plan().unwrap();
         assert_eq!(stores(&p)[0].1, second);
         b.settle(p.id, Ok(vec![Answer::Nil]));
+        assert_eq!(b.totals().written, 0, "not without reading it back");
+        let p = b.plan().unwrap();
+        assert_eq!(p.cmds, vec![Cmd::Check { h: 0, slot: second }]);
+        b.settle(p.id, Ok(vec![Answer::Found(Some((1_000_000, 1)))]));
         assert_eq!(b.totals().written, 1, "our earlier attempt stored it");
     }
 

@@ -78,7 +78,7 @@ pub fn bucket_expire_at_ms(bucket: u64, retention_ms: u64) -> u64 {
 pub enum Ask {
     /// Store a record (XADD, the bucket-creating script, or SET … NX).
     Store,
-    /// Is the entry at this ID in its bucket? (`XRANGE key id id`)
+    /// What is stored at this slot? (`XRANGE key id id`; keys schema: `GET key`)
     Check,
     /// The newest entry of a bucket (`XREVRANGE key + - COUNT 1`).
     Top,
@@ -121,10 +121,28 @@ impl Answer {
                 Value::Nil => Answer::Nil,
                 _ => Answer::Done,
             },
-            Ask::Check => Answer::Found(entry_ts_sport(v)),
+            Ask::Check => Answer::Found(match v {
+                // Keys schema: GET → the JSON value.
+                Value::BulkString(json) => Some(json_ts_sport(json)),
+                Value::Nil => None,
+                _ => entry_ts_sport(v),
+            }),
             Ask::Top => Answer::Top(newest_stream_id(v)),
         }
     }
+}
+
+/// The `ts` and `sport` of a keys-schema value; (0, 0), which matches no record, if it is not
+/// one of ours.
+fn json_ts_sport(json: &[u8]) -> (u64, u16) {
+    #[derive(serde::Deserialize)]
+    struct TsSport {
+        ts: u64,
+        sport: u16,
+    }
+    serde_json::from_slice::<TsSport>(json)
+        .map(|v| (v.ts, v.sport))
+        .unwrap_or((0, 0))
 }
 
 /// The `ts` and `sport` fields of the first entry of an XRANGE answer.
@@ -318,13 +336,21 @@ impl Layout {
         key
     }
 
-    /// Queue a read of the entry `rec` would have at `slot` (stream schema): `XRANGE key id id`.
+    /// Queue a read of what is stored at `rec`'s `slot`: `XRANGE key id id` (stream schema),
+    /// `GET key` (keys schema).
     pub fn push_check(&self, pipe: &mut Pipeline, rec: &Record, slot: Slot) {
-        let id = format!("{}-{}", slot.major, slot.seq);
-        pipe.cmd("XRANGE")
-            .arg(self.bucket_key(bucket_of(rec)))
-            .arg(&id)
-            .arg(&id);
+        match self.schema {
+            Schema::Stream => {
+                let id = format!("{}-{}", slot.major, slot.seq);
+                pipe.cmd("XRANGE")
+                    .arg(self.bucket_key(bucket_of(rec)))
+                    .arg(&id)
+                    .arg(&id);
+            }
+            Schema::Keys => {
+                pipe.cmd("GET").arg(self.key_name(slot));
+            }
+        }
     }
 
     /// Queue a read of bucket `bucket`'s newest entry (stream schema).
