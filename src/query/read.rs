@@ -533,7 +533,8 @@ pub async fn backend_stats(
     }
     for (agent, key) in &streams {
         let len: u64 = q(conn, redis::cmd("XLEN").arg(key)).await?;
-        // Entries before the floor that trimming has not removed yet.
+        // Entries before the floor that expiry (or, in an old single stream, trimming) has not
+        // removed yet.
         let mut stale = 0u64;
         let mut start = "-".to_string();
         loop {

@@ -38,8 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::buffer::Budget;
-use crate::buffer::OnFull;
+use crate::buffer::{Budget, OnFull};
 use crate::health::{self, Board, Transition};
 use crate::metrics::{BackendMetrics, DropReason, Metrics};
 use crate::record::{now_us, Record};

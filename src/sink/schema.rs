@@ -1,7 +1,7 @@
 //! The Redis data layouts (documented for users in docs/redis-schema.md — keep the two in step).
 //!
-//! Owns key names, entry IDs and the commands that store and trim records. It builds commands
-//! only; it never talks to Redis.
+//! Owns key names, entry IDs, bucket expiries, the commands that store and read back records,
+//! and how their answers read ([`Answer`]). It builds commands only; it never talks to Redis.
 
 use std::fmt::Write as _;
 
