@@ -480,6 +480,63 @@ mod tests {
         );
     }
 
+    fn answer(ask: Ask, resp: &str) -> Answer {
+        Answer::from_value(ask, &redis::parse_redis_value(resp.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn replies_read_as_the_exactly_once_rules_need() {
+        assert_eq!(answer(Ask::Store, "$5\r\n5-0-0\r\n"), Answer::Done);
+        assert_eq!(answer(Ask::Store, "+OK\r\n"), Answer::Done);
+        assert_eq!(answer(Ask::Store, "$-1\r\n"), Answer::Nil);
+        // As the bucket-creating script returns it.
+        let not_above = "-ERR The ID specified in XADD is equal or smaller than the target \
+                         stream top item script: 27b3, on @user_script:1.\r\n";
+        assert_eq!(answer(Ask::Store, not_above), Answer::NotAbove);
+        for e in [
+            "OOM command not allowed",
+            "READONLY You can't write",
+            "LOADING",
+            "MISCONF",
+        ] {
+            assert!(matches!(
+                answer(Ask::Store, &format!("-{e}\r\n")),
+                Answer::Refused(_)
+            ));
+        }
+        let entry = "*1\r\n*2\r\n$5\r\n9-0-0\r\n*4\r\n$5\r\nsport\r\n$4\r\n5000\r\n\
+                     $2\r\nts\r\n$7\r\n1234567\r\n";
+        assert_eq!(
+            answer(Ask::Check, entry),
+            Answer::Found(Some((1_234_567, 5000)))
+        );
+        assert_eq!(answer(Ask::Check, "*0\r\n"), Answer::Found(None));
+        let json = r#"{"src":"::1","dst":"::1","sport":7,"dport":9,"ts":42,"kind":"conn"}"#;
+        let get = format!("${}\r\n{json}\r\n", json.len());
+        assert_eq!(answer(Ask::Check, &get), Answer::Found(Some((42, 7))));
+        assert_eq!(answer(Ask::Check, "$-1\r\n"), Answer::Found(None));
+        let top = "*1\r\n*2\r\n$6\r\n1700-3\r\n*0\r\n";
+        assert_eq!(
+            answer(Ask::Top, top),
+            Answer::Top(Some(Slot {
+                major: 1700,
+                seq: 3
+            }))
+        );
+        assert_eq!(answer(Ask::Top, "*0\r\n"), Answer::Top(None));
+    }
+
+    #[test]
+    fn buckets_expire_a_second_at_most_after_their_records() {
+        let l = Layout::new(Schema::Stream, "p", "a", 3000);
+        for ts_us in [5_000_000, 5_000_001, 5_999_999] {
+            let r = rec(ts_us);
+            let exp = bucket_expire_at_ms(bucket_of(&r), l.retention_ms);
+            assert!(exp >= l.expire_at_ms(&r) && exp <= r.ts_ms() + 3000 + 1000);
+        }
+        assert_eq!(l.bucket_key(5), "p:events:{a}:5");
+    }
+
     #[test]
     fn stream_ids_parse() {
         assert_eq!(
