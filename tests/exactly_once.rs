@@ -147,6 +147,8 @@ struct Model {
     /// Keys schema: percent of key names found taken by someone else (an earlier run) the first
     /// time one of ours is written there.
     foreign: u64,
+    /// Commands refused.
+    refused: u64,
     /// Keys schema: names written at least once.
     touched: std::collections::HashSet<Slot>,
     /// Percent of commands refused.
@@ -188,6 +190,7 @@ impl Model {
         self.expire(now);
         if rng.chance(self.refuse) {
             let e = ["OOM", "READONLY", "LOADING", "MISCONF"][rng.below(4) as usize];
+            self.refused += 1;
             return Answer::Refused(e.into());
         }
         match op {
@@ -303,6 +306,36 @@ impl Model {
     }
 }
 
+/// What the schedules exercised, summed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stats {
+    records: u64,
+    written: u64,
+    dropped_unknown: u64,
+    pipelines: u64,
+    refused: u64,
+    answers_lost: u64,
+    late_runs: u64,
+    restarts: u64,
+    read_backs: u64,
+    tops: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.records += o.records;
+        self.written += o.written;
+        self.dropped_unknown += o.dropped_unknown;
+        self.pipelines += o.pipelines;
+        self.refused += o.refused;
+        self.answers_lost += o.answers_lost;
+        self.late_runs += o.late_runs;
+        self.restarts += o.restarts;
+        self.read_backs += o.read_backs;
+        self.tops += o.tops;
+    }
+}
+
 /// A pipeline Redis has received on a connection and not executed yet.
 struct Queued {
     plan: u64,
@@ -316,7 +349,8 @@ struct Conn {
 }
 
 /// Run one schedule; `Err` describes what broke.
-fn schedule(seed: u64, trace: bool) -> Result<u64, String> {
+fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
+    let mut st = Stats::default();
     macro_rules! trace {
         ($($t:tt)*) => { if trace { eprintln!($($t)*); } };
     }
@@ -442,6 +476,14 @@ fn schedule(seed: u64, trace: bool) -> Result<u64, String> {
                     check_resp(&b, &plan)?;
                 }
                 let ops = ops(&b, &plan);
+                st.pipelines += 1;
+                for c in &plan.cmds {
+                    match c {
+                        Cmd::Check { .. } => st.read_backs += 1,
+                        Cmd::Top { .. } => st.tops += 1,
+                        Cmd::Store { .. } => {}
+                    }
+                }
                 trace!(
                     "t={now} send plan {} on conn {c}: {:?} = {ops:?}",
                     plan.id,
@@ -479,9 +521,11 @@ fn schedule(seed: u64, trace: bool) -> Result<u64, String> {
                     .collect();
                 trace!("t={now} conn {c} runs plan {} ({upto} of {} ops, fate {fate}, abandoned {}): {answers:?}", q.plan, q.ops.len(), q.abandoned);
                 if q.abandoned {
+                    st.late_runs += u64::from(upto > 0);
                     continue;
                 }
                 awaiting.remove(&q.plan);
+                st.answers_lost += u64::from(fate >= 8);
                 let result = if fate >= 8 {
                     // The connection is gone: its other pipelines never run.
                     for q in conns[c].queue.drain(..) {
@@ -512,6 +556,7 @@ fn schedule(seed: u64, trace: bool) -> Result<u64, String> {
                     q.abandoned = true;
                 }
                 trace!("t={now} writer gives up on plan {plan}");
+                st.answers_lost += 1;
                 b.settle(plan, Err(()));
                 b.failed();
                 conn = None;
@@ -524,6 +569,7 @@ fn schedule(seed: u64, trace: bool) -> Result<u64, String> {
                     now.saturating_sub(1000)
                 };
                 trace!("t={now} restart losing since {since}");
+                st.restarts += 1;
                 model.restart(since);
                 for c in conns.iter_mut() {
                     for q in c.queue.drain(..) {
@@ -551,6 +597,7 @@ fn schedule(seed: u64, trace: bool) -> Result<u64, String> {
     for c in conns.iter_mut() {
         for q in c.queue.drain(..) {
             if rng.chance(50) {
+                st.late_runs += 1;
                 for op in q.ops {
                     let a = model.exec(op, now, &mut rng);
                     trace!("t={now} late plan {}: {op:?} → {a:?}", q.plan);
@@ -563,7 +610,12 @@ fn schedule(seed: u64, trace: bool) -> Result<u64, String> {
     if budget.used() != 0 {
         return Err(format!("budget not given back: {}", budget.used()));
     }
-    Ok(u64::from(total))
+    let t = b.totals();
+    st.records = u64::from(total);
+    st.written = t.written;
+    st.dropped_unknown = t.dropped[DropReason::Unknown as usize];
+    st.refused = model.refused;
+    Ok(st)
 }
 
 fn verify(b: &mut Backlog, model: &mut Model, total: u16, now: u64) -> Result<(), String> {
@@ -734,16 +786,16 @@ fn a_million_faulty_schedules_store_every_record_once_or_count_it() {
         .unwrap_or(1)
         .min(4);
     let started = std::time::Instant::now();
-    let records: u64 = std::thread::scope(|s| {
+    let stats: Stats = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
-                    let mut records = 0;
+                    let mut stats = Stats::default();
                     let mut i = t;
                     while i < n {
                         let seed = base + i;
                         match schedule(seed, false) {
-                            Ok(r) => records += r,
+                            Ok(st) => stats.add(&st),
                             Err(e) => panic!(
                                 "seed {seed}: {e}\n\
                                  reproduce: REDTAP_SIM_SEED={seed} cargo test --test exactly_once"
@@ -751,14 +803,18 @@ fn a_million_faulty_schedules_store_every_record_once_or_count_it() {
                         }
                         i += threads;
                     }
-                    records
+                    stats
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
+        let mut all = Stats::default();
+        for h in handles {
+            all.add(&h.join().unwrap());
+        }
+        all
     });
     eprintln!(
-        "exactly-once simulation: {n} schedules, {records} records, window {WINDOW}, {:?}",
+        "exactly-once simulation: {n} schedules in {:?}, window {WINDOW}: {stats:#?}",
         started.elapsed()
     );
 }
