@@ -405,27 +405,41 @@ fn connections(smoke: bool) {
                     .unwrap()
                     .get_connection()
                     .unwrap();
-                let mut last = "$".to_string();
+                // Records go to one stream per capture second: follow the buckets of the
+                // last, this and the next second, each from where it was last read (a bucket
+                // first seen is read from the start of the latency phase).
+                let start_ms = now_us() / 1000;
+                let mut last: BTreeMap<u64, String> = BTreeMap::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let reply: redis::streams::StreamReadReply = match redis::cmd("XREAD")
-                        .arg("BLOCK")
-                        .arg(100)
-                        .arg("STREAMS")
-                        .arg("redtap:events:bench")
-                        .arg(&last)
-                        .query(&mut c)
-                    {
+                    let sec = now_us() / 1_000_000;
+                    last.retain(|&b, _| b + 1 >= sec);
+                    for b in sec - 1..=sec + 1 {
+                        last.entry(b).or_insert_with(|| start_ms.to_string());
+                    }
+                    let mut cmd = redis::cmd("XREAD");
+                    cmd.arg("BLOCK").arg(100).arg("STREAMS");
+                    for b in last.keys() {
+                        cmd.arg(format!("redtap:events:{{bench}}:{b}"));
+                    }
+                    for id in last.values() {
+                        cmd.arg(id);
+                    }
+                    let reply: redis::streams::StreamReadReply = match cmd.query(&mut c) {
                         Ok(r) => r,
                         Err(_) => continue,
                     };
                     let now = now_us();
                     for key in reply.keys {
+                        let Some(b) = key.key.rsplit(':').next().and_then(|b| b.parse().ok())
+                        else {
+                            continue;
+                        };
                         for id in key.ids {
                             if let Some(redis::Value::BulkString(ts)) = id.map.get("ts") {
                                 let ts: u64 = String::from_utf8_lossy(ts).parse().unwrap_or(now);
                                 lat.lock().unwrap().push(now.saturating_sub(ts));
                             }
-                            last = id.id;
+                            last.insert(b, id.id);
                         }
                     }
                 }

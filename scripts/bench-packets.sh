@@ -37,7 +37,7 @@ sent=$(cat "$work"/hping.* | grep -o '^[0-9]* packets transmitted' | grep -o '^[
 # Let the queue drain into Redis, then stop redtap (its shutdown summary goes to the log).
 prev=-1
 while :; do
-    stored=$(( $(redis-cli -p "$port_a" xlen redtap:events:bench) + $(redis-cli -p "$port_b" xlen redtap:events:bench) ))
+    stored=$(( $(stream_records "$port_a" bench) + $(stream_records "$port_b" bench) ))
     [ "$stored" = "$prev" ] && break
     prev=$stored; sleep 1
 done
@@ -46,7 +46,7 @@ m() { echo "$metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
 kdrop=$(m 'redtap_kernel_drops_total{cause="ring"}')
 qfull=$(m 'redtap_records_dropped_total{reason="queue_full"}')
 kill -TERM "$redtap"; wait "$redtap" 2>/dev/null || true
-a=$(redis-cli -p "$port_a" xlen redtap:events:bench); b=$(redis-cli -p "$port_b" xlen redtap:events:bench)
+a=$(stream_records "$port_a" bench); b=$(stream_records "$port_b" bench)
 echo "SYNs sent (hping3):        $sent"
 echo "records stored:            $stored (A $a, B $b)"
 echo "kernel ring drops:         $kdrop"

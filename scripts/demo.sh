@@ -40,8 +40,9 @@ echo "==> 10,000 more connections"
 sleep 0.5
 "$bin" weights
 
-echo; echo "==> what Redis holds (stream redtap:events:demo)"
-echo "A: $(redis-cli -p "$port_a" xlen redtap:events:demo) records   B: $(redis-cli -p "$port_b" xlen redtap:events:demo) records"
-echo "newest record in B:"
-redis-cli -p "$port_b" xrevrange redtap:events:demo + - COUNT 1
+echo; echo "==> what Redis holds (streams redtap:events:{demo}:<second>)"
+echo "A: $(stream_records "$port_a" demo) records   B: $(stream_records "$port_b" demo) records"
+newest=$(redis-cli -p "$port_b" --scan --pattern 'redtap:events:{demo}:*' | sort | tail -1)
+echo "newest record in B ($newest):"
+redis-cli -p "$port_b" xrevrange "$newest" + - COUNT 1
 echo; echo "==> done; stopping redtap and both Redis instances"

@@ -58,3 +58,13 @@ start_two_redis() {
         until redis-cli -p "$p" ping >/dev/null 2>&1; do sleep 0.1; done
     done
 }
+
+# stream_records PORT AGENT: records the stream schema holds for AGENT in the Redis on PORT,
+# summed over its per-second bucket keys (redtap:events:{AGENT}:<second>).
+stream_records() {
+    local port=$1 agent=$2 n=0 k
+    while read -r k; do
+        [ -n "$k" ] && n=$(( n + $(redis-cli -p "$port" xlen "$k") ))
+    done < <(redis-cli -p "$port" --scan --pattern "redtap:events:{$agent}:*")
+    echo "$n"
+}

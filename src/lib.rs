@@ -84,6 +84,8 @@ pub struct Summary {
     pub dropped_overflow: u64,
     /// Records dropped because the capture queue was full (packets mode).
     pub dropped_queue_full: u64,
+    /// Records dropped while the outcome of their last write was unknown (may be in Redis).
+    pub dropped_unknown: u64,
     /// Frames the kernel dropped before redtap read them (packets mode).
     pub kernel_drops: u64,
     /// Frames that could not be decoded (packets mode).
@@ -204,6 +206,7 @@ impl Pipeline {
             dropped_shutdown: metrics.dropped_count(DropReason::Shutdown),
             dropped_overflow: metrics.dropped_count(DropReason::Overflow),
             dropped_queue_full: metrics.dropped_count(DropReason::QueueFull),
+            dropped_unknown: metrics.dropped_count(DropReason::Unknown),
             kernel_drops: metrics.kernel_drops(KernelDrop::Ring)
                 + metrics.kernel_drops(KernelDrop::Interface),
             frames_malformed: metrics.frames_malformed(),
@@ -354,6 +357,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         dropped_shutdown = summary.dropped_shutdown,
         dropped_overflow = summary.dropped_overflow,
         dropped_queue_full = summary.dropped_queue_full,
+        dropped_unknown = summary.dropped_unknown,
         kernel_drops = summary.kernel_drops,
         frames_malformed = summary.frames_malformed,
         "redtap stopped"

@@ -32,15 +32,20 @@ pub enum DropReason {
     /// The capture → balancer queue was full (packets mode never waits on it: the kernel would
     /// drop instead, unaccounted per record).
     QueueFull = 3,
+    /// Its retention passed, the grace period ran out or the buffer overflowed while the
+    /// outcome of its last write was unknown (the answer was lost): it may be in Redis, until its
+    /// retention ends.
+    Unknown = 4,
 }
 
 impl DropReason {
     /// Every reason, so each shows in /metrics from the start.
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::Expired,
         DropReason::Shutdown,
         DropReason::Overflow,
         DropReason::QueueFull,
+        DropReason::Unknown,
     ];
 
     /// The label value.
@@ -50,6 +55,7 @@ impl DropReason {
             DropReason::Shutdown => "shutdown",
             DropReason::Overflow => "overflow",
             DropReason::QueueFull => "queue_full",
+            DropReason::Unknown => "unknown",
         }
     }
 }

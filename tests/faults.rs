@@ -424,7 +424,7 @@ fn redis_password_is_used_and_never_shown() {
         .get_connection()
         .unwrap();
     eventually(Duration::from_secs(10), "stored with AUTH", || {
-        redis::cmd("XLEN").arg(STREAM).query::<u64>(&mut c).unwrap() == 50
+        common::xlen_on(&mut c, STREAM).unwrap() == 50
     });
     let api = serde_json::to_string(&d.backends()).unwrap();
     assert!(api.contains(":***@"), "{api}");

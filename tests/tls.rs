@@ -148,7 +148,7 @@ fn rediss_with_ca_and_client_certificate() {
     .unwrap();
     let xlen = || -> Option<u64> {
         let mut c = client.get_connection().ok()?;
-        redis::cmd("XLEN").arg("redtap:events:t").query(&mut c).ok()
+        common::xlen_on(&mut c, "redtap:events:t").ok()
     };
     eventually(Duration::from_secs(5), "TLS redis up", || xlen().is_some());
 

@@ -68,8 +68,11 @@ pub struct KeyName {
 /// What a backend holds for a [`Selection`].
 #[derive(Debug, Clone, Default)]
 pub struct Holdings {
-    /// Stream schema: (agent, stream key).
-    pub streams: Vec<(Arc<str>, String)>,
+    /// Stream schema: (agent, its stream keys in capture order — the single stream of earlier
+    /// versions, then its per-second buckets inside the discovery window, oldest first).
+    pub streams: Vec<(Arc<str>, Vec<String>)>,
+    /// Stream schema: bucket keys seen outside the discovery window.
+    pub buckets_outside: Vec<String>,
     /// Keys schema: records whose name puts them inside the discovery window, unordered.
     pub keys: Vec<KeyName>,
     /// Agent names [`KeyName::agent`] points into.
@@ -131,20 +134,26 @@ pub async fn discover(
     let mut agents: HashMap<String, u32> = HashMap::new();
     let mut candidates: Vec<String> = Vec::new();
 
-    let pattern = match (&sel.agent, streams_on, keys_on) {
+    let mut patterns = Vec::new();
+    match (&sel.agent, streams_on, keys_on) {
         (Some(a), _, _) => {
             if streams_on {
                 candidates.push(crate::sink::schema::stream_key(&sel.prefix, a));
+                patterns.push(format!("{prefix}:events:{{{}}}:*", glob_escape(a)));
             }
-            keys_on.then(|| format!("{prefix}:ev:{}:*", glob_escape(a)))
+            if keys_on {
+                patterns.push(format!("{prefix}:ev:{}:*", glob_escape(a)));
+            }
         }
-        (None, true, true) => Some(format!("{prefix}:ev*")), // both `ev:` and `events:`
-        (None, true, false) => Some(format!("{prefix}:events:*")),
-        (None, false, _) => Some(format!("{prefix}:ev:*")),
+        (None, true, true) => patterns.push(format!("{prefix}:ev*")), // both `ev:` and `events:`
+        (None, true, false) => patterns.push(format!("{prefix}:events:*")),
+        (None, false, _) => patterns.push(format!("{prefix}:ev:*")),
     };
     let events = format!("{}:events:", sel.prefix);
     let ev = format!("{}:ev:", sel.prefix);
-    if let Some(pattern) = pattern {
+    // (agent, bucket second, key)
+    let mut buckets: Vec<(Arc<str>, u64, String)> = Vec::new();
+    for pattern in patterns {
         let mut cursor: u64 = 0;
         loop {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -158,8 +167,24 @@ pub async fn discover(
                 .map_err(BackendError::Read)?;
             progress.add_keys(batch.len() as u64);
             for key in batch {
-                if let Some(agent) = key.strip_prefix(&events) {
-                    if streams_on && sel.agent.is_none() && !agent.contains(':') {
+                if let Some(rest) = key.strip_prefix(&events) {
+                    if !streams_on {
+                        continue;
+                    }
+                    if let Some((agent, sec)) = parse_bucket_rest(rest) {
+                        if sel.agent.as_deref().is_some_and(|a| a != agent) {
+                            continue;
+                        }
+                        let inside = window.is_none_or(|w| {
+                            (sec + 1).saturating_mul(1_000_000) > w.from_us
+                                && sec.saturating_mul(1_000_000) <= w.to_us
+                        });
+                        if inside {
+                            buckets.push((agent.into(), sec, key));
+                        } else {
+                            h.buckets_outside.push(key);
+                        }
+                    } else if sel.agent.is_none() && !rest.contains(':') {
                         candidates.push(key);
                     }
                 } else if let Some(rest) = key.strip_prefix(&ev) {
@@ -197,6 +222,7 @@ pub async fn discover(
     }
     candidates.sort();
     candidates.dedup();
+    let mut per_agent: BTreeMap<Arc<str>, Vec<String>> = BTreeMap::new();
     for key in candidates {
         let t: String = redis::cmd("TYPE")
             .arg(&key)
@@ -204,11 +230,24 @@ pub async fn discover(
             .await
             .map_err(BackendError::Read)?;
         if t == "stream" {
-            let agent = key[events.len()..].into();
-            h.streams.push((agent, key));
+            let agent: Arc<str> = key[events.len()..].into();
+            per_agent.entry(agent).or_default().push(key);
         }
     }
+    buckets.sort();
+    buckets.dedup();
+    for (agent, _, key) in buckets {
+        per_agent.entry(agent).or_default().push(key);
+    }
+    h.streams = per_agent.into_iter().collect();
     Ok(h)
+}
+
+/// `{<agent>}:<second>` (a bucket stream's key after `<prefix>:events:`) → its parts.
+fn parse_bucket_rest(rest: &str) -> Option<(&str, u64)> {
+    let (agent, sec) = rest.strip_prefix('{')?.rsplit_once("}:")?;
+    let sec = sec.parse().ok()?;
+    (!agent.is_empty() && !agent.contains(':') && !agent.contains('}')).then_some((agent, sec))
 }
 
 /// `<agent>:<ts_us>:<seq>` → its parts.
@@ -234,7 +273,7 @@ pub fn spawn_readers(
     ahead: usize,
 ) -> Vec<mpsc::Receiver<Result<Vec<Row>, BackendError>>> {
     let mut out = Vec::new();
-    for (agent, key) in holdings.streams {
+    for (agent, keys) in holdings.streams {
         let (tx, rx) = mpsc::channel(ahead);
         out.push(rx);
         let r = Reader {
@@ -245,7 +284,7 @@ pub fn spawn_readers(
             progress: progress.clone(),
             tx,
         };
-        tokio::spawn(r.stream(key, agent));
+        tokio::spawn(r.streams(keys, agent));
     }
     if !holdings.keys.is_empty() {
         // Order by time, then agent name, then sequence.
@@ -283,8 +322,18 @@ struct Reader {
 }
 
 impl Reader {
+    /// Read an agent's streams one after the other (they are in capture order).
+    async fn streams(mut self, keys: Vec<String>, agent: Arc<str>) {
+        for key in keys {
+            if !self.stream(key, &agent).await {
+                return;
+            }
+        }
+    }
+
     /// Page through one stream with XRANGE over the window's entry IDs (IDs are capture ms).
-    async fn stream(mut self, key: String, agent: Arc<str>) {
+    /// `false` when reading should stop (an error was sent, or nobody listens).
+    async fn stream(&mut self, key: String, agent: &Arc<str>) -> bool {
         let mut start = (self.window.from_us / 1000).to_string();
         let end = (self.window.to_us / 1000).to_string();
         loop {
@@ -300,26 +349,26 @@ impl Reader {
                 Ok(v) => v,
                 Err(e) => {
                     let _ = self.tx.send(Err(BackendError::Read(e))).await;
-                    return;
+                    return false;
                 }
             };
             let entries = entries(&reply);
             let n = entries.len();
             self.progress.add_records(n as u64);
             let Some(last) = entries.last().map(|e| e.0) else {
-                return;
+                return true;
             };
             start = format!("({last}");
             let rows: Vec<Row> = entries
                 .into_iter()
-                .filter_map(|(_, fields)| row_from_fields(fields, &self.backend, &agent))
+                .filter_map(|(_, fields)| row_from_fields(fields, &self.backend, agent))
                 .filter(|r| self.window.contains(r.ts_us) && self.filter.matches(r))
                 .collect();
             if !rows.is_empty() && self.tx.send(Ok(rows)).await.is_err() {
-                return; // the merge stopped (limit reached)
+                return false; // the merge stopped (limit reached)
             }
             if n < PAGE {
-                return;
+                return true;
             }
         }
     }
@@ -482,9 +531,19 @@ pub async fn backend_stats(
             .and_then(|(_, f)| row_from_fields(f, &none, &none))
             .map(|r| r.ts_us)
     };
-    for (agent, key) in &h.streams {
+    for key in &h.buckets_outside {
+        s.held += q::<u64>(conn, redis::cmd("XLEN").arg(key)).await?;
+    }
+    let mut streams: Vec<(Arc<str>, String)> = Vec::new();
+    for (agent, keys) in &h.streams {
+        for key in keys {
+            streams.push((agent.clone(), key.clone()));
+        }
+    }
+    for (agent, key) in &streams {
         let len: u64 = q(conn, redis::cmd("XLEN").arg(key)).await?;
-        // Entries before the floor that trimming has not removed yet.
+        // Entries before the floor that expiry (or, in an old single stream, trimming) has not
+        // removed yet.
         let mut stale = 0u64;
         let mut start = "-".to_string();
         loop {
@@ -675,10 +734,17 @@ impl Follower {
                     Err(e) => return Some(e),
                 };
                 let start_id = format!("{}-{}", (self.start_us / 1000).saturating_sub(1), u64::MAX);
-                for (agent, key) in std::mem::take(&mut h.streams) {
-                    self.streams
-                        .entry(key)
-                        .or_insert_with(|| (agent, start_id.clone()));
+                // Buckets that left the window (expired, or older than the lag) are no longer
+                // followed.
+                let found: HashSet<&String> =
+                    h.streams.iter().flat_map(|(_, keys)| keys.iter()).collect();
+                self.streams.retain(|k, _| found.contains(k));
+                for (agent, keys) in std::mem::take(&mut h.streams) {
+                    for key in keys {
+                        self.streams
+                            .entry(key)
+                            .or_insert_with(|| (agent.clone(), start_id.clone()));
+                    }
                 }
                 self.seen_keys.retain(|k| k.1 >= floor);
                 if let Err(e) = self.new_keys(conn, h).await? {
@@ -809,6 +875,17 @@ mod tests {
         assert_eq!(parse_key_rest("a:b:1:2"), None);
         assert_eq!(parse_key_rest(":1:2"), None);
         assert_eq!(parse_key_rest("a:x:2"), None);
+    }
+
+    #[test]
+    fn bucket_names_parse() {
+        assert_eq!(
+            parse_bucket_rest("{web-1}:1700000000"),
+            Some(("web-1", 1_700_000_000))
+        );
+        assert_eq!(parse_bucket_rest("web-1"), None);
+        assert_eq!(parse_bucket_rest("{a}:x"), None);
+        assert_eq!(parse_bucket_rest("{}:1"), None);
     }
 
     #[test]

@@ -42,6 +42,35 @@ pub fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) 
     assert!(cond(), "timed out after {within:?} waiting for: {what}");
 }
 
+/// [`RedisServer::xlen`] over any connection (e.g. with AUTH or TLS): entries of an agent's
+/// stream name and of its per-second buckets.
+pub fn xlen_on(c: &mut redis::Connection, key: &str) -> redis::RedisResult<u64> {
+    let mut keys = vec![key.to_string()];
+    if let Some((prefix, agent)) = key.split_once(":events:") {
+        let pattern = format!("{prefix}:events:{{{agent}}}:*");
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query(c)?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    let mut n = 0;
+    for k in keys {
+        n += redis::cmd("XLEN").arg(k).query::<u64>(c)?;
+    }
+    Ok(n)
+}
+
 /// A running redis-server.
 pub struct RedisServer {
     child: Child,
@@ -143,23 +172,55 @@ impl RedisServer {
         redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(2))
     }
 
-    /// Entries in a stream (0 if it does not exist).
-    pub fn xlen(&self, key: &str) -> u64 {
-        redis::cmd("XLEN")
-            .arg(key)
-            .query(&mut self.conn().unwrap())
-            .unwrap()
+    /// The keys holding what the writer stored under `key`: for an agent's stream name
+    /// `<prefix>:events:<agent>`, its per-second buckets `<prefix>:events:{<agent>}:<second>`
+    /// (oldest first) after the name itself; any other key as is.
+    pub fn stream_keys(&self, key: &str) -> Vec<String> {
+        let mut keys = vec![key.to_string()];
+        if let Some((prefix, agent)) = key.split_once(":events:") {
+            if !agent.contains(':') && !agent.contains('{') {
+                let mut buckets: Vec<(u64, String)> = self
+                    .keys(&format!("{prefix}:events:{{{agent}}}:*"))
+                    .into_iter()
+                    .filter_map(|k| Some((k.rsplit(':').next()?.parse().ok()?, k)))
+                    .collect();
+                buckets.sort();
+                keys.extend(buckets.into_iter().map(|(_, k)| k));
+            }
+        }
+        keys
     }
 
-    /// Every entry of a stream as (id, fields).
+    /// Entries in a stream (0 if it does not exist); an agent's stream name counts its buckets
+    /// too (see [`stream_keys`](Self::stream_keys)).
+    pub fn xlen(&self, key: &str) -> u64 {
+        let mut c = self.conn().unwrap();
+        self.stream_keys(key)
+            .iter()
+            .map(|k| redis::cmd("XLEN").arg(k).query::<u64>(&mut c).unwrap())
+            .sum()
+    }
+
+    /// Every entry of a stream as (id, fields), in ID order; an agent's stream name reads its
+    /// buckets too.
     pub fn xrange(&self, key: &str) -> Vec<(String, Vec<(String, String)>)> {
-        let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg(key)
-            .arg("-")
-            .arg("+")
-            .query(&mut self.conn().unwrap())
-            .unwrap();
-        v
+        let mut c = self.conn().unwrap();
+        let mut out = Vec::new();
+        for k in self.stream_keys(key) {
+            let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(&k)
+                .arg("-")
+                .arg("+")
+                .query(&mut c)
+                .unwrap();
+            out.extend(v);
+        }
+        let id = |s: &str| -> (u64, u64) {
+            let (a, b) = s.split_once('-').unwrap_or((s, "0"));
+            (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
+        };
+        out.sort_by_key(|e| id(&e.0));
+        out
     }
 
     /// Keys matching a pattern, by SCAN (which skips keys already expired).
@@ -444,6 +505,7 @@ impl Daemon {
             dropped_shutdown: field("dropped_shutdown"),
             dropped_overflow: field("dropped_overflow"),
             dropped_queue_full: field("dropped_queue_full"),
+            dropped_unknown: field("dropped_unknown"),
             kernel_drops: field("kernel_drops"),
             frames_malformed: field("frames_malformed"),
         }

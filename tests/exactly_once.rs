@@ -1,0 +1,820 @@
+//! The writer's exactly-once bookkeeping ([`redtap::sink::backlog::Backlog`]) against a seeded
+//! model of Redis with faults, over many tiny random schedules.
+//!
+//! The model executes what the backlog's pipelines carry — the same commands redtap sends (a
+//! sample of pipelines is checked against the real RESP bytes redtap builds) — on per-second
+//! bucket streams or NX keys with expiries, and can: refuse a command (OOM, READONLY, LOADING,
+//! MISCONF), execute a pipeline and lose its answer, close the connection mid-pipeline, let the
+//! writer give up on a pipeline that still executes later on its old connection (after newer
+//! pipelines on a new one), restart having lost everything or only the last second, and refuse an
+//! ID not above a stream's top. The writer's side — capture, health going down and up (budget,
+//! drop-oldest), expiry, shutdown — is driven by the same seed.
+//!
+//! After each schedule, for every captured record: it was written or dropped exactly once; a
+//! written record was stored; no record was ever readable twice; a record dropped for any reason
+//! but `unknown` was never readable; and `written` equals what the model holds plus what the
+//! model's restarts destroyed or expiry removed, less what was dropped as `unknown` yet stored.
+//!
+//! `REDTAP_SIM_SEED=<seed>` runs one schedule (a failure prints its seed);
+//! `REDTAP_SIM_SCHEDULES=<n>` sets how many run (default 1,000,000).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use redtap::buffer::{Budget, OnFull, RECORD_COST};
+use redtap::config::Schema;
+use redtap::metrics::DropReason;
+use redtap::record::{Kind, Record};
+use redtap::sink::backlog::{Backlog, Cmd, Fate, Plan};
+use redtap::sink::schema::{bucket_expire_at_ms, bucket_of, Answer, Layout, Slot};
+use redtap::sink::WINDOW;
+
+/// splitmix64: small, fast, and the same everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// A command as Redis sees it, taken from a plan when it is sent (the record may be gone from
+/// the backlog by the time a late pipeline executes).
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    /// `EVAL <create bucket> …` (create) or `XADD key NOMKSTREAM id …`.
+    Xadd {
+        bucket: u64,
+        id: Slot,
+        create: bool,
+        rec: u16,
+        ts: u64,
+        expire_at: u64,
+    },
+    /// `XRANGE key id id`.
+    Xrange { bucket: u64, id: Slot },
+    /// `XREVRANGE key + - COUNT 1`.
+    Xrevrange { bucket: u64 },
+    /// `SET key value PXAT expire_at NX`.
+    Set {
+        key: Slot,
+        rec: u16,
+        ts: u64,
+        expire_at: u64,
+    },
+    /// `GET key`.
+    Get { key: Slot },
+}
+
+/// The ops of `plan`, built from the backlog's records and layout.
+fn ops(b: &Backlog, plan: &Plan) -> Vec<Op> {
+    let layout = b.layout();
+    plan.cmds
+        .iter()
+        .map(|c| match *c {
+            Cmd::Store {
+                h, slot, create, ..
+            } => {
+                let r = b.record(h);
+                match layout.schema {
+                    Schema::Stream => Op::Xadd {
+                        bucket: bucket_of(r),
+                        id: slot,
+                        create,
+                        rec: r.src.port(),
+                        ts: r.ts_us,
+                        expire_at: bucket_expire_at_ms(bucket_of(r), layout.retention_ms),
+                    },
+                    Schema::Keys => Op::Set {
+                        key: slot,
+                        rec: r.src.port(),
+                        ts: r.ts_us,
+                        expire_at: layout.expire_at_ms(r),
+                    },
+                }
+            }
+            Cmd::Check { h, slot } => match layout.schema {
+                Schema::Stream => Op::Xrange {
+                    bucket: bucket_of(b.record(h)),
+                    id: slot,
+                },
+                Schema::Keys => Op::Get { key: slot },
+            },
+            Cmd::Top { bucket } => Op::Xrevrange { bucket },
+        })
+        .collect()
+}
+
+/// A stored entry: which record, and when it was written (for a restart that loses the last
+/// second).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    rec: u16,
+    ts: u64,
+    at: u64,
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    entries: BTreeMap<Slot, Entry>,
+    expire_at: u64,
+    created_at: u64,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    buckets: HashMap<u64, Bucket>,
+    /// Keys schema: key → (entry, expiry).
+    keys: HashMap<Slot, (Entry, u64)>,
+    /// Per record: copies that became readable, copies a restart destroyed, copies present now,
+    /// and stores that succeeded (readable or not).
+    readable: Vec<u8>,
+    lost: Vec<u8>,
+    present: Vec<u8>,
+    executed: Vec<u8>,
+    /// A record that was present twice at once.
+    twice: Option<u16>,
+    /// Keys schema: percent of key names found taken by someone else (an earlier run) the first
+    /// time one of ours is written there.
+    foreign: u64,
+    /// Commands refused.
+    refused: u64,
+    /// Keys schema: names written at least once.
+    touched: std::collections::HashSet<Slot>,
+    /// Percent of commands refused.
+    refuse: u64,
+}
+
+impl Model {
+    fn expire(&mut self, now: u64) {
+        let present = &mut self.present;
+        self.buckets.retain(|_, b| {
+            let keep = b.expire_at > now;
+            if !keep {
+                for e in b.entries.values() {
+                    present[e.rec as usize] = present[e.rec as usize].saturating_sub(1);
+                }
+            }
+            keep
+        });
+        self.keys.retain(|_, (e, exp)| {
+            let keep = *exp > now;
+            if !keep {
+                present[e.rec as usize] = present[e.rec as usize].saturating_sub(1);
+            }
+            keep
+        });
+    }
+
+    fn appear(&mut self, rec: u16) {
+        let r = rec as usize;
+        if self.present[r] > 0 {
+            self.twice.get_or_insert(rec);
+        }
+        self.present[r] += 1;
+        self.readable[r] += 1;
+    }
+
+    /// Execute one op at `now`.
+    fn exec(&mut self, op: Op, now: u64, rng: &mut Rng) -> Answer {
+        self.expire(now);
+        if rng.chance(self.refuse) {
+            let e = ["OOM", "READONLY", "LOADING", "MISCONF"][rng.below(4) as usize];
+            self.refused += 1;
+            return Answer::Refused(e.into());
+        }
+        match op {
+            Op::Xadd {
+                bucket,
+                id,
+                create,
+                rec,
+                ts,
+                expire_at,
+            } => {
+                let b = match self.buckets.get_mut(&bucket) {
+                    Some(b) => b,
+                    None if create => self.buckets.entry(bucket).or_insert(Bucket {
+                        entries: BTreeMap::new(),
+                        expire_at,
+                        created_at: now,
+                    }),
+                    None => return Answer::Nil,
+                };
+                if b.entries.keys().next_back().is_some_and(|top| id <= *top) {
+                    if b.entries.is_empty() {
+                        self.buckets.remove(&bucket);
+                    }
+                    return Answer::NotAbove;
+                }
+                b.entries.insert(id, Entry { rec, ts, at: now });
+                self.executed[rec as usize] += 1;
+                if b.expire_at > now {
+                    self.appear(rec);
+                } else {
+                    // PEXPIREAT in the past: the key is deleted at once, never readable.
+                    self.buckets.remove(&bucket);
+                }
+                Answer::Done
+            }
+            Op::Xrange { bucket, id } => Answer::Found(
+                self.buckets
+                    .get(&bucket)
+                    .and_then(|b| b.entries.get(&id))
+                    .map(|e| (e.ts, e.rec)),
+            ),
+            Op::Xrevrange { bucket } => Answer::Top(
+                self.buckets
+                    .get(&bucket)
+                    .and_then(|b| b.entries.keys().next_back().copied()),
+            ),
+            Op::Get { key } => Answer::Found(self.keys.get(&key).map(|(e, _)| (e.ts, e.rec))),
+            Op::Set {
+                key,
+                rec,
+                ts,
+                expire_at,
+            } => {
+                if self.touched.insert(key) && rng.chance(self.foreign) {
+                    let theirs = Entry {
+                        rec: 0,
+                        ts: 0,
+                        at: 0,
+                    };
+                    self.keys.insert(key, (theirs, u64::MAX));
+                }
+                if self.keys.contains_key(&key) {
+                    return Answer::Nil;
+                }
+                self.executed[rec as usize] += 1;
+                if expire_at > now {
+                    self.appear(rec);
+                    self.keys
+                        .insert(key, (Entry { rec, ts, at: now }, expire_at));
+                }
+                Answer::Done
+            }
+        }
+    }
+
+    /// A restart: everything written since `since` is gone (0: everything).
+    fn restart(&mut self, since: u64) {
+        let (lost, present) = (&mut self.lost, &mut self.present);
+        let mut gone = |e: &Entry| {
+            lost[e.rec as usize] += 1;
+            present[e.rec as usize] = present[e.rec as usize].saturating_sub(1);
+        };
+        self.buckets.retain(|_, b| {
+            // Entries of a bucket created since then are gone with their key.
+            let keep = b.created_at < since;
+            b.entries.retain(|_, e| {
+                let stay = keep && e.at < since;
+                if !stay {
+                    gone(e);
+                }
+                stay
+            });
+            keep
+        });
+        self.keys.retain(|_, (e, _)| {
+            let keep = e.at < since;
+            if !keep {
+                gone(e);
+            }
+            keep
+        });
+    }
+
+    /// Records readable now.
+    fn held(&mut self, now: u64) -> u64 {
+        self.expire(now);
+        self.buckets
+            .values()
+            .map(|b| b.entries.len() as u64)
+            .sum::<u64>()
+            + self.keys.len() as u64
+    }
+}
+
+/// What the schedules exercised, summed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stats {
+    records: u64,
+    written: u64,
+    dropped_unknown: u64,
+    pipelines: u64,
+    refused: u64,
+    answers_lost: u64,
+    late_runs: u64,
+    restarts: u64,
+    read_backs: u64,
+    tops: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.records += o.records;
+        self.written += o.written;
+        self.dropped_unknown += o.dropped_unknown;
+        self.pipelines += o.pipelines;
+        self.refused += o.refused;
+        self.answers_lost += o.answers_lost;
+        self.late_runs += o.late_runs;
+        self.restarts += o.restarts;
+        self.read_backs += o.read_backs;
+        self.tops += o.tops;
+    }
+}
+
+/// A pipeline Redis has received on a connection and not executed yet.
+struct Queued {
+    plan: u64,
+    ops: Vec<Op>,
+    /// The writer gave up on its answer (timeout): it may still execute.
+    abandoned: bool,
+}
+
+struct Conn {
+    queue: std::collections::VecDeque<Queued>,
+}
+
+/// Run one schedule; `Err` describes what broke.
+fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
+    let mut st = Stats::default();
+    macro_rules! trace {
+        ($($t:tt)*) => { if trace { eprintln!($($t)*); } };
+    }
+    let mut rng = Rng(seed);
+    let schema = if rng.chance(50) {
+        Schema::Stream
+    } else {
+        Schema::Keys
+    };
+    let retention = 2000 + rng.below(3) * 1000;
+    let mut now: u64 = 1_700_000_000_000 + rng.below(1000);
+    let batch = 1 + rng.below(3) as usize;
+    let on_full = if rng.chance(50) {
+        OnFull::DropOldest
+    } else {
+        OnFull::Wait
+    };
+    let budget = Arc::new(Budget::new((2 + rng.below(4) as usize) * RECORD_COST));
+    let layout = Layout::new(schema, "sim", "a", retention);
+    let mut b = Backlog::new(layout, batch, on_full, budget.clone());
+    b.keep_journal();
+    let total = 2 + rng.below(5) as u16;
+    let mut model = Model {
+        readable: vec![0; total as usize + 1],
+        lost: vec![0; total as usize + 1],
+        present: vec![0; total as usize + 1],
+        executed: vec![0; total as usize + 1],
+        refuse: [0, 5, 20, 50][rng.below(4) as usize],
+        foreign: [0, 0, 10, 30][rng.below(4) as usize],
+        ..Default::default()
+    };
+    // A previous run's entries at or above where this run's IDs start.
+    if schema == Schema::Stream && rng.chance(20) {
+        let bucket = now / 1000;
+        model.buckets.insert(
+            bucket,
+            Bucket {
+                entries: [(
+                    Slot {
+                        major: now + rng.below(3),
+                        seq: rng.below(3),
+                    },
+                    Entry {
+                        rec: 0,
+                        ts: 0,
+                        at: 0,
+                    },
+                )]
+                .into(),
+                expire_at: bucket_expire_at_ms(bucket, retention),
+                created_at: 0,
+            },
+        );
+        model.present[0] = 1;
+        model.readable[0] = 1;
+    }
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut conn: Option<usize> = None;
+    // Plans the writer still awaits: plan id → connection.
+    let mut awaiting: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut captured: u16 = 0;
+    let mut checked_resp = false;
+    let mut steps = 0;
+    let faulty_steps = 20 + rng.below(30);
+    let abort_at_end = rng.chance(25);
+    let mut aborting = false;
+    loop {
+        steps += 1;
+        if steps > 2000 {
+            return Err("schedule did not finish".into());
+        }
+        let faults = steps <= faulty_steps;
+        if !faults {
+            model.refuse = 0;
+            if !b.is_up() {
+                b.set_up(true);
+            }
+            if captured == total && abort_at_end && !aborting {
+                aborting = true;
+            }
+        }
+        if aborting && b.unsent() > 0 {
+            b.abort();
+        }
+        if captured == total && b.is_empty() && awaiting.is_empty() {
+            break;
+        }
+        match rng.below(10) {
+            // Capture.
+            0 | 1 if captured < total && (b.has_room() || aborting) => {
+                let n = (1 + rng.below(2) as u16).min(total - captured);
+                let recs: Vec<Record> = (0..n)
+                    .map(|i| {
+                        // Now and then the clock steps back.
+                        let back = if rng.chance(10) { rng.below(1500) } else { 0 };
+                        Record {
+                            ts_us: (now - back) * 1000 + rng.below(1000),
+                            src: std::net::SocketAddr::from(([10, 0, 0, 1], captured + i + 1)),
+                            dst: "10.0.0.2:9000".parse().unwrap(),
+                            kind: Kind::Conn,
+                        }
+                    })
+                    .collect();
+                captured += n;
+                trace!("t={now} capture {recs:?}");
+                b.accept(recs);
+            }
+            // Send.
+            2 | 3 => {
+                b.drop_expired(now);
+                if !b.can_send() {
+                    continue;
+                }
+                let c = *conn.get_or_insert_with(|| {
+                    conns.push(Conn {
+                        queue: Default::default(),
+                    });
+                    conns.len() - 1
+                });
+                let Some(plan) = b.plan() else { continue };
+                if !checked_resp && seed.is_multiple_of(8) {
+                    checked_resp = true;
+                    check_resp(&b, &plan)?;
+                }
+                let ops = ops(&b, &plan);
+                st.pipelines += 1;
+                for c in &plan.cmds {
+                    match c {
+                        Cmd::Check { .. } => st.read_backs += 1,
+                        Cmd::Top { .. } => st.tops += 1,
+                        Cmd::Store { .. } => {}
+                    }
+                }
+                trace!(
+                    "t={now} send plan {} on conn {c}: {:?} = {ops:?}",
+                    plan.id,
+                    plan.cmds
+                );
+                awaiting.insert(plan.id, c);
+                conns[c].queue.push_back(Queued {
+                    plan: plan.id,
+                    ops,
+                    abandoned: false,
+                });
+            }
+            // Redis executes the oldest pipeline of some connection, old ones included.
+            4..=6 => {
+                let live: Vec<usize> = (0..conns.len())
+                    .filter(|&i| !conns[i].queue.is_empty())
+                    .collect();
+                if live.is_empty() {
+                    continue;
+                }
+                let c = live[rng.below(live.len() as u64) as usize];
+                let q = conns[c].queue.pop_front().unwrap();
+                // How the answer fares: delivered, executed and lost, or cut mid-pipeline.
+                let fate = if faults { rng.below(10) } else { 0 };
+                let upto = if fate == 9 {
+                    rng.below(q.ops.len() as u64 + 1) as usize
+                } else {
+                    q.ops.len()
+                };
+                let answers: Vec<Answer> = q
+                    .ops
+                    .iter()
+                    .take(upto)
+                    .map(|&op| model.exec(op, now, &mut rng))
+                    .collect();
+                trace!("t={now} conn {c} runs plan {} ({upto} of {} ops, fate {fate}, abandoned {}): {answers:?}", q.plan, q.ops.len(), q.abandoned);
+                if q.abandoned {
+                    st.late_runs += u64::from(upto > 0);
+                    continue;
+                }
+                awaiting.remove(&q.plan);
+                st.answers_lost += u64::from(fate >= 8);
+                let result = if fate >= 8 {
+                    // The connection is gone: its other pipelines never run.
+                    for q in conns[c].queue.drain(..) {
+                        if !q.abandoned {
+                            awaiting.remove(&q.plan);
+                            b.settle(q.plan, Err(()));
+                        }
+                    }
+                    if conn == Some(c) {
+                        conn = None;
+                    }
+                    Err(())
+                } else {
+                    Ok(answers)
+                };
+                let s = b.settle(q.plan, result);
+                if !s.ok() {
+                    b.failed();
+                }
+            }
+            // The writer gives up on a pipeline (timeout); Redis may still run it later.
+            7 if faults => {
+                let Some((&plan, &c)) = awaiting.iter().next() else {
+                    continue;
+                };
+                awaiting.remove(&plan);
+                if let Some(q) = conns[c].queue.iter_mut().find(|q| q.plan == plan) {
+                    q.abandoned = true;
+                }
+                trace!("t={now} writer gives up on plan {plan}");
+                st.answers_lost += 1;
+                b.settle(plan, Err(()));
+                b.failed();
+                conn = None;
+            }
+            // Redis restarts, losing everything or the last second; every connection dies.
+            8 if faults && rng.chance(15) => {
+                let since = if rng.chance(50) {
+                    0
+                } else {
+                    now.saturating_sub(1000)
+                };
+                trace!("t={now} restart losing since {since}");
+                st.restarts += 1;
+                model.restart(since);
+                for c in conns.iter_mut() {
+                    for q in c.queue.drain(..) {
+                        if !q.abandoned {
+                            awaiting.remove(&q.plan);
+                            b.settle(q.plan, Err(()));
+                        }
+                    }
+                }
+                conn = None;
+            }
+            // Health flips.
+            8 if faults => {
+                trace!("t={now} up: {}", !b.is_up());
+                b.set_up(!b.is_up());
+            }
+            // Time passes.
+            _ => {
+                now += rng.below(700);
+                b.drop_expired(now);
+            }
+        }
+    }
+    // Late pipelines of abandoned connections may still run after the writer is done.
+    for c in conns.iter_mut() {
+        for q in c.queue.drain(..) {
+            if rng.chance(50) {
+                st.late_runs += 1;
+                for op in q.ops {
+                    let a = model.exec(op, now, &mut rng);
+                    trace!("t={now} late plan {}: {op:?} → {a:?}", q.plan);
+                }
+            }
+        }
+    }
+    trace!("journal (before verify): {:?}", b.totals());
+    verify(&mut b, &mut model, total, now)?;
+    if budget.used() != 0 {
+        return Err(format!("budget not given back: {}", budget.used()));
+    }
+    let t = b.totals();
+    st.records = u64::from(total);
+    st.written = t.written;
+    st.dropped_unknown = t.dropped[DropReason::Unknown as usize];
+    st.refused = model.refused;
+    Ok(st)
+}
+
+fn verify(b: &mut Backlog, model: &mut Model, total: u16, now: u64) -> Result<(), String> {
+    if let Some(r) = model.twice {
+        return Err(format!("record {r} stored twice"));
+    }
+    let mut fate: Vec<Option<Fate>> = vec![None; total as usize + 1];
+    for (rec, f) in b.take_journal() {
+        let r = rec.src.port() as usize;
+        if fate[r].is_some() {
+            return Err(format!(
+                "record {r} settled twice: {:?} then {f:?}",
+                fate[r]
+            ));
+        }
+        fate[r] = Some(f);
+    }
+    // Copies that became readable and were not destroyed by a restart (Redis's loss): held now
+    // or expired since.
+    let kept = |r: usize| model.readable[r] - model.lost[r];
+    let (mut written_kept, mut unknown_kept) = (0u64, 0u64);
+    for (r, fate) in fate.iter().enumerate().skip(1) {
+        match fate {
+            None => return Err(format!("record {r} neither written nor dropped")),
+            Some(Fate::Written) if model.executed[r] == 0 => {
+                return Err(format!("record {r} counted written but never stored"))
+            }
+            Some(Fate::Written) => written_kept += u64::from(kept(r)),
+            Some(Fate::Dropped(DropReason::Unknown)) => unknown_kept += u64::from(kept(r)),
+            Some(Fate::Dropped(reason)) if kept(r) > 0 => {
+                return Err(format!("record {r} dropped ({reason:?}) yet stored"))
+            }
+            _ => {}
+        }
+        if kept(r) > 1 {
+            return Err(format!("record {r} kept {} times", kept(r)));
+        }
+    }
+    let t = b.totals();
+    if t.written + t.dropped_total() != u64::from(total) {
+        return Err(format!("{total} captured, {t:?}"));
+    }
+    let lost: u64 = model.lost[1..].iter().map(|&n| u64::from(n)).sum();
+    // Each written record has one copy kept, unless Redis lost it after storing it (or it was
+    // written into a key already past its expiry, never readable).
+    let written_gone = (1..=total as usize)
+        .filter(|&r| fate[r] == Some(Fate::Written) && kept(r) == 0)
+        .count() as u64;
+    if written_kept + written_gone != t.written {
+        return Err(format!(
+            "written {} != kept {written_kept} + gone {written_gone}",
+            t.written
+        ));
+    }
+    let held = model.held(now);
+    let present: u64 = model.present[1..].iter().map(|&n| u64::from(n)).sum();
+    if held < present || present > written_kept + unknown_kept {
+        return Err(format!(
+            "model holds {held} (ours {present}), kept written {written_kept} + unknown {unknown_kept}, lost {lost}"
+        ));
+    }
+    Ok(())
+}
+
+/// The RESP bytes redtap sends for `plan` say what the model executes.
+fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
+    let bytes = b.pipeline(plan).get_packed_pipeline();
+    let cmds = parse_resp(&bytes).ok_or("unparseable RESP")?;
+    let ops = ops(b, plan);
+    if cmds.len() != ops.len() {
+        return Err(format!("{} commands for {} ops", cmds.len(), ops.len()));
+    }
+    let key_of = |bucket: u64| format!("sim:events:{{a}}:{bucket}");
+    for (args, op) in cmds.iter().zip(&ops) {
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let id = |s: Slot| format!("{}-{}", s.major, s.seq);
+        let ok = match *op {
+            Op::Xadd {
+                bucket,
+                id: i,
+                create: true,
+                expire_at,
+                ..
+            } => {
+                a[0] == "EVAL"
+                    && a[2] == "1"
+                    && a[3] == key_of(bucket)
+                    && a[4] == expire_at.to_string()
+                    && a[5] == id(i)
+            }
+            Op::Xadd { bucket, id: i, .. } => {
+                a[..4]
+                    == [
+                        "XADD",
+                        key_of(bucket).as_str(),
+                        "NOMKSTREAM",
+                        id(i).as_str(),
+                    ]
+            }
+            Op::Xrange { bucket, id: i } => {
+                a == [
+                    "XRANGE",
+                    key_of(bucket).as_str(),
+                    id(i).as_str(),
+                    id(i).as_str(),
+                ]
+            }
+            Op::Xrevrange { bucket } => {
+                a == ["XREVRANGE", key_of(bucket).as_str(), "+", "-", "COUNT", "1"]
+            }
+            Op::Get { key } => {
+                a == [
+                    "GET",
+                    format!("sim:ev:a:{}:{}", key.major, key.seq).as_str(),
+                ]
+            }
+            Op::Set { key, expire_at, .. } => {
+                a[0] == "SET"
+                    && a[1] == format!("sim:ev:a:{}:{}", key.major, key.seq)
+                    && a[3..] == ["PXAT", expire_at.to_string().as_str(), "NX"]
+            }
+        };
+        if !ok {
+            return Err(format!("RESP {a:?} is not {op:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Arrays of bulk strings, as redis-rs packs commands.
+fn parse_resp(mut b: &[u8]) -> Option<Vec<Vec<String>>> {
+    fn line(b: &mut &[u8]) -> Option<String> {
+        let end = b.windows(2).position(|w| w == b"\r\n")?;
+        let s = String::from_utf8(b[..end].to_vec()).ok()?;
+        *b = &b[end + 2..];
+        Some(s)
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let n: usize = line(&mut b)?.strip_prefix('*')?.parse().ok()?;
+        let mut args = Vec::new();
+        for _ in 0..n {
+            let len: usize = line(&mut b)?.strip_prefix('$')?.parse().ok()?;
+            args.push(String::from_utf8(b[..len].to_vec()).ok()?);
+            b = &b[len + 2..];
+        }
+        out.push(args);
+    }
+    Some(out)
+}
+
+#[test]
+fn a_million_faulty_schedules_store_every_record_once_or_count_it() {
+    if let Ok(seed) = std::env::var("REDTAP_SIM_SEED") {
+        let seed: u64 = seed.parse().expect("REDTAP_SIM_SEED is a number");
+        if let Err(e) = schedule(seed, std::env::var_os("REDTAP_SIM_TRACE").is_some()) {
+            panic!("seed {seed}: {e}");
+        }
+        return;
+    }
+    let n: u64 = std::env::var("REDTAP_SIM_SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let base = 0x5EED_0000_0000u64;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1)
+        .min(4);
+    let started = std::time::Instant::now();
+    let stats: Stats = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut stats = Stats::default();
+                    let mut i = t;
+                    while i < n {
+                        let seed = base + i;
+                        match schedule(seed, false) {
+                            Ok(st) => stats.add(&st),
+                            Err(e) => panic!(
+                                "seed {seed}: {e}\n\
+                                 reproduce: REDTAP_SIM_SEED={seed} cargo test --test exactly_once"
+                            ),
+                        }
+                        i += threads;
+                    }
+                    stats
+                })
+            })
+            .collect();
+        let mut all = Stats::default();
+        for h in handles {
+            all.add(&h.join().unwrap());
+        }
+        all
+    });
+    eprintln!(
+        "exactly-once simulation: {n} schedules in {:?}, window {WINDOW}: {stats:#?}",
+        started.elapsed()
+    );
+}
