@@ -106,7 +106,7 @@ pub enum ServeMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Schema {
-    /// One Redis Stream per agent, trimmed by entry ID.
+    /// One Redis Stream per agent and capture second, each expiring by itself.
     Stream,
     /// One string key per record with an absolute expiry.
     Keys,

@@ -116,6 +116,19 @@ impl Cause {
         Cause::Other(text)
     }
 
+    /// Classify an error reply by its code, the first word Redis wrote (`OOM command not
+    /// allowed…`, `READONLY You can't write…`).
+    pub fn from_reply(text: &str) -> Cause {
+        match text.split_whitespace().next().unwrap_or("") {
+            "OOM" => Cause::Oom,
+            "READONLY" => Cause::ReadOnly,
+            "LOADING" => Cause::Loading,
+            "NOPERM" => Cause::NoPerm,
+            "WRONGPASS" | "NOAUTH" => Cause::Auth,
+            _ => Cause::Other(text.to_string()),
+        }
+    }
+
     /// The metric label: one of [`Cause::LABELS`].
     pub fn label(&self) -> &'static str {
         match self {
@@ -443,6 +456,27 @@ mod tests {
         assert!(text.contains(
             "redtap_backend_command_errors_total{backend=\"B\",command=\"PEXPIRE\",cause=\"oom\"} 1"
         ), "{text}");
+    }
+
+    #[test]
+    fn error_replies_are_told_apart_by_their_code() {
+        assert_eq!(
+            Cause::from_reply("OOM command not allowed when used memory > 'maxmemory'."),
+            Cause::Oom
+        );
+        assert_eq!(
+            Cause::from_reply("READONLY You can't write"),
+            Cause::ReadOnly
+        );
+        assert_eq!(
+            Cause::from_reply("LOADING Redis is loading"),
+            Cause::Loading
+        );
+        assert_eq!(Cause::from_reply("NOPERM no permissions"), Cause::NoPerm);
+        assert_eq!(
+            Cause::from_reply("MISCONF snapshots failing"),
+            Cause::Other("MISCONF snapshots failing".into())
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::buffer::{Budget, OnFull};
-use crate::health::{self, Board, Transition};
+use crate::health::{self, Board, Cause, Transition};
 use crate::metrics::{BackendMetrics, DropReason, Metrics};
 use crate::record::{now_us, Record};
 use backlog::{Backlog, Plan};
@@ -69,7 +69,8 @@ type Reply = Pin<Box<dyn Future<Output = redis::RedisResult<Vec<Value>>> + Send>
 /// The outcome of one tick's Redis work (a probe or PING), as it arrives: how it went, and the
 /// connection it made, if any.
 struct TickOutcome {
-    probe: Option<bool>,
+    /// The probe's command and how it went.
+    probe: Option<(&'static str, Result<(), redis::RedisError>)>,
     failed: bool,
     conn: Option<MultiplexedConnection>,
     /// `conn_gen` of the connection the job started with.
@@ -96,6 +97,8 @@ pub struct WriterContext {
 
 /// One backend's writer.
 pub struct Writer {
+    /// Its backend's number (metrics, board).
+    idx: usize,
     name: String,
     client: redis::Client,
     conn: Option<MultiplexedConnection>,
@@ -132,6 +135,7 @@ impl Writer {
     ) -> Self {
         let now = Instant::now();
         Writer {
+            idx,
             name,
             client,
             conn: None,
@@ -234,7 +238,11 @@ impl Writer {
 
     /// Whether to send another pipeline now.
     fn can_launch(&self) -> bool {
-        self.backlog.can_send() && Instant::now() >= self.launch_at()
+        // An excluded backend (the same server as another, or another redtap's lease) is never
+        // written to: its records wait and end as `expired`.
+        self.backlog.can_send()
+            && !self.ctx.board.is_excluded(self.idx)
+            && Instant::now() >= self.launch_at()
     }
 
     /// When the unsent records may go: at once when a batch is full, else [`LINGER`] after the
@@ -258,7 +266,7 @@ impl Writer {
                 warn!(backend = %self.name, error = %e, "cannot connect; will retry");
                 self.conn = None;
                 self.failed();
-                self.judge(false);
+                self.judge(Err(Cause::from_redis_error(&e)));
                 return;
             }
         };
@@ -297,22 +305,27 @@ impl Writer {
         };
         let settled = self.backlog.settle(id, answers);
         self.publish();
-        if let Err(e) = result {
+        let mut cause = None;
+        if let Err(e) = &result {
             self.metrics.write_errors.inc();
+            cause = Some(Cause::from_redis_error(e));
             warn!(backend = %self.name, error = %e, "write failed; will retry");
             self.conn = None;
         } else if let Some(e) = &settled.refused {
             self.metrics.write_errors.inc();
+            cause = Some(Cause::from_reply(e));
             warn!(backend = %self.name, error = %e, "Redis refused records; will retry");
         }
         let ok = settled.ok();
         if ok {
             self.last_ok = Instant::now();
             self.backoff = BACKOFF_MIN;
+            self.judge(Ok(()));
         } else {
             self.failed();
+            let cause = cause.unwrap_or_else(|| Cause::Io("the answer was cut short".into()));
+            self.judge(Err(cause));
         }
-        self.judge(ok);
     }
 
     /// After a failure: back off, and send nothing until what is in flight has settled.
@@ -331,6 +344,9 @@ impl Writer {
         }
         let idle = self.last_ok.elapsed() >= IDLE_PING;
         let up = self.tracker.is_up();
+        if self.ctx.board.is_excluded(self.idx) {
+            return; // never probed, never written: its identity guard says why
+        }
         let probe = if !up {
             // A Redis that refuses writes (OOM, read-only replica) still answers PING: while
             // down, test with a small expiring write, or it would flap between up and down.
@@ -339,13 +355,13 @@ impl Writer {
                 .arg(1)
                 .arg("PX")
                 .arg(2000);
-            Some(c)
+            Some(("SET", c))
         } else if idle && self.backlog.is_empty() {
-            Some(redis::cmd("PING"))
+            Some(("PING", redis::cmd("PING")))
         } else {
             None
         };
-        let Some(cmd) = probe else {
+        let Some((name, cmd)) = probe else {
             return;
         };
         let conn = self.conn.clone();
@@ -366,18 +382,18 @@ impl Writer {
                         outcome.conn = Some(c.clone());
                         c
                     }
-                    Err(_) => {
-                        outcome.probe = Some(false);
+                    Err(e) => {
+                        outcome.probe = Some((name, Err(e)));
                         outcome.failed = true;
                         return outcome;
                     }
                 },
             };
-            let ok = with_timeout(timeout, cmd.query_async::<String>(&mut conn))
+            let answer = with_timeout(timeout, cmd.query_async::<String>(&mut conn))
                 .await
-                .is_ok();
-            outcome.probe = Some(ok);
-            outcome.failed |= !ok;
+                .map(drop);
+            outcome.failed |= answer.is_err();
+            outcome.probe = Some((name, answer));
             outcome
         }));
     }
@@ -392,25 +408,40 @@ impl Writer {
             self.conn = outcome.conn;
             self.conn_gen += 1;
         }
-        if let Some(ok) = outcome.probe {
-            if ok {
-                self.last_ok = Instant::now();
-            }
-            if self.judge(ok) == Some(Transition::Up) {
+        if let Some((command, answer)) = outcome.probe {
+            let verdict = match answer {
+                Ok(()) => {
+                    self.last_ok = Instant::now();
+                    Ok(())
+                }
+                Err(e) => Err(health::command_failed(
+                    &self.ctx.metrics,
+                    self.idx,
+                    &self.name,
+                    command,
+                    &e,
+                )),
+            };
+            if self.judge(verdict) == Some(Transition::Up) {
                 self.next_try = Instant::now();
                 self.backoff = BACKOFF_MIN;
             }
         }
     }
 
-    /// Record an outcome with the health tracker and log a transition.
-    fn judge(&mut self, ok: bool) -> Option<Transition> {
-        let t = self.tracker.record(ok, &self.ctx.board);
+    /// Record an outcome (a failure with its cause) with the health tracker and log a
+    /// transition with the cause.
+    fn judge(&mut self, outcome: Result<(), Cause>) -> Option<Transition> {
+        let t = match outcome {
+            Ok(()) => self.tracker.record(true, &self.ctx.board),
+            Err(cause) => self.tracker.record_failure(cause, &self.ctx.board),
+        };
         // What it holds while down waits for it: the backlog counts it against the budget.
         self.backlog.set_up(self.tracker.is_up());
         match t {
             Some(Transition::Down) => error!(
                 backend = %self.name, waiting = self.backlog.len(),
+                cause = %self.tracker.cause().map_or_else(|| "unknown".to_string(), |c| c.to_string()),
                 "backend DOWN: routing around it until it answers again"
             ),
             Some(Transition::Up) => info!(

@@ -113,7 +113,12 @@ impl Answer {
             return if e.details().is_some_and(|d| d.contains(XADD_NOT_ABOVE)) {
                 Answer::NotAbove
             } else {
-                Answer::Refused(format!("{e:?}"))
+                // `OOM command not allowed…`: the code first, as Redis wrote it, so the cause
+                // can be read from it (`health::Cause::from_reply`).
+                Answer::Refused(match e.details() {
+                    Some(d) => format!("{} {d}", e.code()),
+                    None => e.code().to_string(),
+                })
             };
         }
         match ask {
