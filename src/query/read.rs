@@ -21,6 +21,7 @@ use super::{
 };
 use crate::config::{BackendConfig, Schema};
 use crate::record::now_us;
+use crate::sink::schema::{entry_fields, text};
 
 /// Time allowed to connect to a backend.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -418,27 +419,9 @@ fn entries(v: &Value) -> Vec<(&str, &Value)> {
         .collect()
 }
 
-fn text(v: &Value) -> Option<&str> {
-    match v {
-        Value::BulkString(b) => std::str::from_utf8(b).ok(),
-        Value::SimpleString(s) => Some(s),
-        _ => None,
-    }
-}
-
 /// A stream entry's fields → a row; `None` if a required field is missing or malformed.
 pub fn row_from_fields(fields: &Value, backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
-    let pairs: Vec<(&str, &str)> = match fields {
-        Value::Array(flat) => flat
-            .chunks_exact(2)
-            .filter_map(|p| Some((text(&p[0])?, text(&p[1])?)))
-            .collect(),
-        Value::Map(m) => m
-            .iter()
-            .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
-            .collect(),
-        _ => return None,
-    };
+    let pairs = entry_fields(fields)?;
     let (mut src, mut dst, mut sport, mut dport, mut ts, mut kind, mut len) =
         (None, None, None, None, None, None, None);
     for (k, v) in pairs {

@@ -150,21 +150,20 @@ fn json_ts_sport(json: &[u8]) -> (u64, u16) {
         .unwrap_or((0, 0))
 }
 
-/// The `ts` and `sport` fields of the first entry of an XRANGE answer.
-fn entry_ts_sport(v: &redis::Value) -> Option<(u64, u16)> {
-    use redis::Value;
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => std::str::from_utf8(b).ok().map(str::to_string),
-        Value::SimpleString(s) => Some(s.clone()),
+/// A Redis string reply as text (RESP2 bulk or RESP3 simple string).
+pub fn text(v: &redis::Value) -> Option<&str> {
+    match v {
+        redis::Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        redis::Value::SimpleString(s) => Some(s),
         _ => None,
-    };
-    let Value::Array(entries) = v else {
-        return None;
-    };
-    let Value::Array(entry) = entries.first()? else {
-        return None;
-    };
-    let pairs: Vec<(String, String)> = match entry.get(1)? {
+    }
+}
+
+/// A stream entry's fields as (name, value) pairs, from a flat array (RESP2) or a map (RESP3);
+/// `None` if it is neither. Fields that are not text are skipped.
+pub fn entry_fields(fields: &redis::Value) -> Option<Vec<(&str, &str)>> {
+    use redis::Value;
+    Some(match fields {
         Value::Array(flat) => flat
             .chunks_exact(2)
             .filter_map(|p| Some((text(&p[0])?, text(&p[1])?)))
@@ -174,13 +173,20 @@ fn entry_ts_sport(v: &redis::Value) -> Option<(u64, u16)> {
             .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
             .collect(),
         _ => return None,
+    })
+}
+
+/// The `ts` and `sport` fields of the first entry of an XRANGE answer.
+fn entry_ts_sport(v: &redis::Value) -> Option<(u64, u16)> {
+    use redis::Value;
+    let Value::Array(entries) = v else {
+        return None;
     };
-    let field = |name: &str| {
-        pairs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+    let Value::Array(entry) = entries.first()? else {
+        return None;
     };
+    let pairs = entry_fields(entry.get(1)?)?;
+    let field = |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
     // An entry without these fields is not one of ours: (0, 0) matches no record.
     Some((
         field("ts").and_then(|t| t.parse().ok()).unwrap_or(0),
