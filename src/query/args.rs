@@ -336,6 +336,27 @@ fn window(
     Ok(w)
 }
 
+/// Print a one-document answer (`top`, `stats`) as a table or as JSON, name the backends that
+/// failed on stderr, and say how the read ended.
+pub fn print_document<J: serde::Serialize>(
+    mut out: impl std::io::Write,
+    format: super::output::DocFormat,
+    table: impl FnOnce() -> String,
+    json: impl FnOnce() -> J,
+    outcome: &Outcome,
+) -> Result<Exit, CliError> {
+    let text = match format {
+        super::output::DocFormat::Table => table(),
+        super::output::DocFormat::Json => format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json()).expect("serializable")
+        ),
+    };
+    finish_output(out.write_all(text.as_bytes()).and_then(|_| out.flush()))?;
+    report(&outcome.failures);
+    Ok(Exit::of(outcome))
+}
+
 /// Print each failure on stderr.
 pub fn report(failures: &[Failure]) {
     for f in failures {

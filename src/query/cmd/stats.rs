@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use crate::admin::BackendView;
 use crate::client;
-use crate::query::args::{
-    finish_output, report, sources, CliError, Exit, ProgressLine, SourceArgs,
-};
+use crate::query::args::{print_document, sources, CliError, Exit, ProgressLine, SourceArgs};
 use crate::query::output::{
     age, bytes, failures_json, partial_line, pct, rfc3339_us, DocFormat, FailureJson,
 };
@@ -189,7 +187,7 @@ impl Stats {
 }
 
 /// `redtap stats`: what each backend holds against its weight.
-pub async fn run(args: &StatsArgs, mut out: impl Write) -> Result<Exit, CliError> {
+pub async fn run(args: &StatsArgs, out: impl Write) -> Result<Exit, CliError> {
     let sources = sources(&args.source)?;
     let progress = Arc::new(Progress::default());
     let line = ProgressLine::start(args.source.progress, &progress);
@@ -205,19 +203,13 @@ pub async fn run(args: &StatsArgs, mut out: impl Write) -> Result<Exit, CliError
             ),
         }
     }
-    let text = match args.format {
-        DocFormat::Table => stats_table(&s),
-        DocFormat::Json => {
-            let v = stats_json(&s, sources.retention);
-            format!(
-                "{}\n",
-                serde_json::to_string_pretty(&v).expect("serializable")
-            )
-        }
-    };
-    finish_output(out.write_all(text.as_bytes()).and_then(|_| out.flush()))?;
-    report(&s.outcome.failures);
-    Ok(Exit::of(&s.outcome))
+    print_document(
+        out,
+        args.format,
+        || stats_table(&s),
+        || stats_json(&s, sources.retention),
+        &s.outcome,
+    )
 }
 
 /// A number, or `-`.

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use crate::query::args::{finish_output, report, CliError, Exit, ProgressLine, Range, RangeArgs};
+use crate::query::args::{print_document, CliError, Exit, ProgressLine, Range, RangeArgs};
 use crate::query::output::{
     age, failures_json, partial_line, pct, rfc3339_us, DocFormat, FailureJson,
 };
@@ -136,7 +136,7 @@ pub async fn top(
 }
 
 /// `redtap top`: the busiest groups of the window.
-pub async fn run(args: &TopArgs, mut out: impl Write) -> Result<Exit, CliError> {
+pub async fn run(args: &TopArgs, out: impl Write) -> Result<Exit, CliError> {
     let Range {
         sources,
         filter,
@@ -147,19 +147,13 @@ pub async fn run(args: &TopArgs, mut out: impl Write) -> Result<Exit, CliError> 
     let line = ProgressLine::start(args.range.source.progress, &progress);
     let t = top(&sources, window, &filter, args.by, args.n, &progress).await;
     line.finish().await;
-    let text = match args.format {
-        DocFormat::Table => top_table(&t, args.by, now),
-        DocFormat::Json => {
-            let v = top_json(&t, args.by, window.from_us, window.to_us);
-            format!(
-                "{}\n",
-                serde_json::to_string_pretty(&v).expect("serializable")
-            )
-        }
-    };
-    finish_output(out.write_all(text.as_bytes()).and_then(|_| out.flush()))?;
-    report(&t.outcome.failures);
-    Ok(Exit::of(&t.outcome))
+    print_document(
+        out,
+        args.format,
+        || top_table(&t, args.by, now),
+        || top_json(&t, args.by, window.from_us, window.to_us),
+        &t.outcome,
+    )
 }
 
 fn by_name(by: TopBy) -> (&'static str, &'static str) {
