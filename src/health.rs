@@ -222,6 +222,9 @@ pub struct Board {
     causes: Vec<ArcSwapOption<Cause>>,
     /// Set once, for the rest of the run (see the module doc).
     excluded: Vec<ArcSwapOption<Cause>>,
+    /// Until when (ms since the epoch) each writer may write: the identity guard's lease,
+    /// renewed, less a margin. `u64::MAX` where no guard runs.
+    cleared_until: Vec<AtomicU64>,
     /// Bumped on every transition.
     generation: AtomicU64,
     changed: Notify,
@@ -234,6 +237,7 @@ impl Board {
             up: (0..n).map(|_| AtomicBool::new(true)).collect(),
             causes: (0..n).map(|_| ArcSwapOption::empty()).collect(),
             excluded: (0..n).map(|_| ArcSwapOption::empty()).collect(),
+            cleared_until: (0..n).map(|_| AtomicU64::new(u64::MAX)).collect(),
             generation: AtomicU64::new(0),
             changed: Notify::new(),
         }
@@ -247,6 +251,18 @@ impl Board {
     /// Whether backend `i` was excluded for the rest of the run.
     pub fn is_excluded(&self, i: usize) -> bool {
         self.excluded[i].load().is_some()
+    }
+
+    /// Let backend `i`'s writer write until `until_ms` (ms since the epoch; 0: not now). Set by
+    /// the identity guard from the lease it holds there, so that a writer whose lease may have
+    /// passed to another agent (a long pause, renewals failing) stops before the lease expires.
+    pub fn clear_until(&self, i: usize, until_ms: u64) {
+        self.cleared_until[i].store(until_ms, Ordering::Release);
+    }
+
+    /// Whether backend `i`'s writer may write at `now_ms`: not excluded, and cleared.
+    pub fn may_write(&self, i: usize, now_ms: u64) -> bool {
+        !self.is_excluded(i) && now_ms < self.cleared_until[i].load(Ordering::Acquire)
     }
 
     /// Why backend `i` is down: its exclusion, else the last failure while down; `None` while up.

@@ -40,6 +40,19 @@ pub const LEASE_TTL: Duration = Duration::from_secs(15);
 const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// How often an unidentified backend is retried and a down backend diagnosed.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// A writer stops this long before its lease could expire (clocks and round trips).
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Until when (ms since the epoch) a lease set or renewed by a command sent at `sent_ms` lets
+/// its writer write: Redis ran the command after it was sent, so the lease lives at least until
+/// `sent_ms + LEASE_TTL`; the margin covers clock drift.
+fn cleared_until(sent_ms: u64) -> u64 {
+    sent_ms + (LEASE_TTL - LEASE_MARGIN).as_millis() as u64
+}
+
+fn now_ms() -> u64 {
+    crate::record::now_us() / 1000
+}
 
 /// Extend the lease only if it is still ours.
 const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
@@ -270,6 +283,8 @@ struct Found {
     failed: Option<(&'static str, Cause)>,
     id: Option<ServerId>,
     lease: bool,
+    /// When the command that took the lease was sent (ms since the epoch).
+    lease_sent_ms: u64,
     /// The lease was refused by an ACL (NOPERM).
     lease_denied: bool,
 }
@@ -329,6 +344,7 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
                     failed: None,
                     id: Some(id),
                     lease: false,
+                    lease_sent_ms: 0,
                     lease_denied: false,
                 });
             }
@@ -341,6 +357,7 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
                     failed: Some((command, cause)),
                     id: None,
                     lease: false,
+                    lease_sent_ms: 0,
                     lease_denied: false,
                 });
             }
@@ -364,11 +381,15 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
         let Some(conn) = guard.found[i].conn.as_mut() else {
             continue;
         };
+        let sent = now_ms();
         match tokio::time::timeout(timeout * 2, acquire(conn, &guard.key, &guard.me))
             .await
             .unwrap_or(Err(("SET", Cause::Timeout)))
         {
-            Ok(Lease::Held) => guard.found[i].lease = true,
+            Ok(Lease::Held) => {
+                guard.found[i].lease = true;
+                guard.found[i].lease_sent_ms = sent;
+            }
             Ok(Lease::Busy(holder)) => {
                 let name = guard.backends[i].name.clone();
                 guard.release_all().await;
@@ -450,6 +471,17 @@ impl Guard {
                 shared.metrics.command_error(i, command, &cause);
                 shared.board.set_cause(i, cause);
             }
+            // The writer writes only while this agent's lease there is held: from the start-up
+            // check's lease, or once the guard has checked the backend and taken it. Where an
+            // ACL forbids the lease, it runs without.
+            shared.board.clear_until(
+                i,
+                match (f.lease, f.lease_denied) {
+                    (true, _) => cleared_until(f.lease_sent_ms),
+                    (false, true) if f.id.is_some() => u64::MAX,
+                    _ => 0,
+                },
+            );
             let task = One {
                 i,
                 b,
@@ -594,6 +626,7 @@ impl One {
     async fn take_lease(&mut self) {
         let t = self.shared.timeout;
         let shared = self.shared.clone();
+        let sent = now_ms();
         let r = match self.conn().await {
             Ok(conn) => tokio::time::timeout(t * 2, acquire(conn, &shared.key, &shared.me))
                 .await
@@ -601,7 +634,10 @@ impl One {
             Err(cause) => Err(("connect", cause)),
         };
         match r {
-            Ok(Lease::Held) => self.lease = true,
+            Ok(Lease::Held) => {
+                self.lease = true;
+                shared.board.clear_until(self.i, cleared_until(sent));
+            }
             Ok(Lease::Busy(holder)) => {
                 error!(backend = %self.b.name, key = %shared.key, %holder,
                        "another live redtap with this agent name writes to this backend: \
@@ -614,6 +650,7 @@ impl One {
                     warn!(backend = %self.b.name, command, %cause,
                           "the ACL forbids this agent's lease; running without it");
                     self.lease_wanted = false;
+                    shared.board.clear_until(self.i, u64::MAX);
                 } else {
                     debug!(backend = %self.b.name, command, %cause,
                            "cannot take the lease; will retry");
@@ -626,6 +663,7 @@ impl One {
     async fn renew(&mut self) {
         let t = self.shared.timeout;
         let shared = self.shared.clone();
+        let sent = now_ms();
         let r = match self.conn().await {
             Ok(conn) => tokio::time::timeout(
                 t,
@@ -644,11 +682,12 @@ impl One {
             Err(_) => return, // unreachable: the lease outlives short outages; renewed after
         };
         match r {
-            Ok(1) => {}
+            Ok(1) => shared.board.clear_until(self.i, cleared_until(sent)),
             Ok(_) => {
                 warn!(backend = %self.b.name, key = %shared.key,
                       "the lease had expired (backend unreachable for a while?); taking it again");
                 self.lease = false;
+                shared.board.clear_until(self.i, 0);
                 self.take_lease().await;
             }
             Err(e) => {

@@ -178,7 +178,8 @@ impl Writer {
             // nothing upstream stays blocked on this writer.
             let take = !closed && (self.backlog.has_room() || abort.is_cancelled());
             let launch_at = self.launch_at();
-            let waiting = self.backlog.can_send();
+            // (Not while it may not write: the tick re-checks, instead of a loop that spins.)
+            let waiting = self.backlog.can_send() && self.may_write();
             let answer = async {
                 match self.inflight.front_mut() {
                     Some((id, reply)) => (*id, reply.await),
@@ -240,9 +241,14 @@ impl Writer {
     fn can_launch(&self) -> bool {
         // An excluded backend (the same server as another, or another redtap's lease) is never
         // written to: its records wait and end as `expired`.
-        self.backlog.can_send()
-            && !self.ctx.board.is_excluded(self.idx)
-            && Instant::now() >= self.launch_at()
+        self.backlog.can_send() && self.may_write() && Instant::now() >= self.launch_at()
+    }
+
+    /// Whether this writer may write now: not excluded (the same server as another backend,
+    /// or another redtap's lease), and cleared by the identity guard (this agent's lease there
+    /// is held, with time to spare). Records wait otherwise, and end as `expired`.
+    fn may_write(&self) -> bool {
+        self.ctx.board.may_write(self.idx, now_us() / 1000)
     }
 
     /// When the unsent records may go: at once when a batch is full, else [`LINGER`] after the
@@ -347,7 +353,9 @@ impl Writer {
         if self.ctx.board.is_excluded(self.idx) {
             return; // never probed, never written: its identity guard says why
         }
-        let probe = if !up {
+        // Not cleared to write yet (identity and lease not checked, or the lease not renewed):
+        // probe, so an unreachable backend is still found down and routed around.
+        let probe = if !up || !self.may_write() {
             // A Redis that refuses writes (OOM, read-only replica) still answers PING: while
             // down, test with a small expiring write, or it would flap between up and down.
             let mut c = redis::cmd("SET");

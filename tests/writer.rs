@@ -1,0 +1,101 @@
+//! One writer on its own, against a real redis-server: what it does when it may not write.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::RedisServer;
+use redtap::buffer::{Budget, OnFull};
+use redtap::config::Schema;
+use redtap::health::{Board, Cause, HealthConfig};
+use redtap::metrics::Metrics;
+use redtap::record::{now_us, Kind, Record};
+use redtap::sink::schema::Layout;
+use redtap::sink::{Writer, WriterContext};
+use tokio_util::sync::CancellationToken;
+
+fn writer(url: &str, board: &Arc<Board>) -> (Writer, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new(&["A".to_string()]));
+    let ctx = WriterContext {
+        metrics: metrics.clone(),
+        board: board.clone(),
+        budget: Arc::new(Budget::new(1 << 20)),
+        on_full: OnFull::Wait,
+        health: HealthConfig::default(),
+        batch_size: 16,
+    };
+    let layout = Layout::new(Schema::Stream, "redtap", "t", 3_600_000);
+    let client = redis::Client::open(url).unwrap();
+    (Writer::new(0, "A".into(), client, layout, ctx), metrics)
+}
+
+fn records(n: u16) -> Vec<Record> {
+    (0..n)
+        .map(|i| Record {
+            ts_us: now_us(),
+            src: format!("10.0.0.1:{}", 5000 + i).parse().unwrap(),
+            dst: "10.0.0.2:9000".parse().unwrap(),
+            kind: Kind::Conn,
+        })
+        .collect()
+}
+
+/// CPU ticks (1/100 s) this process has used.
+fn cpu_ticks() -> u64 {
+    common::cpu_ticks(std::process::id())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_excluded_writer_holding_records_waits_without_spinning() {
+    let board = Arc::new(Board::new(1));
+    // Nothing listens there: the writer must not even try (excluded).
+    let (w, metrics) = writer("redis://127.0.0.1:1/", &board);
+    board.exclude(0, Cause::LeaseHeld("host x pid 1".into()));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(records(1)).await.unwrap();
+    let abort = CancellationToken::new();
+    let task = tokio::spawn(w.run(rx, abort.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks() - before;
+    abort.cancel();
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    assert!(
+        used < 30,
+        "the writer burned {used} of 100 ticks in one idle second"
+    );
+    assert_eq!(metrics.backends[0].written.get(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_writer_writes_only_while_its_lease_clears_it() {
+    let r = RedisServer::start();
+    let board = Arc::new(Board::new(1));
+    let (w, metrics) = writer(&r.url(), &board);
+    // The guard has not taken (or could not renew) this agent's lease.
+    board.clear_until(0, 0);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(records(10)).await.unwrap();
+    let abort = CancellationToken::new();
+    let task = tokio::spawn(w.run(rx, abort.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(r.xlen("redtap:events:t"), 0, "written without a lease");
+    // The lease is taken: what waited goes out.
+    board.clear_until(0, now_us() / 1000 + 60_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while r.xlen("redtap:events:t") < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not written once cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    assert_eq!(metrics.backends[0].written.get(), 10);
+    assert_eq!(r.xlen("redtap:events:t"), 10);
+    abort.cancel();
+}
