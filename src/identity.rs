@@ -126,12 +126,18 @@ impl Holder {
     }
 
     /// Whether this holder is certainly dead: it ran on this host in this pid namespace, and its
-    /// pid is gone or now belongs to a process started at another time. (A holder elsewhere is
-    /// never judged: it may be alive.)
+    /// pid is gone, or now belongs to a process started at another time. (A holder elsewhere is
+    /// never judged: it may be alive. Nor is one whose start time is unknown, or whose process
+    /// we cannot see — `/proc` mounted `hidepid`, another user: `kill(pid, 0)` says whether the
+    /// pid exists even then.)
     pub fn is_dead_here(&self) -> bool {
-        self.host == hostname()
-            && self.pidns == pid_namespace()
-            && start_time(self.pid) != Some(self.start)
+        if self.host != hostname() || self.pidns != pid_namespace() || self.start == 0 {
+            return false;
+        }
+        match start_time(self.pid) {
+            Some(start) => start != self.start,
+            None => pid_is_gone(self.pid),
+        }
     }
 }
 
@@ -149,6 +155,17 @@ fn hostname() -> String {
     } else {
         h
     }
+}
+
+/// Whether no process has this pid (`kill(pid, 0)` fails with ESRCH; EPERM means it exists).
+fn pid_is_gone(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return false;
+    };
+    rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH)
 }
 
 /// This process's pid namespace, e.g. `pid:[4026531836]`.
@@ -528,30 +545,17 @@ impl One {
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_cause: Option<Cause> = None;
         loop {
+            // Each round trip races `stop`, so shutdown never waits on a slow Redis here.
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = retry.tick() => {
-                    if self.shared.board.is_excluded(self.i) {
-                        continue;
-                    }
-                    if !self.identified {
-                        self.first_contact().await;
-                    } else if !self.lease && self.lease_wanted && self.shared.board.is_up(self.i) {
-                        // Not taken at start (e.g. Redis out of memory then): take it now.
-                        self.take_lease().await;
-                    } else if !self.shared.board.is_up(self.i) {
-                        let cause = self.diagnose().await;
-                        if cause.is_some() && cause != last_cause {
-                            let c = cause.clone().expect("checked");
-                            error!(backend = %self.b.name, cause = %c, "backend DOWN: {c}");
-                            self.shared.board.set_cause(self.i, c);
-                        }
-                        last_cause = cause;
-                    } else {
-                        last_cause = None;
-                    }
-                }
-                _ = renew.tick(), if self.lease => self.renew().await,
+                _ = retry.tick() => tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = self.check(&mut last_cause) => {}
+                },
+                _ = renew.tick(), if self.lease => tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = self.renew() => {}
+                },
             }
         }
         if self.lease {
@@ -567,6 +571,30 @@ impl One {
                     warn!(backend = %self.b.name, "could not release the lease; it expires by itself");
                 }
             }
+        }
+    }
+
+    /// Once a second: first contact with a backend not reached yet, the lease not taken yet,
+    /// or why a down backend fails.
+    async fn check(&mut self, last_cause: &mut Option<Cause>) {
+        if self.shared.board.is_excluded(self.i) {
+            return;
+        }
+        if !self.identified {
+            self.first_contact().await;
+        } else if !self.lease && self.lease_wanted && self.shared.board.is_up(self.i) {
+            // Not taken at start (e.g. Redis out of memory then): take it now.
+            self.take_lease().await;
+        } else if !self.shared.board.is_up(self.i) {
+            let cause = self.diagnose().await;
+            if cause.is_some() && cause != *last_cause {
+                let c = cause.clone().expect("checked");
+                error!(backend = %self.b.name, cause = %c, "backend DOWN: {c}");
+                self.shared.board.set_cause(self.i, c);
+            }
+            *last_cause = cause;
+        } else {
+            *last_cause = None;
         }
     }
 
@@ -765,5 +793,19 @@ mod tests {
             "another pid namespace is never judged"
         );
         assert_eq!(Holder::parse("garbage"), None);
+        let unknown_start = Holder {
+            start: 0,
+            pid: u32::MAX - 1,
+            ..Holder::me()
+        };
+        assert!(
+            !unknown_start.is_dead_here(),
+            "a holder whose start time was unknown is never judged"
+        );
+        let gone = Holder {
+            pid: 0x3fff_fff0, // above pid_max: no such process
+            ..Holder::me()
+        };
+        assert!(gone.is_dead_here(), "a pid that does not exist is dead");
     }
 }

@@ -96,8 +96,14 @@ impl ConnCapture {
             }
         }
         // Record the connections already completed by the kernel before closing the listener.
+        // At most one backlog's worth: clients connecting as fast as they are drained must not
+        // hold shutdown open.
         let mut late = 0u64;
-        while let Some(Ok((stream, peer))) = crate::poll_once(std::pin::pin!(listener.accept())) {
+        while late < BACKLOG as u64 {
+            let Some(Ok((stream, peer))) = crate::poll_once(std::pin::pin!(listener.accept()))
+            else {
+                break;
+            };
             if let Some(out) = &out {
                 if !self.record(&stream, peer, out, &metrics).await {
                     break;

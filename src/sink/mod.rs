@@ -264,7 +264,6 @@ impl Writer {
     /// Send the pipeline the backlog plans. Its answer is settled later by
     /// [`settle`](Self::settle).
     async fn launch(&mut self) {
-        self.drop_expired();
         let mut conn = match self.connect().await {
             Ok(c) => c.clone(),
             Err(e) => {
@@ -276,6 +275,10 @@ impl Writer {
                 return;
             }
         };
+        // After the connect (which may have waited up to the health timeout), so that no
+        // record already past retention is sent: Redis would accept it into a key that expires
+        // at once, and it would count as written though no one could read it.
+        self.drop_expired();
         let Some(plan) = self.backlog.plan() else {
             return;
         };

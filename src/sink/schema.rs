@@ -243,9 +243,17 @@ impl Layout {
         let slot = if major > self.last.major {
             Slot { major, seq: 0 }
         } else {
-            Slot {
-                major: self.last.major,
-                seq: self.last.seq + 1,
+            match self.last.seq.checked_add(1) {
+                Some(seq) => Slot {
+                    major: self.last.major,
+                    seq,
+                },
+                // A top at the last sequence (anyone may XADD `ms-18446744073709551615`): the
+                // next millisecond, where IDs still grow.
+                None => Slot {
+                    major: self.last.major + 1,
+                    seq: 0,
+                },
             }
         };
         self.last = slot;
@@ -445,6 +453,22 @@ mod tests {
             dst: "10.0.0.2:9000".parse().unwrap(),
             kind: Kind::Conn,
         }
+    }
+
+    #[test]
+    fn a_top_at_the_last_sequence_moves_to_the_next_millisecond() {
+        let mut l = Layout::new(Schema::Stream, "redtap", "a", 1000);
+        l.resume_after(Slot {
+            major: 9000,
+            seq: u64::MAX,
+        });
+        assert_eq!(
+            l.next_slot(&rec(5_000_000)),
+            Slot {
+                major: 9001,
+                seq: 0
+            }
+        );
     }
 
     #[test]
