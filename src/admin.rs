@@ -17,7 +17,8 @@
 //! Limits, so no client can hold the daemon up or use it up: at most [`MAX_CONNECTIONS`]
 //! connections at once (more are answered 503 and closed at once, never queued); a request's
 //! headers must arrive within [`HEADER_READ_TIMEOUT`] (which also closes idle keep-alive
-//! connections) and the whole request within [`REQUEST_TIMEOUT`]; on shutdown, open
+//! connections) and the whole request within [`REQUEST_TIMEOUT`]; a client that stops reading
+//! its answers is cut off after [`WRITE_STALL_TIMEOUT`]; on shutdown, open
 //! connections get [`SHUTDOWN_DRAIN`] to finish and are then closed.
 //!
 //! The API never touches the record hot path: a weight change publishes a new snapshot that the
@@ -63,6 +64,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest a request may take once its headers are in, body and handler included (408).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client that stops reading its answers (its socket buffer full) is cut off after this:
+/// it must not hold one of the [`MAX_CONNECTIONS`] for ever.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// On shutdown, how long open connections get to finish before they are closed.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
@@ -244,7 +249,8 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let io = TokioIo::new(WriteStall::new(stream, WRITE_STALL_TIMEOUT));
+            let conn = builder.serve_connection(io, service);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {
@@ -378,6 +384,84 @@ fn error(status: StatusCode, msg: String) -> Response {
         error: String,
     }
     (status, Json(ErrorBody { error: msg })).into_response()
+}
+
+/// A socket whose writes fail once one has waited longer than `limit` for the peer to read.
+/// (hyper bounds the wait for a request's headers, not for a client that never reads answers.)
+struct WriteStall {
+    inner: tokio::net::TcpStream,
+    limit: Duration,
+    /// Armed while a write waits; reset by every write that goes through.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteStall {
+    fn new(inner: tokio::net::TcpStream, limit: Duration) -> Self {
+        WriteStall {
+            inner,
+            limit,
+            deadline: None,
+        }
+    }
+
+    /// After a write returned `Pending`: fail once the deadline has passed, else make sure the
+    /// task wakes at it.
+    fn stalled(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let limit = self.limit;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match std::future::Future::poll(deadline.as_mut(), cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "admin API client stopped reading",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WriteStall {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteStall {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write(cx, buf) {
+            std::task::Poll::Pending => self.stalled(cx),
+            done => {
+                self.deadline = None;
+                done
+            }
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

@@ -728,3 +728,42 @@ fn a_log_setting_that_would_silence_errors_is_refused() {
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("not a log level"), "{err}");
 }
+
+#[test]
+fn a_client_that_never_reads_does_not_keep_its_slot() {
+    let r = RedisServer::start();
+    let d = Daemon::connections(&[("A", &r, 1)], &[]);
+    let addr = d.admin.trim_start_matches("http://").to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    // Pipeline /metrics requests until the server stops taking them (its answers fill both
+    // socket buffers and hyper's own), never reading.
+    let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let len = d.metrics().len();
+    let want = (40usize << 20) / len + 1;
+    let mut sent = 0usize;
+    while sent < want && s.write_all(req).is_ok() {
+        sent += 1;
+    }
+    eprintln!("{sent} requests written before the server stopped reading");
+    // Past the write-stall limit (10 s) and the request timeout (10 s).
+    std::thread::sleep(Duration::from_secs(12));
+    // Still open: answers keep coming once we read.
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "EOF".to_string(),
+            Err(e) => break e.to_string(),
+            Ok(n) => total += n,
+        }
+    };
+    eprintln!("{sent} requests of a {len}-byte answer; read {total} bytes after 12 s, then {end}");
+    // Closed at the timeouts, only what sat in the socket buffers (a few MiB) can be read.
+    assert!(
+        total < sent * len / 2,
+        "the connection was still served after 12 s: {total} of {} bytes read",
+        sent * len
+    );
+}
