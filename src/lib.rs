@@ -44,6 +44,7 @@ pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod page;
+pub mod pipeline;
 pub mod query;
 pub mod recent;
 pub mod record;
@@ -58,11 +59,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use balance::{Balance, Balancer, Router};
+use balance::{Balance, Router};
 use buffer::{Budget, OnFull};
 use config::{CaptureMode, Config, ServeMode};
 use health::Board;
 use metrics::{DropReason, KernelDrop, Metrics};
+use pipeline::dispatcher::Dispatcher;
 use sink::schema::Layout;
 use sink::{Writer, WriterContext};
 
@@ -145,7 +147,7 @@ impl Pipeline {
             writers.push(tokio::spawn(writer.run(rx, abort.clone())));
         }
         let (queue, queue_rx) = mpsc::channel(config.queue_capacity);
-        let balancer = Balancer {
+        let balancer = Dispatcher {
             router: Router::new(balance.clone(), board.clone(), config.on_backend_down),
             queue: queue_rx,
             writers: writer_txs,

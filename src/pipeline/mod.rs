@@ -1,0 +1,2 @@
+//! The record path behind capture.
+pub mod dispatcher;
