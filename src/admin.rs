@@ -24,7 +24,6 @@
 //! balancer picks up on its next record.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +44,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::balance::{Balance, MAX_WEIGHT};
+use crate::balance::{Balance, Origin, WeightStore, MAX_WEIGHT};
 use crate::buffer::Budget;
 use crate::config::BackendConfig;
 use crate::health::Board;
@@ -72,6 +71,8 @@ pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 pub struct AdminState {
     /// Weights and routing counters.
     pub balance: Arc<Balance>,
+    /// Where weight changes go (applied and recorded in the state file).
+    pub weights: Arc<WeightStore>,
     /// Every metric.
     pub metrics: Arc<Metrics>,
     /// Backend health.
@@ -80,8 +81,6 @@ pub struct AdminState {
     pub budget: Arc<Budget>,
     /// The configured backends (for names and redacted URLs).
     pub backends: Vec<BackendConfig>,
-    /// Where weight changes are recorded.
-    pub state_file: Option<PathBuf>,
     /// Bearer token every endpoint but `/healthz` requires, if set.
     pub token: Option<String>,
 }
@@ -330,7 +329,7 @@ async fn set_weights(
         Ok(c) => c,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
-    match crate::apply_weights(&state.balance, &changes, state.state_file.as_deref()) {
+    match state.weights.apply(&changes, Origin::AdminApi) {
         Ok(()) => {
             info!(?changes, "weights changed through the admin API");
             Json(view(&state)).into_response()

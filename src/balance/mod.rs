@@ -3,7 +3,8 @@
 //! Owns, one layer per file:
 //! - [`swrr`]: the pure selector ([`Swrr`]) with its proved one-record bound;
 //! - [`weights`]: the weights in force ([`Balance`], one immutable [`WeightSnapshot`] per
-//!   change), their validation ([`WeightError`]) and the routing counts;
+//!   change), their validation ([`WeightError`]), the routing counts, and the one way weights
+//!   change at run time ([`WeightStore`]: apply + persist, restore at start);
 //! - [`router`]: the hot-path side ([`Router`]) that rebuilds the selector on a weight or health
 //!   change and publishes counts once per batch.
 //!
@@ -16,4 +17,6 @@ pub mod weights;
 
 pub use router::{OnDown, Router};
 pub use swrr::Swrr;
-pub use weights::{Balance, ShareView, WeightError, WeightSnapshot, MAX_WEIGHT};
+pub use weights::{
+    Balance, Origin, ShareView, WeightError, WeightSnapshot, WeightStore, MAX_WEIGHT,
+};

@@ -1,15 +1,21 @@
 //! The shared weights: one immutable snapshot per change, and the routing counts beside it.
 //!
 //! Owns: the backend weights in force ([`WeightSnapshot`], published with `ArcSwap::store`),
-//! their validation ([`WeightError`]), and the counters behind "target vs actual share".
+//! their validation ([`WeightError`]), the counters behind "target vs actual share", and the one
+//! way weights change at run time ([`WeightStore`]: apply, persist to the state file, restore at
+//! start — for the admin API, SIGHUP and start-up alike).
 //!
 //! Never: locks on the hot path. The router only `load()`s the snapshot; writers of weights
 //! serialise among themselves on a mutex that the hot path never touches.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use tracing::{error, info, warn};
+
+use crate::state;
 
 /// The largest weight a backend may have.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -187,6 +193,99 @@ impl Balance {
     }
 }
 
+/// Who asked for a weight change, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `PUT /v1/weights`.
+    AdminApi,
+    /// A SIGHUP reload of the config file.
+    Sighup,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::AdminApi => "admin API",
+            Origin::Sighup => "SIGHUP",
+        })
+    }
+}
+
+/// The weights and where run-time changes to them are kept: every change goes through
+/// [`WeightStore::apply`], which also records it in the state file (see [`crate::state`] for the
+/// rule).
+#[derive(Debug)]
+pub struct WeightStore {
+    balance: Arc<Balance>,
+    state_file: Option<PathBuf>,
+    /// One change and its save at a time, so the file always ends with the latest weights.
+    /// Never taken on the hot path.
+    saving: Mutex<()>,
+}
+
+impl WeightStore {
+    /// A store over `balance`, recording changes in `state_file` if there is one.
+    pub fn new(balance: Arc<Balance>, state_file: Option<PathBuf>) -> Self {
+        WeightStore {
+            balance,
+            state_file,
+            saving: Mutex::new(()),
+        }
+    }
+
+    /// The weights and routing counts.
+    pub fn balance(&self) -> &Arc<Balance> {
+        &self.balance
+    }
+
+    /// Apply a weight change and record the new weights in the state file. The change stands
+    /// even if the file cannot be written (that is logged).
+    pub fn apply(
+        &self,
+        changes: &BTreeMap<String, u32>,
+        origin: Origin,
+    ) -> Result<(), WeightError> {
+        let _one_at_a_time = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        self.balance.set_weights(changes)?;
+        if let Some(path) = &self.state_file {
+            if let Err(e) = state::save(path, self.balance.weights_by_name()) {
+                error!(path = %path.display(), error = %e, %origin, "cannot write the state file; \
+                       the new weights apply but will not survive a restart");
+            }
+        }
+        Ok(())
+    }
+
+    /// At start, apply the weights of the state file for every backend it names that is
+    /// configured; anything unreadable or refused is logged and leaves the configured weights.
+    pub fn restore(&self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let balance = &self.balance;
+        match state::load(path) {
+            Ok(None) => {}
+            Ok(Some(saved)) => {
+                let known: BTreeMap<String, u32> = saved
+                    .weights
+                    .into_iter()
+                    .filter(|(name, _)| balance.names().contains(name))
+                    .collect();
+                if known.is_empty() {
+                    return;
+                }
+                match balance.set_weights(&known) {
+                    Ok(()) => info!(path = %path.display(), weights = ?balance.weights_by_name(),
+                                    "weights restored from the state file"),
+                    Err(e) => warn!(path = %path.display(), error = %e,
+                                    "state file weights not applied; using the configured ones"),
+                }
+            }
+            Err(e) => warn!(error = %e, "using the configured weights"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,5 +324,41 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, WeightError::UnknownBackend(ref n, _) if n == "C"));
         assert_eq!(balance.current().weights, vec![30, 70]);
+    }
+
+    #[test]
+    fn a_change_is_kept_in_the_state_file_and_restored_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let names: Vec<String> = vec!["A".into(), "B".into()];
+        let store = WeightStore::new(
+            Balance::new(names.clone(), vec![30, 70]),
+            Some(path.clone()),
+        );
+        store
+            .apply(&BTreeMap::from([("A".into(), 5)]), Origin::AdminApi)
+            .unwrap();
+        // A refused change leaves the weights and the file as they were.
+        assert!(store
+            .apply(&BTreeMap::from([("B".into(), 20_000)]), Origin::Sighup)
+            .is_err());
+        assert_eq!(store.balance().current().weights, vec![5, 70]);
+
+        // The next start: the file wins for every backend it names that is still configured.
+        let names = vec!["A".into(), "B".into(), "C".into()];
+        let next = WeightStore::new(Balance::new(names, vec![30, 70, 1]), Some(path));
+        next.restore();
+        assert_eq!(next.balance().current().weights, vec![5, 70, 1]);
+    }
+
+    #[test]
+    fn an_unreadable_state_file_leaves_the_configured_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, "{").unwrap();
+        let store = WeightStore::new(Balance::new(vec!["A".into()], vec![3]), Some(path));
+        store.restore();
+        assert_eq!(store.balance().current().weights, vec![3]);
+        assert_eq!(store.balance().current().generation, 0);
     }
 }

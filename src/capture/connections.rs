@@ -97,7 +97,9 @@ impl ConnCapture {
         }
         // Record the connections already completed by the kernel before closing the listener.
         let mut late = 0u64;
-        while let Some(Ok((stream, peer))) = crate::poll_once(std::pin::pin!(listener.accept())) {
+        while let Some(Ok((stream, peer))) =
+            crate::util::poll_once(std::pin::pin!(listener.accept()))
+        {
             if let Some(out) = &out {
                 if !self.record(&stream, peer, out, &metrics).await {
                     break;
