@@ -21,7 +21,7 @@
 //! connections get [`SHUTDOWN_DRAIN`] to finish and are then closed.
 //!
 //! The API never touches the record hot path: a weight change publishes a new snapshot that the
-//! balancer picks up on its next record.
+//! router picks up on its next record.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

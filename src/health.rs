@@ -2,7 +2,7 @@
 //!
 //! Owns the up/down state of every backend and *why* a backend is down ([`Cause`]). Each writer
 //! judges its own backend from the outcome of its writes and of PING probes ([`Tracker`]) and
-//! publishes transitions on the shared [`Board`]; the balancer reads the board (one atomic load
+//! publishes transitions on the shared [`Board`]; the router reads the board (one atomic load
 //! per batch) to route around backends that are down, and is woken when something changes. The
 //! hot path never locks: causes are kept beside the verdicts in `ArcSwapOption`s, written only on
 //! failures and read only by the admin API, metrics and logs.
@@ -298,7 +298,7 @@ impl Board {
         }
         if self.up[i].swap(up, Ordering::AcqRel) != up {
             self.generation.fetch_add(1, Ordering::AcqRel);
-            // One waiter (the balancer); a stored permit means a change between its check and
+            // One waiter (the dispatcher); a stored permit means a change between its check and
             // its wait is not missed.
             self.changed.notify_one();
         }

@@ -7,7 +7,7 @@
 //! - [`TopSources`]: the heaviest source addresses of the last [`RING_SECONDS`] seconds, one
 //!   space-saving sketch of [`SLOTS`] slots per second.
 //!
-//! The hot path's only cost is [`TopSources::observe`], called once per batch the balancer takes
+//! The hot path's only cost is [`TopSources::observe`], called once per batch the dispatcher takes
 //! from the capture queue: one uncontended lock and at most [`SAMPLE_PER_BATCH`] sketch updates,
 //! whatever the batch size (a larger batch is sampled with a stride, each sampled record
 //! standing for `len / SAMPLE_PER_BATCH` records).
@@ -20,7 +20,7 @@
 //! missing may hide at most that many of its records; the per-source `error` adds those bounds
 //! up over the minute: the true count is within `records ± error`.
 //!
-//! Never: touches Redis, blocks the balancer for longer than one batch's updates, or grows.
+//! Never: touches Redis, blocks the dispatcher for longer than one batch's updates, or grows.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;

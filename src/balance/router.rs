@@ -21,7 +21,7 @@ pub enum OnDown {
     Hold,
 }
 
-/// The hot-path side: owned by the one balancer task, routes records one by one.
+/// The hot-path side: owned by the one dispatcher task, routes records one by one.
 pub struct Router {
     balance: Arc<Balance>,
     board: Arc<Board>,

@@ -40,13 +40,13 @@ pub enum WeightError {
 /// One immutable set of weights, as published to the hot path.
 #[derive(Debug)]
 pub struct WeightSnapshot {
-    /// Bumped on every change; the balancer rebuilds its state when it sees a new one.
+    /// Bumped on every change; the router rebuilds its state when it sees a new one.
     pub generation: u64,
     /// Weight per backend, in configuration order.
     pub weights: Vec<u32>,
 }
 
-/// Shared weights and routing counters: written by the balancer and the admin API, read by
+/// Shared weights and routing counters: written by the router and the weight store, read by
 /// metrics and the admin API.
 #[derive(Debug)]
 pub struct Balance {
@@ -167,7 +167,7 @@ impl Balance {
         let total_w: u64 = snap.weights.iter().map(|&w| u64::from(w)).sum();
         let counts = self.counts.load();
         let routed = &counts.routed;
-        // Counts of an older generation are stale until the balancer routes its next record.
+        // Counts of an older generation are stale until the router routes its next record.
         let fresh = counts.generation == snap.generation;
         let since: Vec<u64> = counts
             .since
