@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::balance::{Origin, WeightStore};
+use crate::balance::{Origin, WeightError, WeightStore};
 use crate::buffer::OnFull;
 use crate::capture::connections::{self, ConnCapture};
 use crate::capture::packets::{OpenError, PacketCapture};
@@ -267,6 +267,17 @@ fn log_running(config: &Config, pipeline: &Pipeline) {
     );
 }
 
+/// Why a SIGHUP changed nothing.
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    /// The file could not be read or parsed.
+    #[error(transparent)]
+    File(ConfigError),
+    /// Its weights were refused.
+    #[error(transparent)]
+    Weights(WeightError),
+}
+
 /// Re-read the config file on every SIGHUP and apply its weights; a bad file changes nothing.
 /// Without a config file, a SIGHUP is logged and changes nothing.
 async fn reload_on_sighup(
@@ -285,7 +296,7 @@ async fn reload_on_sighup(
             continue;
         };
         let result = config::read_file(path)
-            .map_err(|e| e.to_string())
+            .map_err(ReloadError::File)
             .and_then(|file| {
                 let changes: BTreeMap<String, u32> = file
                     .backends
@@ -294,7 +305,7 @@ async fn reload_on_sighup(
                     .collect();
                 weights
                     .apply(&changes, Origin::Sighup)
-                    .map_err(|e| e.to_string())
+                    .map_err(ReloadError::Weights)
             });
         match result {
             Ok(()) => info!(path = %path.display(), weights = %weights_text(&weights),
