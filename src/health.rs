@@ -434,31 +434,6 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_command_is_counted_by_cause() {
-        let metrics = crate::metrics::Metrics::new(&["A".into(), "B".into()]);
-        let oom = redis::RedisError::from((
-            redis::ErrorKind::ExtensionError,
-            "An error was signalled by the server",
-            "OOM command not allowed when used memory > 'maxmemory'.".to_string(),
-        ));
-        assert_eq!(
-            command_failed(&metrics, 1, "B", "PEXPIRE", &oom),
-            Cause::Oom
-        );
-        assert_eq!(metrics.command_errors(1, "PEXPIRE"), 1);
-        assert_eq!(metrics.command_errors(0, "PEXPIRE"), 0);
-        let board = Board::new(2);
-        let text = metrics.render(
-            &crate::balance::Balance::new(vec!["A".into(), "B".into()], vec![1, 1]),
-            &board,
-            &crate::buffer::Budget::new(1024),
-        );
-        assert!(text.contains(
-            "redtap_backend_command_errors_total{backend=\"B\",command=\"PEXPIRE\",cause=\"oom\"} 1"
-        ), "{text}");
-    }
-
-    #[test]
     fn error_replies_are_told_apart_by_their_code() {
         assert_eq!(
             Cause::from_reply("OOM command not allowed when used memory > 'maxmemory'."),
