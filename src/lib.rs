@@ -24,11 +24,11 @@
 //! - [`identity`]: one Redis, one writer — the start-up check of every backend, duplicate servers
 //!   refused by `run_id`, this agent's lease on each backend.
 //! - [`sink`]: per-backend Redis writers and the data layouts ([`sink::schema`]).
-//! - [`admin`]: the HTTP API (`/v1/backends`, `/v1/weights`, `/metrics`, `/healthz`);
-//!   [`state`]: the file that keeps run-time weights across restarts.
+//! - [`admin`]: the HTTP API (`/v1/backends`, `/v1/weights`, `/metrics`, `/healthz`) and the
+//!   live page it serves ([`admin::page`]); [`state`]: the file that keeps run-time weights
+//!   across restarts.
 //! - [`metrics`]: every metric, in one place.
-//! - [`page`]: the live page at the admin address; [`recent`]: the last minute it shows
-//!   (one-second samples, top sources).
+//! - [`recent`]: the last minute the live page shows (one-second samples, top sources).
 //! - [`client`]: `redtap weights`; [`query`]: `redtap query/top/tail/stats`.
 //! - `util`: small helpers with no home of their own (`poll_once`).
 //!
@@ -51,7 +51,6 @@ pub mod daemon;
 pub mod health;
 pub mod identity;
 pub mod metrics;
-pub mod page;
 pub mod pipeline;
 pub mod query;
 pub mod recent;

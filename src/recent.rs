@@ -2,7 +2,7 @@
 //!
 //! Owns two small bounded structures kept beside the metrics:
 //! - [`Recent`]: a ring of [`RING_SECONDS`] + 1 one-second samples of the routing and write
-//!   counters, taken by one task (the live page's sampler, [`crate::page`]), never by the hot
+//!   counters, taken by one task (the live page's sampler, [`crate::admin::page`]), never by the hot
 //!   path. Shares of the
 //!   last 10 s and records/s per backend are differences of two samples.
 //! - [`TopSources`]: the heaviest source addresses of the last [`RING_SECONDS`] seconds, one

@@ -1,6 +1,6 @@
 //! The live page at the admin address.
 //!
-//! Endpoints (merged into [`crate::admin::router`]):
+//! Endpoints (merged into [`super::router`]):
 //! - `GET /`, `GET /page/app.js`, `GET /page/style.css` — the page: hand-written HTML, CSS and
 //!   JS embedded in the binary, nothing loaded from elsewhere (a Content-Security-Policy of
 //!   `'self'` says so to the browser). Public: it holds no data.
@@ -12,11 +12,12 @@
 //! The page polls `GET /v1/backends` and `GET /v1/live` once a second with `fetch()`, sending
 //! `Authorization: Bearer` when the user typed a token (kept in `sessionStorage`). Polling
 //! rather than server-sent events: `EventSource` cannot send the header, and a short request a
-//! second holds no connection slot, keeps [`crate::admin::REQUEST_TIMEOUT`] meaningful, and
+//! second holds no connection slot, keeps [`super::REQUEST_TIMEOUT`] meaningful, and
 //! lets every answer carry its own status, so a refused token shows at once. Weight changes go
 //! through the ordinary `PUT /v1/weights`.
 //!
-//! Owns: the page assets and the `/v1/live` view. Never: computes anything on the record hot
+//! Owns: the page assets, the `/v1/live` view, and the once-a-second sampler that fills the
+//! ring of [`crate::recent`]. Never: computes anything on the record hot
 //! path (it reads counters and the samples of [`crate::recent`]), or changes state.
 
 use std::collections::BTreeMap;
@@ -30,7 +31,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::admin::AdminState;
+use super::AdminState;
 use crate::balance::Balance;
 use crate::metrics::{DropReason, KernelDrop, Metrics};
 use crate::recent::{self, Sample, TopSource, RING_SECONDS};

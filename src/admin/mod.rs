@@ -10,6 +10,8 @@
 //! - `GET /metrics` — Prometheus text format.
 //! - `GET /healthz` — `ok` while the daemon runs; 503 while a failed packet capture is being
 //!   reopened.
+//! - The live page and `GET /v1/live`: see [`page`], a child of this module because it serves
+//!   from this router and reads this [`AdminState`].
 //!
 //! With a token configured (required when listening beyond loopback), every endpoint but
 //! `/healthz` needs `Authorization: Bearer <token>` and answers 401 without it.
@@ -22,6 +24,8 @@
 //!
 //! The API never touches the record hot path: a weight change publishes a new snapshot that the
 //! router picks up on its next record.
+
+pub mod page;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -129,12 +133,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/backends", get(backends))
         .route("/v1/weights", put(set_weights))
         .route("/metrics", get(metrics))
-        .merge(crate::page::guarded())
+        .merge(page::guarded())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(guarded)
         .route("/healthz", get(healthz))
-        .merge(crate::page::public(&state))
+        .merge(page::public(&state))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(request_timeout))
         .with_state(state)
