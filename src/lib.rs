@@ -2,11 +2,12 @@
 //! Redis, balanced per record across weighted backends.
 //!
 //! ```text
-//!  capture ──Record──▶ [queue] ──▶ pipeline::dispatcher ──Vec<Record>──▶ sink (one writer ──▶ Redis
-//!  (packets |          bounded     routes each record                      per backend:
-//!   connections)                   via balance::Router                      batched, pipelined)
-//!                                      ▲            ▲
-//!  admin (HTTP API), SIGHUP ──weights──┘            └── health (writers report up/down)
+//!  capture ──Record──▶ [queue] ──▶ dispatcher ──Vec<Record>──▶ sink ──▶ Redis
+//!  (packets |          bounded     (pipeline)   per backend    one writer per backend,
+//!   connections)                   routes each record by       batched, pipelined
+//!                                  balance::Router
+//!                                    ▲        ▲
+//!  admin (HTTP API), SIGHUP ─weights─┘        └── health (writers report up/down)
 //! ```
 //!
 //! Layout (the daemon first, then the stages in the order a record meets them):
