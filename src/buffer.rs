@@ -1,7 +1,7 @@
 //! The memory budget for records that wait because no backend can take them.
 //!
 //! Owns one count shared by every place that holds records beyond a write in flight: the
-//! balancer's buffer (no backend up) and each writer's backlog (its backend down, `hold` mode).
+//! dispatcher's buffer (no backend up) and each writer's backlog (its backend down, `hold` mode).
 //! The count is in records; `--buffer-max` is converted from bytes with [`RECORD_COST`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};

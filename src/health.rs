@@ -2,7 +2,7 @@
 //!
 //! Owns the up/down state of every backend and *why* a backend is down ([`Cause`]). Each writer
 //! judges its own backend from the outcome of its writes and of PING probes ([`Tracker`]) and
-//! publishes transitions on the shared [`Board`]; the balancer reads the board (one atomic load
+//! publishes transitions on the shared [`Board`]; the router reads the board (one atomic load
 //! per batch) to route around backends that are down, and is woken when something changes. The
 //! hot path never locks: causes are kept beside the verdicts in `ArcSwapOption`s, written only on
 //! failures and read only by the admin API, metrics and logs.
@@ -314,7 +314,7 @@ impl Board {
         }
         if self.up[i].swap(up, Ordering::AcqRel) != up {
             self.generation.fetch_add(1, Ordering::AcqRel);
-            // One waiter (the balancer); a stored permit means a change between its check and
+            // One waiter (the dispatcher); a stored permit means a change between its check and
             // its wait is not missed.
             self.changed.notify_one();
         }
@@ -447,31 +447,6 @@ mod tests {
             board.cause(1).unwrap().to_string(),
             "same server as backend A"
         );
-    }
-
-    #[test]
-    fn a_failed_command_is_counted_by_cause() {
-        let metrics = crate::metrics::Metrics::new(&["A".into(), "B".into()]);
-        let oom = redis::RedisError::from((
-            redis::ErrorKind::ExtensionError,
-            "An error was signalled by the server",
-            "OOM command not allowed when used memory > 'maxmemory'.".to_string(),
-        ));
-        assert_eq!(
-            command_failed(&metrics, 1, "B", "PEXPIRE", &oom),
-            Cause::Oom
-        );
-        assert_eq!(metrics.command_errors(1, "PEXPIRE"), 1);
-        assert_eq!(metrics.command_errors(0, "PEXPIRE"), 0);
-        let board = Board::new(2);
-        let text = metrics.render(
-            &crate::balance::Balance::new(vec!["A".into(), "B".into()], vec![1, 1]),
-            &board,
-            &crate::buffer::Budget::new(1024),
-        );
-        assert!(text.contains(
-            "redtap_backend_command_errors_total{backend=\"B\",command=\"PEXPIRE\",cause=\"oom\"} 1"
-        ), "{text}");
     }
 
     #[test]

@@ -6,11 +6,9 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use redtap::config::{Config, LogFormat, RunArgs};
+use redtap::daemon::EX_USAGE;
 use redtap::query::args::{CliError, Exit};
 use redtap::query::cmd::{query, stats, tail, top};
-
-/// Exit code for a usage or configuration error (EX_USAGE).
-const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
 #[command(
@@ -101,14 +99,14 @@ fn main() -> ExitCode {
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
                 match redtap::run(config, shutdown).await {
                     Ok(_) => ExitCode::SUCCESS,
-                    Err(e) if e.downcast_ref::<redtap::config::ConfigError>().is_some() => {
-                        eprintln!("redtap: {e:#}");
-                        ExitCode::from(EX_USAGE)
-                    }
                     Err(e) => {
-                        tracing::error!("{e:#}");
-                        eprintln!("redtap: {e:#}");
-                        ExitCode::FAILURE
+                        // A usage error is the operator's to fix and says so on stderr; anything
+                        // else is also an error in the log.
+                        if e.exit_code() != EX_USAGE {
+                            tracing::error!("{e}");
+                        }
+                        eprintln!("redtap: {e}");
+                        ExitCode::from(e.exit_code())
                     }
                 }
             })

@@ -487,3 +487,34 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::command_failed;
+
+    #[test]
+    fn a_failed_command_is_counted_by_cause() {
+        let metrics = Metrics::new(&["A".into(), "B".into()]);
+        let oom = redis::RedisError::from((
+            redis::ErrorKind::ExtensionError,
+            "An error was signalled by the server",
+            "OOM command not allowed when used memory > 'maxmemory'.".to_string(),
+        ));
+        assert_eq!(
+            command_failed(&metrics, 1, "B", "PEXPIRE", &oom),
+            Cause::Oom
+        );
+        assert_eq!(metrics.command_errors(1, "PEXPIRE"), 1);
+        assert_eq!(metrics.command_errors(0, "PEXPIRE"), 0);
+        let board = Board::new(2);
+        let text = metrics.render(
+            &Balance::new(vec!["A".into(), "B".into()], vec![1, 1]),
+            &board,
+            &Budget::new(1024),
+        );
+        assert!(text.contains(
+            "redtap_backend_command_errors_total{backend=\"B\",command=\"PEXPIRE\",cause=\"oom\"} 1"
+        ), "{text}");
+    }
+}

@@ -2,12 +2,13 @@
 //!
 //! Owns two small bounded structures kept beside the metrics:
 //! - [`Recent`]: a ring of [`RING_SECONDS`] + 1 one-second samples of the routing and write
-//!   counters, taken by one task ([`sample_every_second`]), never by the hot path. Shares of the
+//!   counters, taken by one task (the live page's sampler, [`crate::admin::page`]), never by the hot
+//!   path. Shares of the
 //!   last 10 s and records/s per backend are differences of two samples.
 //! - [`TopSources`]: the heaviest source addresses of the last [`RING_SECONDS`] seconds, one
 //!   space-saving sketch of [`SLOTS`] slots per second.
 //!
-//! The hot path's only cost is [`TopSources::observe`], called once per batch the balancer takes
+//! The hot path's only cost is [`TopSources::observe`], called once per batch the dispatcher takes
 //! from the capture queue: one uncontended lock and at most [`SAMPLE_PER_BATCH`] sketch updates,
 //! whatever the batch size (a larger batch is sampled with a stride, each sampled record
 //! standing for `len / SAMPLE_PER_BATCH` records).
@@ -20,15 +21,13 @@
 //! missing may hide at most that many of its records; the per-source `error` adds those bounds
 //! up over the minute: the true count is within `records ± error`.
 //!
-//! Never: touches Redis, blocks the balancer for longer than one batch's updates, or grows.
+//! Never: touches Redis, blocks the dispatcher for longer than one batch's updates, or grows.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::{Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Instant;
 
-use crate::balance::Balance;
-use crate::metrics::{DropReason, Metrics};
 use crate::record::Record;
 
 /// Seconds of history the ring and the top sources keep.
@@ -82,35 +81,6 @@ impl Recent {
     /// True for the first caller only: that caller runs the sampler.
     pub fn claim_sampler(&self) -> bool {
         !self.sampler.swap(true, std::sync::atomic::Ordering::AcqRel)
-    }
-}
-
-/// Read the counters now.
-pub fn sample(balance: &Balance, metrics: &Metrics) -> Sample {
-    Sample {
-        unix_ms: crate::record::now_us() / 1000,
-        routed: balance.view().iter().map(|v| v.routed).collect(),
-        written: metrics.backends.iter().map(|b| b.written.get()).collect(),
-        captured: metrics.captured.get(),
-        dropped: DropReason::ALL
-            .iter()
-            .map(|&r| metrics.dropped_count(r))
-            .sum(),
-    }
-}
-
-/// Push a sample into `metrics.recent` every second until the pipeline is gone (the weak
-/// references no longer upgrade), and refresh the top sources' cache.
-pub async fn sample_every_second(balance: Weak<Balance>, metrics: Weak<Metrics>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let (Some(b), Some(m)) = (balance.upgrade(), metrics.upgrade()) else {
-            return;
-        };
-        m.recent.push(sample(&b, &m));
-        m.sources.refresh(TOP_N);
     }
 }
 
@@ -385,28 +355,6 @@ mod tests {
             SLOTS as u64 * 3
         );
         assert!(s.absent_bound() >= 1);
-    }
-
-    #[tokio::test]
-    async fn the_sampler_samples_every_second_and_ends_with_the_pipeline() {
-        let names = vec!["A".to_string(), "B".to_string()];
-        let balance = Balance::new(names.clone(), vec![1, 1]);
-        let metrics = std::sync::Arc::new(Metrics::new(&names));
-        let task = tokio::spawn(sample_every_second(
-            std::sync::Arc::downgrade(&balance),
-            std::sync::Arc::downgrade(&metrics),
-        ));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while metrics.recent.samples().len() < 2 {
-            assert!(Instant::now() < deadline, "no two samples within 5 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(metrics.recent.samples()[0].routed, vec![0, 0]);
-        drop((balance, metrics));
-        tokio::time::timeout(Duration::from_secs(3), task)
-            .await
-            .expect("the sampler ends once the pipeline is gone")
-            .unwrap();
     }
 
     #[test]

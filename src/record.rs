@@ -1,6 +1,6 @@
 //! The captured record: who sent TCP traffic to us, where, and when.
 //!
-//! A [`Record`] is produced by capture and flows one way through the balancer to a sink. It is
+//! A [`Record`] is produced by capture and flows one way through the dispatcher to a sink. It is
 //! small and `Copy` so the hot path moves it without allocating.
 
 use std::net::SocketAddr;

@@ -12,7 +12,7 @@
 //! symlink is refused, for reading and writing: redtap never writes through a link.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,20 +23,47 @@ pub struct SavedState {
     pub weights: BTreeMap<String, u32>,
 }
 
+/// Why the state file could not be read. The caller keeps the configured weights.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The path is a symbolic link, which redtap never follows.
+    #[error("state file {} is a symbolic link; refusing to follow it", .0.display())]
+    Symlink(PathBuf),
+    /// The file is not the JSON redtap writes.
+    #[error("state file {} is not valid: {source}", path.display())]
+    Invalid {
+        /// The state file.
+        path: PathBuf,
+        /// What the parser said.
+        source: serde_json::Error,
+    },
+    /// The file exists but cannot be read.
+    #[error("cannot read state file {}: {source}", path.display())]
+    Read {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 /// Read the saved weights; `Ok(None)` when there is no file yet.
-pub fn load(path: &Path) -> Result<Option<SavedState>, String> {
+pub fn load(path: &Path) -> Result<Option<SavedState>, StateError> {
     if is_symlink(path) {
-        return Err(format!(
-            "state file {} is a symbolic link; refusing to follow it",
-            path.display()
-        ));
+        return Err(StateError::Symlink(path.to_path_buf()));
     }
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| format!("state file {} is not valid: {e}", path.display())),
+            .map_err(|source| StateError::Invalid {
+                path: path.to_path_buf(),
+                source,
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read state file {}: {e}", path.display())),
+        Err(source) => Err(StateError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -84,12 +111,14 @@ mod tests {
     fn round_trip_and_missing_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.json");
-        assert_eq!(load(&path), Ok(None));
+        assert!(matches!(load(&path), Ok(None)));
         let w = BTreeMap::from([("A".to_string(), 5), ("B".to_string(), 0)]);
         save(&path, w.clone()).unwrap();
         assert_eq!(load(&path).unwrap().unwrap().weights, w);
         std::fs::write(&path, "{").unwrap();
-        assert!(load(&path).is_err());
+        let e = load(&path).unwrap_err();
+        assert!(matches!(e, StateError::Invalid { .. }), "{e}");
+        assert!(e.to_string().starts_with("state file "), "{e}");
     }
 
     #[test]
@@ -114,7 +143,7 @@ mod tests {
         let link = dir.path().join("link.json");
         symlink(&victim, &link).unwrap();
         assert!(save(&link, w).is_err());
-        assert!(load(&link).is_err());
+        assert!(matches!(load(&link), Err(StateError::Symlink(_))));
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
         // No temp file is left behind.
         let left: Vec<_> = std::fs::read_dir(dir.path())

@@ -293,6 +293,27 @@ fn bad_config_exits_64_with_one_line_and_binds_nothing() {
     }
 }
 
+/// A start-up failure of the host rather than of the command: exit 1 (not 64), the address on
+/// stderr, and nothing left bound.
+#[test]
+fn a_listen_port_in_use_exits_1_and_names_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let admin_s = format!("127.0.0.1:{}", common::free_port());
+    let out = std::process::Command::new(common::redtap_bin())
+        .args(["run", "--capture", "connections", "--listen", &listen])
+        .args(["--admin", &admin_s, "--backend", "A=redis://127.0.0.1:1@1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("redtap: cannot listen on {listen}")),
+        "{stderr}"
+    );
+    std::net::TcpListener::bind(&admin_s).unwrap();
+}
+
 #[test]
 fn weights_cli_shows_and_changes_weights() {
     let (a, b) = (RedisServer::start(), RedisServer::start());

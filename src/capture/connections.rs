@@ -100,7 +100,8 @@ impl ConnCapture {
         // hold shutdown open.
         let mut late = 0u64;
         while late < BACKLOG as u64 {
-            let Some(Ok((stream, peer))) = crate::poll_once(std::pin::pin!(listener.accept()))
+            let Some(Ok((stream, peer))) =
+                crate::util::poll_once(std::pin::pin!(listener.accept()))
             else {
                 break;
             };

@@ -293,7 +293,7 @@ impl Writer {
         });
         // Poll once now: that queues the pipeline on the connection, so pipelines go out in the
         // order they were built even though their answers are awaited later.
-        if let Some(result) = crate::poll_once(reply.as_mut()) {
+        if let Some(result) = crate::util::poll_once(reply.as_mut()) {
             reply = Box::pin(std::future::ready(result));
         }
         self.inflight.push_back((id, reply));

@@ -1,6 +1,6 @@
 //! The live page at the admin address.
 //!
-//! Endpoints (merged into [`crate::admin::router`]):
+//! Endpoints (merged into [`super::router`]):
 //! - `GET /`, `GET /page/app.js`, `GET /page/style.css` — the page: hand-written HTML, CSS and
 //!   JS embedded in the binary, nothing loaded from elsewhere (a Content-Security-Policy of
 //!   `'self'` says so to the browser). Public: it holds no data.
@@ -12,15 +12,17 @@
 //! The page polls `GET /v1/backends` and `GET /v1/live` once a second with `fetch()`, sending
 //! `Authorization: Bearer` when the user typed a token (kept in `sessionStorage`). Polling
 //! rather than server-sent events: `EventSource` cannot send the header, and a short request a
-//! second holds no connection slot, keeps [`crate::admin::REQUEST_TIMEOUT`] meaningful, and
+//! second holds no connection slot, keeps [`super::REQUEST_TIMEOUT`] meaningful, and
 //! lets every answer carry its own status, so a refused token shows at once. Weight changes go
 //! through the ordinary `PUT /v1/weights`.
 //!
-//! Owns: the page assets and the `/v1/live` view. Never: computes anything on the record hot
+//! Owns: the page assets, the `/v1/live` view, and the once-a-second sampler that fills the
+//! ring of [`crate::recent`]. Never: computes anything on the record hot
 //! path (it reads counters and the samples of [`crate::recent`]), or changes state.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::header;
@@ -29,8 +31,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::admin::AdminState;
-use crate::metrics::{DropReason, KernelDrop};
+use super::AdminState;
+use crate::balance::Balance;
+use crate::metrics::{DropReason, KernelDrop, Metrics};
 use crate::recent::{self, Sample, TopSource, RING_SECONDS};
 
 const INDEX_HTML: &str = include_str!("index.html");
@@ -45,12 +48,12 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
                    connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; \
                    base-uri 'none'; form-action 'none'";
 
-/// The public routes (the page and its assets). Starts the once-a-second sampler of
+/// The public routes (the page and its assets). Starts the once-a-second sampler that fills
 /// [`crate::recent`] when called inside a Tokio runtime; the sampler ends with the pipeline.
 pub fn public(state: &AdminState) -> Router<AdminState> {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         if state.metrics.recent.claim_sampler() {
-            rt.spawn(recent::sample_every_second(
+            rt.spawn(sample_every_second(
                 Arc::downgrade(&state.balance),
                 Arc::downgrade(&state.metrics),
             ));
@@ -138,8 +141,37 @@ pub struct LiveBackend {
     pub routed_per_second: Vec<u64>,
 }
 
+/// Read the counters now.
+fn sample(balance: &Balance, metrics: &Metrics) -> Sample {
+    Sample {
+        unix_ms: crate::record::now_us() / 1000,
+        routed: balance.view().iter().map(|v| v.routed).collect(),
+        written: metrics.backends.iter().map(|b| b.written.get()).collect(),
+        captured: metrics.captured.get(),
+        dropped: DropReason::ALL
+            .iter()
+            .map(|&r| metrics.dropped_count(r))
+            .sum(),
+    }
+}
+
+/// Push a sample into `metrics.recent` every second until the pipeline is gone (the weak
+/// references no longer upgrade), and refresh the top sources' cache.
+async fn sample_every_second(balance: Weak<Balance>, metrics: Weak<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (Some(b), Some(m)) = (balance.upgrade(), metrics.upgrade()) else {
+            return;
+        };
+        m.recent.push(sample(&b, &m));
+        m.sources.refresh(recent::TOP_N);
+    }
+}
+
 async fn live(State(state): State<AdminState>) -> Json<LiveView> {
-    let now = recent::sample(&state.balance, &state.metrics);
+    let now = sample(&state.balance, &state.metrics);
     let ring = state.metrics.recent.samples();
     let m = &state.metrics;
     let names = state.balance.names();
@@ -214,6 +246,31 @@ fn summarize(names: &[String], now: &Sample, ring: &[Sample]) -> LiveView {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn the_sampler_samples_every_second_and_ends_with_the_pipeline() {
+        let names = vec!["A".to_string(), "B".to_string()];
+        let balance = Balance::new(names.clone(), vec![1, 1]);
+        let metrics = std::sync::Arc::new(Metrics::new(&names));
+        let task = tokio::spawn(sample_every_second(
+            std::sync::Arc::downgrade(&balance),
+            std::sync::Arc::downgrade(&metrics),
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while metrics.recent.samples().len() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no two samples within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(metrics.recent.samples()[0].routed, vec![0, 0]);
+        drop((balance, metrics));
+        tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .expect("the sampler ends once the pipeline is gone")
+            .unwrap();
+    }
+
     use super::*;
 
     fn at(unix_ms: u64, routed: [u64; 2], captured: u64) -> Sample {

@@ -10,6 +10,8 @@
 //! - `GET /metrics` — Prometheus text format.
 //! - `GET /healthz` — `ok` while the daemon runs; 503 while a failed packet capture is being
 //!   reopened.
+//! - The live page and `GET /v1/live`: see [`page`], a child of this module because it serves
+//!   from this router and reads this [`AdminState`].
 //!
 //! With a token configured (required when listening beyond loopback), every endpoint but
 //! `/healthz` needs `Authorization: Bearer <token>` and answers 401 without it.
@@ -22,10 +24,11 @@
 //! connections get [`SHUTDOWN_DRAIN`] to finish and are then closed.
 //!
 //! The API never touches the record hot path: a weight change publishes a new snapshot that the
-//! balancer picks up on its next record.
+//! router picks up on its next record.
+
+pub mod page;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,7 +49,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::balance::{Balance, MAX_WEIGHT};
+use crate::balance::{Balance, Origin, WeightStore, MAX_WEIGHT};
 use crate::buffer::Budget;
 use crate::config::BackendConfig;
 use crate::health::Board;
@@ -77,6 +80,8 @@ pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 pub struct AdminState {
     /// Weights and routing counters.
     pub balance: Arc<Balance>,
+    /// Where weight changes go (applied and recorded in the state file).
+    pub weights: Arc<WeightStore>,
     /// Every metric.
     pub metrics: Arc<Metrics>,
     /// Backend health.
@@ -85,8 +90,6 @@ pub struct AdminState {
     pub budget: Arc<Budget>,
     /// The configured backends (for names and redacted URLs).
     pub backends: Vec<BackendConfig>,
-    /// Where weight changes are recorded.
-    pub state_file: Option<PathBuf>,
     /// Bearer token every endpoint but `/healthz` requires, if set.
     pub token: Option<String>,
 }
@@ -135,12 +138,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/backends", get(backends))
         .route("/v1/weights", put(set_weights))
         .route("/metrics", get(metrics))
-        .merge(crate::page::guarded())
+        .merge(page::guarded())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(guarded)
         .route("/healthz", get(healthz))
-        .merge(crate::page::public(&state))
+        .merge(page::public(&state))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(request_timeout))
         .with_state(state)
@@ -336,7 +339,7 @@ async fn set_weights(
         Ok(c) => c,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
-    match crate::apply_weights(&state.balance, &changes, state.state_file.as_deref()) {
+    match state.weights.apply(&changes, Origin::AdminApi) {
         Ok(()) => {
             info!(?changes, "weights changed through the admin API");
             Json(view(&state)).into_response()
