@@ -276,6 +276,9 @@ enum ReloadError {
     /// Its weights were refused.
     #[error(transparent)]
     Weights(WeightError),
+    /// The reload task itself failed.
+    #[error("reload failed: {0}")]
+    Task(String),
 }
 
 /// Re-read the config file on every SIGHUP and apply its weights; a bad file changes nothing.
@@ -295,18 +298,24 @@ async fn reload_on_sighup(
             info!("SIGHUP: started without --config, nothing to reload");
             continue;
         };
-        let result = config::read_file(path)
-            .map_err(ReloadError::File)
-            .and_then(|file| {
-                let changes: BTreeMap<String, u32> = file
-                    .backends
-                    .into_iter()
-                    .map(|b| (b.name, b.weight))
-                    .collect();
-                weights
-                    .apply(&changes, Origin::Sighup)
-                    .map_err(ReloadError::Weights)
-            });
+        // Reading the file and writing the state file (fsync) block: off the async workers.
+        let (path_b, store) = (path.clone(), weights.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            config::read_file(&path_b)
+                .map_err(ReloadError::File)
+                .and_then(|file| {
+                    let changes: BTreeMap<String, u32> = file
+                        .backends
+                        .into_iter()
+                        .map(|b| (b.name, b.weight))
+                        .collect();
+                    store
+                        .apply(&changes, Origin::Sighup)
+                        .map_err(ReloadError::Weights)
+                })
+        })
+        .await
+        .unwrap_or_else(|e| Err(ReloadError::Task(e.to_string())));
         match result {
             Ok(()) => info!(path = %path.display(), weights = %weights_text(&weights),
                             "SIGHUP: weights reloaded (only the weights: other settings take \

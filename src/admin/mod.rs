@@ -339,7 +339,17 @@ async fn set_weights(
         Ok(c) => c,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
-    match state.weights.apply(&changes, Origin::AdminApi) {
+    // The state file is written with fsync: off the async workers, which carry the records.
+    let store = state.weights.clone();
+    let applied = {
+        let changes = changes.clone();
+        tokio::task::spawn_blocking(move || store.apply(&changes, Origin::AdminApi)).await
+    };
+    let applied = match applied {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    match applied {
         Ok(()) => {
             info!(?changes, "weights changed through the admin API");
             Json(view(&state)).into_response()
