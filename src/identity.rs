@@ -225,8 +225,31 @@ async fn identify(
         .client()
         .map(|c| c.get_connection_info().redis.db)
         .unwrap_or(0);
+    warn_on_clock_skew(b, &info, crate::record::now_us());
     Ok(ServerId { run_id, db })
 }
+
+/// Retention is an absolute expiry computed from this host's clock and enforced by Redis's:
+/// say so when the two differ by more than [`CLOCK_SKEW_WARN`] (records would then vanish early,
+/// or stay late, by the skew). `INFO server`'s `server_time_usec` is Redis's clock.
+fn warn_on_clock_skew(b: &BackendConfig, info: &str, now_us: u64) -> Option<i64> {
+    let redis_us: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("server_time_usec:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let skew_ms = (redis_us as i64 - now_us as i64) / 1000;
+    if skew_ms.unsigned_abs() > CLOCK_SKEW_WARN.as_millis() as u64 {
+        warn!(backend = %b.name, skew_ms,
+              "this host's clock and the backend's differ by {skew_ms} ms (Redis ahead if \
+               positive): records expire that much early (or late); synchronise the clocks (NTP)");
+    }
+    Some(skew_ms)
+}
+
+/// Clock difference with a backend above which redtap warns (retention is promised to ±1 s).
+const CLOCK_SKEW_WARN: Duration = Duration::from_millis(250);
 
 /// What a lease attempt found.
 #[derive(Debug, PartialEq, Eq)]
@@ -763,6 +786,16 @@ impl One {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clock_skew_is_read_from_info_server() {
+        let b = crate::config::parse_backend_flag("A=redis://127.0.0.1:6379@1").unwrap();
+        let info = "# Server\r\nrun_id:x\r\nserver_time_usec:1000000000\r\n";
+        assert_eq!(warn_on_clock_skew(&b, info, 1_000_000_000), Some(0));
+        assert_eq!(warn_on_clock_skew(&b, info, 999_000_000), Some(1000));
+        assert_eq!(warn_on_clock_skew(&b, info, 3_000_000_000), Some(-2_000_000));
+        assert_eq!(warn_on_clock_skew(&b, "run_id:x", 1), None);
+    }
 
     #[test]
     fn holder_round_trips_and_judges_only_this_host() {
