@@ -196,24 +196,6 @@ impl Default for HealthConfig {
     }
 }
 
-/// A command redtap relies on (expiry, probe, trim, lease…) failed on backend number `index`:
-/// log it with its cause and count it in `redtap_backend_command_errors_total{backend,command,
-/// cause}`. Returns the cause, for [`Tracker::record_failure`]. Failures only: never on the hot
-/// path of a successful write.
-pub fn command_failed(
-    metrics: &crate::metrics::Metrics,
-    index: usize,
-    backend: &str,
-    command: &'static str,
-    error: &redis::RedisError,
-) -> Cause {
-    let cause = Cause::from_redis_error(error);
-    tracing::warn!(backend, command, cause = %cause, cause_code = cause.label(),
-                   "Redis command failed: {cause}");
-    metrics.command_error(index, command, &cause);
-    cause
-}
-
 /// The shared up/down state of every backend.
 #[derive(Debug)]
 pub struct Board {

@@ -793,7 +793,10 @@ mod tests {
         let info = "# Server\r\nrun_id:x\r\nserver_time_usec:1000000000\r\n";
         assert_eq!(warn_on_clock_skew(&b, info, 1_000_000_000), Some(0));
         assert_eq!(warn_on_clock_skew(&b, info, 999_000_000), Some(1000));
-        assert_eq!(warn_on_clock_skew(&b, info, 3_000_000_000), Some(-2_000_000));
+        assert_eq!(
+            warn_on_clock_skew(&b, info, 3_000_000_000),
+            Some(-2_000_000)
+        );
         assert_eq!(warn_on_clock_skew(&b, "run_id:x", 1), None);
     }
 

@@ -425,13 +425,10 @@ impl Writer {
                     self.last_ok = Instant::now();
                     Ok(())
                 }
-                Err(e) => Err(health::command_failed(
-                    &self.ctx.metrics,
-                    self.idx,
-                    &self.name,
-                    command,
-                    &e,
-                )),
+                Err(e) => Err(self
+                    .ctx
+                    .metrics
+                    .command_failed(self.idx, &self.name, command, &e)),
             };
             if self.judge(verdict) == Some(Transition::Up) {
                 self.next_try = Instant::now();
