@@ -659,17 +659,9 @@ fn verify(b: &mut Backlog, model: &mut Model, total: u16, now: u64) -> Result<()
         return Err(format!("{total} captured, {t:?}"));
     }
     let lost: u64 = model.lost[1..].iter().map(|&n| u64::from(n)).sum();
-    // Each written record has one copy kept, unless Redis lost it after storing it (or it was
-    // written into a key already past its expiry, never readable).
-    let written_gone = (1..=total as usize)
-        .filter(|&r| fate[r] == Some(Fate::Written) && kept(r) == 0)
-        .count() as u64;
-    if written_kept + written_gone != t.written {
-        return Err(format!(
-            "written {} != kept {written_kept} + gone {written_gone}",
-            t.written
-        ));
-    }
+    // (A written record with no copy kept was stored and then lost by a restart, Redis's loss,
+    // or stored into a key already past its expiry: both follow from the checks above, so no
+    // separate count is asserted here.)
     let held = model.held(now);
     let present: u64 = model.present[1..].iter().map(|&n| u64::from(n)).sum();
     if held < present || present > written_kept + unknown_kept {
