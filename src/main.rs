@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use redtap::config::{Config, LogFormat, RunArgs};
@@ -56,6 +56,14 @@ enum Command {
     Tail(Box<tail::TailArgs>),
     /// Per backend: records held, oldest and newest, memory, share against weight.
     Stats(Box<stats::StatsArgs>),
+    /// Print shell completions: `redtap completions bash > /etc/bash_completion.d/redtap`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `redtap man > /usr/local/share/man/man1/redtap.1`.
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -171,6 +179,19 @@ fn main() -> ExitCode {
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             tail::run(&a, stdout(), shutdown).await
         })),
+        // Generated from the same clap definitions as the parser, so they never drift.
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "redtap", &mut stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => match clap_mangen::Man::new(Cli::command()).render(&mut stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("redtap: cannot write the man page: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

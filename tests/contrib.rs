@@ -39,3 +39,27 @@ fn the_service_reloads_with_hup_and_keeps_state_in_its_state_directory() {
     assert!(value("AmbientCapabilities").contains("CAP_NET_RAW"));
     assert!(value("ExecStart").contains("--config /etc/redtap/redtap.toml"));
 }
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli_itself() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_redtap"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "redtap {args:?} failed");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.contains("_redtap()"), "{bash}");
+    for sub in ["run", "weights", "query", "top", "tail", "stats"] {
+        assert!(bash.contains(sub), "bash completion lacks {sub}");
+    }
+    assert!(run(&["completions", "zsh"]).contains("#compdef redtap"));
+    let man = run(&["man"]);
+    assert!(man.contains(".TH redtap 1"), "{man}");
+    assert!(
+        man.contains("weights"),
+        "the man page lists the subcommands"
+    );
+}
