@@ -119,6 +119,10 @@ impl Cause {
     /// Classify an error reply by its code, the first word Redis wrote (`OOM command not
     /// allowed…`, `READONLY You can't write…`).
     pub fn from_reply(text: &str) -> Cause {
+        // Redis < 7 wraps an error inside a script: `ERR Error running script … -OOM …`.
+        if text.contains("OOM command not allowed") {
+            return Cause::Oom;
+        }
         match text.split_whitespace().next().unwrap_or("") {
             "OOM" => Cause::Oom,
             "READONLY" => Cause::ReadOnly,

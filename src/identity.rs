@@ -45,9 +45,11 @@ const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 /// Until when (ms since the epoch) a lease set or renewed by a command sent at `sent_ms` lets
 /// its writer write: Redis ran the command after it was sent, so the lease lives at least until
-/// `sent_ms + LEASE_TTL`; the margin covers clock drift.
-fn cleared_until(sent_ms: u64) -> u64 {
-    sent_ms + (LEASE_TTL - LEASE_MARGIN).as_millis() as u64
+/// `sent_ms + LEASE_TTL`. The margin covers clock drift and a pipeline still on its way (one
+/// health timeout).
+fn cleared_until(sent_ms: u64, timeout: Duration) -> u64 {
+    let margin = LEASE_MARGIN.max(timeout).min(LEASE_TTL / 2);
+    sent_ms + (LEASE_TTL - margin).as_millis() as u64
 }
 
 fn now_ms() -> u64 {
@@ -239,7 +241,7 @@ fn warn_on_clock_skew(b: &BackendConfig, info: &str, now_us: u64) -> Option<i64>
         .trim()
         .parse()
         .ok()?;
-    let skew_ms = (redis_us as i64 - now_us as i64) / 1000;
+    let skew_ms = i64::try_from((i128::from(redis_us) - i128::from(now_us)) / 1000).ok()?;
     if skew_ms.unsigned_abs() > CLOCK_SKEW_WARN.as_millis() as u64 {
         warn!(backend = %b.name, skew_ms,
               "this host's clock and the backend's differ by {skew_ms} ms (Redis ahead if \
@@ -517,7 +519,7 @@ impl Guard {
             shared.board.clear_until(
                 i,
                 match (f.lease, f.lease_denied) {
-                    (true, _) => cleared_until(f.lease_sent_ms),
+                    (true, _) => cleared_until(f.lease_sent_ms, shared.timeout),
                     (false, true) if f.id.is_some() => u64::MAX,
                     _ => 0,
                 },
@@ -581,18 +583,18 @@ impl One {
                 },
             }
         }
-        if self.lease {
-            if let Some(conn) = self.conn.as_mut() {
-                let r = tokio::time::timeout(
-                    self.shared.timeout,
-                    eval(RELEASE, &self.shared.key)
-                        .arg(&self.shared.me)
-                        .query_async::<i64>(conn),
-                )
-                .await;
-                if !matches!(r, Ok(Ok(_))) {
-                    warn!(backend = %self.b.name, "could not release the lease; it expires by itself");
-                }
+        // Compare-and-delete even when no lease is recorded: shutdown may have cut a lease
+        // attempt short after Redis ran it. (It deletes only a lease that is ours.)
+        if let Some(conn) = self.conn.as_mut() {
+            let r = tokio::time::timeout(
+                self.shared.timeout,
+                eval(RELEASE, &self.shared.key)
+                    .arg(&self.shared.me)
+                    .query_async::<i64>(conn),
+            )
+            .await;
+            if self.lease && !matches!(r, Ok(Ok(_))) {
+                warn!(backend = %self.b.name, "could not release the lease; it expires by itself");
             }
         }
     }
@@ -601,6 +603,12 @@ impl One {
     /// or why a down backend fails.
     async fn check(&mut self, last_cause: &mut Option<Cause>) {
         if self.shared.board.is_excluded(self.i) {
+            return;
+        }
+        if self.lease && !self.shared.board.may_write(self.i, now_ms()) {
+            // Cleared no longer (renewals failed, e.g. an outage): renew now, not at the next
+            // renewal tick, so the writer resumes as soon as the backend answers.
+            self.renew().await;
             return;
         }
         if !self.identified {
@@ -650,6 +658,17 @@ impl One {
         };
         let id = match id {
             Ok(id) => id,
+            // INFO refused by an ACL, or a server without a run_id: that will not change, and
+            // the backend works; run without the duplicate check rather than never writing.
+            Err((command, cause @ (Cause::NoPerm | Cause::Other(_)))) => {
+                warn!(backend = %self.b.name, command, %cause,
+                      "cannot tell which Redis server this is; running without the check for \
+                       two backends on one server");
+                self.failed(command, &cause);
+                self.identified = true;
+                self.take_lease().await;
+                return;
+            }
             Err((command, cause)) => {
                 self.failed(command, &cause);
                 return;
@@ -687,7 +706,7 @@ impl One {
         match r {
             Ok(Lease::Held) => {
                 self.lease = true;
-                shared.board.clear_until(self.i, cleared_until(sent));
+                shared.board.clear_until(self.i, cleared_until(sent, t));
             }
             Ok(Lease::Busy(holder)) => {
                 error!(backend = %self.b.name, key = %shared.key, %holder,
@@ -733,7 +752,7 @@ impl One {
             Err(_) => return, // unreachable: the lease outlives short outages; renewed after
         };
         match r {
-            Ok(1) => shared.board.clear_until(self.i, cleared_until(sent)),
+            Ok(1) => shared.board.clear_until(self.i, cleared_until(sent, t)),
             Ok(_) => {
                 warn!(backend = %self.b.name, key = %shared.key,
                       "the lease had expired (backend unreachable for a while?); taking it again");
@@ -743,7 +762,15 @@ impl One {
             }
             Err(e) => {
                 let cause = Cause::from_redis_error(&e);
-                warn!(backend = %self.b.name, %cause, "lease renewal failed; will retry");
+                if cause == Cause::NoPerm {
+                    warn!(backend = %self.b.name, %cause,
+                          "the ACL forbids renewing this agent's lease (EVAL); running without it");
+                    self.lease = false;
+                    self.lease_wanted = false;
+                    shared.board.clear_until(self.i, u64::MAX);
+                } else {
+                    warn!(backend = %self.b.name, %cause, "lease renewal failed; will retry");
+                }
                 self.failed("EVAL", &cause);
             }
         }

@@ -659,9 +659,26 @@ fn verify(b: &mut Backlog, model: &mut Model, total: u16, now: u64) -> Result<()
         return Err(format!("{total} captured, {t:?}"));
     }
     let lost: u64 = model.lost[1..].iter().map(|&n| u64::from(n)).sum();
-    // (A written record with no copy kept was stored and then lost by a restart, Redis's loss,
-    // or stored into a key already past its expiry: both follow from the checks above, so no
-    // separate count is asserted here.)
+    // The counters redtap publishes agree with the fate of every record.
+    let written_fates = fate.iter().filter(|f| **f == Some(Fate::Written)).count() as u64;
+    if written_fates != t.written {
+        return Err(format!(
+            "{written_fates} records written, counter says {}",
+            t.written
+        ));
+    }
+    for reason in DropReason::ALL {
+        let n = fate
+            .iter()
+            .filter(|f| **f == Some(Fate::Dropped(reason)))
+            .count() as u64;
+        if n != t.dropped[reason as usize] {
+            return Err(format!(
+                "{n} records dropped ({reason:?}), counter says {}",
+                t.dropped[reason as usize]
+            ));
+        }
+    }
     let held = model.held(now);
     let present: u64 = model.present[1..].iter().map(|&n| u64::from(n)).sum();
     if held < present || present > written_kept + unknown_kept {

@@ -198,27 +198,34 @@ fn backend_at_maxmemory_is_failing_not_silently_dropped() {
             .trim()
             .to_string()
     };
+    let _ = used;
+    // B runs out of memory once redtap runs (it holds its lease there): its writes are refused.
+    let d = Daemon::connections(&[("A", &a, 50), ("B", &b, 50)], &[]);
     let mut c = b.conn().unwrap();
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")
-        .arg(&used)
+        .arg(b.used_memory().to_string())
         .query(&mut c)
         .unwrap();
-    let d = Daemon::connections(&[("A", &a, 50), ("B", &b, 50)], &[]);
     assert_eq!(connect_many(d.listen, 1000, 4), 1000);
-    // Out of memory from the start, B refuses even this agent's lease, so nothing is written
-    // there: its probes fail, counted by cause, and it is down for OOM.
+    eventually(Duration::from_secs(10), "B's write errors counted", || {
+        metric(&d, "redtap_write_errors_total{backend=\"B\"}") > 0.0
+    });
     eventually(
         Duration::from_secs(10),
         "B down, and says it is out of memory",
         || d.backends()[1]["down_cause_code"] == "oom",
     );
-    assert!(
-        metric(
-            &d,
-            "redtap_backend_command_errors_total{backend=\"B\",command=\"SET\",cause=\"oom\"}"
-        ) > 0.0
+    // While down, its probe (a small expiring write) is refused too, counted by cause.
+    eventually(
+        Duration::from_secs(5),
+        "B's probes counted as refused for OOM",
+        || {
+            d.metrics().contains(
+                "redtap_backend_command_errors_total{backend=\"B\",command=\"SET\",cause=\"oom\"}",
+            )
+        },
     );
     assert!(d.log().contains("OOM"), "the OOM refusal is logged");
     // Out of memory, B still answers PING; the write probe keeps it down instead of flapping.

@@ -275,8 +275,11 @@ impl Writer {
                 return;
             }
         };
-        // After the connect (which may have waited up to the health timeout), so that no
-        // record already past retention is sent: Redis would accept it into a key that expires
+        // The connect may have waited up to the health timeout: still cleared to write?
+        if !self.may_write() {
+            return;
+        }
+        // After the connect, so that no record already past retention is sent: Redis would accept it into a key that expires
         // at once, and it would count as written though no one could read it.
         self.drop_expired();
         let Some(plan) = self.backlog.plan() else {
@@ -421,14 +424,23 @@ impl Writer {
         }
         if let Some((command, answer)) = outcome.probe {
             let verdict = match answer {
+                // It answers, but this writer may not write there yet (the identity guard has
+                // not taken this agent's lease, or its renewals failed): down, so records are
+                // routed around it instead of waiting here, and the API says why.
+                Ok(()) if !self.may_write() => Err(Cause::Other(
+                    "waiting for this agent's lease on it (identity and lease checks)".into(),
+                )),
                 Ok(()) => {
                     self.last_ok = Instant::now();
                     Ok(())
                 }
-                Err(e) => Err(self
-                    .ctx
-                    .metrics
-                    .command_failed(self.idx, &self.name, command, &e)),
+                Err(e) => {
+                    // Counted every time; logged only by the DOWN transition (a probe fails
+                    // four times a second while a backend is down).
+                    let cause = Cause::from_redis_error(&e);
+                    self.ctx.metrics.command_error(self.idx, command, &cause);
+                    Err(cause)
+                }
             };
             if self.judge(verdict) == Some(Transition::Up) {
                 self.next_try = Instant::now();

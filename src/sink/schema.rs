@@ -251,7 +251,7 @@ impl Layout {
                 // A top at the last sequence (anyone may XADD `ms-18446744073709551615`): the
                 // next millisecond, where IDs still grow.
                 None => Slot {
-                    major: self.last.major + 1,
+                    major: self.last.major.saturating_add(1),
                     seq: 0,
                 },
             }
