@@ -16,11 +16,13 @@
 //! works on one batch while the writer builds the next.
 //!
 //! While its backend is up a writer takes a few batches at a time from its queue, so a slow Redis
-//! slows the balancer and, through the record queue, capture (backpressure). While it is down it
+//! slows the dispatcher and, through the record queue, capture (backpressure). While it is down it
 //! keeps what it holds, probes until the backend is back, and — in `hold` mode, where records
-//! keep coming — takes more only within the shared buffer budget.
+//! keep coming — takes more only within the shared buffer budget. It writes only while the board
+//! clears it ([`Board::may_write`]: this agent's lease there is held, and the backend is not
+//! excluded); until then it probes, and counts as down.
 //!
-//! A writer never calls back into capture or the balancer.
+//! A writer never calls back into capture or the dispatcher.
 
 pub mod backlog;
 pub mod schema;
