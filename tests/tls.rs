@@ -152,29 +152,15 @@ fn rediss_with_ca_and_client_certificate() {
     };
     eventually(Duration::from_secs(5), "TLS redis up", || xlen().is_some());
 
-    let path = |f: &str| d.join(f).to_str().unwrap().to_string();
-    let backend = format!("A=rediss://127.0.0.1:{port}@1");
-    let (ca, cert, key) = (path("ca.crt"), path("client.crt"), path("client.key"));
-    let daemon = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--backend",
-        &backend,
-        "--tls-ca",
-        &ca,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-    ]);
+    let daemon = tls_daemon(d, port);
     assert_eq!(connect_many(daemon.listen, 100, 2), 100);
     eventually(Duration::from_secs(10), "100 records over TLS", || {
         xlen() == Some(100)
     });
 
     // Without the client certificate the server refuses us: the backend is marked down.
+    let backend = format!("A=rediss://127.0.0.1:{port}@1");
+    let ca = d.join("ca.crt").to_str().unwrap().to_string();
     let refused = Daemon::start(&[
         "--capture",
         "connections",
@@ -191,6 +177,28 @@ fn rediss_with_ca_and_client_certificate() {
         "backend down without a client cert",
         || refused.backends()[0]["up"] == false,
     );
+}
+
+/// `redtap run` (connections mode, agent `t`) writing to the rediss:// server on `port` with the
+/// CA and client certificate made in `d`.
+fn tls_daemon(d: &Path, port: u16) -> Daemon {
+    let path = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let backend = format!("A=rediss://127.0.0.1:{port}@1");
+    let (ca, cert, key) = (path("ca.crt"), path("client.crt"), path("client.key"));
+    Daemon::start(&[
+        "--capture",
+        "connections",
+        "--agent",
+        "t",
+        "--backend",
+        &backend,
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ])
 }
 
 /// A redis-server that speaks only TLS on `port` and requires client certificates from `d`.
@@ -254,22 +262,7 @@ fn read_commands_connect_with_the_tls_files_of_the_config() {
         redtap(&["stats", "--config", full_s]).status.code() == Some(0)
     });
 
-    let backend = format!("A=rediss://127.0.0.1:{port}@1");
-    let (ca, cert, key) = (path("ca.crt"), path("client.crt"), path("client.key"));
-    let daemon = Daemon::start(&[
-        "--capture",
-        "connections",
-        "--agent",
-        "t",
-        "--backend",
-        &backend,
-        "--tls-ca",
-        &ca,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-    ]);
+    let daemon = tls_daemon(d, port);
     assert_eq!(connect_many(daemon.listen, 30, 2), 30);
     eventually(
         Duration::from_secs(10),
