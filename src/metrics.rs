@@ -341,24 +341,6 @@ impl Metrics {
         }
     }
 
-    /// A command redtap relies on (probe, lease, …) failed on backend number `index`: log it
-    /// with its cause and count it in `redtap_backend_command_errors_total{backend,command,
-    /// cause}`. Returns the cause, for [`crate::health::Tracker::record_failure`]. Failures
-    /// only: never on the hot path of a successful write.
-    pub fn command_failed(
-        &self,
-        index: usize,
-        backend: &str,
-        command: &'static str,
-        error: &redis::RedisError,
-    ) -> Cause {
-        let cause = Cause::from_redis_error(error);
-        tracing::warn!(backend, command, cause = %cause, cause_code = cause.label(),
-                       "Redis command failed: {cause}");
-        self.command_error(index, command, &cause);
-        cause
-    }
-
     /// Count one failed `command` (e.g. `"PEXPIRE"`, `"PING"`, `"EVALSHA"`) on backend number
     /// `backend`, for `cause`.
     pub fn command_error(&self, backend: usize, command: &'static str, cause: &Cause) {
@@ -518,7 +500,9 @@ mod tests {
             "An error was signalled by the server",
             "OOM command not allowed when used memory > 'maxmemory'.".to_string(),
         ));
-        assert_eq!(metrics.command_failed(1, "B", "PEXPIRE", &oom), Cause::Oom);
+        let cause = Cause::from_redis_error(&oom);
+        assert_eq!(cause, Cause::Oom);
+        metrics.command_error(1, "PEXPIRE", &cause);
         assert_eq!(metrics.command_errors(1, "PEXPIRE"), 1);
         assert_eq!(metrics.command_errors(0, "PEXPIRE"), 0);
         let board = Board::new(2);
