@@ -9,9 +9,9 @@ use common::RedisServer;
 use redtap::buffer::{Budget, OnFull};
 use redtap::config::Schema;
 use redtap::health::{Board, Cause, HealthConfig};
+use redtap::layout::Layout;
 use redtap::metrics::Metrics;
 use redtap::record::{now_us, Kind, Record};
-use redtap::sink::schema::Layout;
 use redtap::sink::{Writer, WriterContext};
 use tokio_util::sync::CancellationToken;
 

@@ -20,9 +20,9 @@ use crate::balance::{Balance, Router, WeightStore};
 use crate::buffer::{Budget, OnFull};
 use crate::config::{Config, ConfigError};
 use crate::health::Board;
+use crate::layout::Layout;
 use crate::metrics::{DropReason, KernelDrop, Metrics};
 use crate::record::Record;
-use crate::sink::schema::Layout;
 use crate::sink::{Writer, WriterContext};
 pub use dispatcher::Dispatcher;
 

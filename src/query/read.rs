@@ -1,12 +1,10 @@
-//! Reading one backend: connect, discover agents and keys by SCAN, page through ranges, parse.
+//! Reading one backend: connect, discover agents and keys by SCAN, page through ranges.
 //!
-//! Owns the Redis commands of the read side and the parsing of what the writer stored (see
-//! [`crate::sink::schema`]): stream entries `src dst sport dport ts kind [len]` and key values
-//! `{"src","dst","sport","dport","ts","kind"[,"len"]}`. Unknown `kind`s are passed through; an
-//! entry missing a field is skipped. It never writes to Redis.
+//! Owns the Redis I/O of the read side (SCAN, TYPE, XRANGE paging, XREAD, MGET). What the
+//! writer stored is decoded by its layout ([`crate::layout`]: key names, stream entries, key
+//! values); a record a layout does not recognise is skipped. It never writes to Redis.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +18,9 @@ use super::{
     PAGE,
 };
 use crate::config::{BackendConfig, Schema};
+use crate::layout::stream::{entries, parse_bucket_rest, xread_streams};
+use crate::layout::{keys, stream, Decoded};
 use crate::record::now_us;
-use crate::sink::schema::{entry_fields, text};
 
 /// Time allowed to connect to a backend.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -139,7 +138,7 @@ pub async fn discover(
     match (&sel.agent, streams_on, keys_on) {
         (Some(a), _, _) => {
             if streams_on {
-                candidates.push(crate::sink::schema::stream_key(&sel.prefix, a));
+                candidates.push(stream::stream_key(&sel.prefix, a));
                 patterns.push(format!("{prefix}:events:{{{}}}:*", glob_escape(a)));
             }
             if keys_on {
@@ -192,7 +191,7 @@ pub async fn discover(
                     if !keys_on {
                         continue;
                     }
-                    let Some((agent, ts_us, seq)) = parse_key_rest(rest) else {
+                    let Some((agent, ts_us, seq)) = keys::parse_key_rest(rest) else {
                         continue;
                     };
                     if window.is_some_and(|w| !w.contains(ts_us)) {
@@ -242,22 +241,6 @@ pub async fn discover(
     }
     h.streams = per_agent.into_iter().collect();
     Ok(h)
-}
-
-/// `{<agent>}:<second>` (a bucket stream's key after `<prefix>:events:`) → its parts.
-fn parse_bucket_rest(rest: &str) -> Option<(&str, u64)> {
-    let (agent, sec) = rest.strip_prefix('{')?.rsplit_once("}:")?;
-    let sec = sec.parse().ok()?;
-    (!agent.is_empty() && !agent.contains(':') && !agent.contains('}')).then_some((agent, sec))
-}
-
-/// `<agent>:<ts_us>:<seq>` → its parts.
-fn parse_key_rest(rest: &str) -> Option<(&str, u64, u64)> {
-    let mut it = rest.rsplitn(3, ':');
-    let seq = it.next()?.parse().ok()?;
-    let ts = it.next()?.parse().ok()?;
-    let agent = it.next()?;
-    (!agent.is_empty() && !agent.contains(':')).then_some((agent, ts, seq))
 }
 
 /// Start one reader task per stream and one for all of the keys; each sends pages of rows that
@@ -362,7 +345,7 @@ impl Reader {
             start = format!("({last}");
             let rows: Vec<Row> = entries
                 .into_iter()
-                .filter_map(|(_, fields)| row_from_fields(fields, &self.backend, agent))
+                .filter_map(|(id, fields)| row_from_entry(id, fields, &self.backend, agent))
                 .filter(|r| self.window.contains(r.ts_us) && self.filter.matches(r))
                 .collect();
             if !rows.is_empty() && self.tx.send(Ok(rows)).await.is_err() {
@@ -405,77 +388,29 @@ impl Reader {
     }
 }
 
-/// The entries of an XRANGE / XREVRANGE answer: (ID, field list).
-fn entries(v: &Value) -> Vec<(&str, &Value)> {
-    let Value::Array(items) = v else {
-        return Vec::new();
-    };
-    items
-        .iter()
-        .filter_map(|e| match e {
-            Value::Array(pair) if pair.len() == 2 => Some((text(&pair[0])?, &pair[1])),
-            _ => None,
-        })
-        .collect()
-}
-
-/// A stream entry's fields → a row; `None` if a required field is missing or malformed.
-pub fn row_from_fields(fields: &Value, backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
-    let pairs = entry_fields(fields)?;
-    let (mut src, mut dst, mut sport, mut dport, mut ts, mut kind, mut len) =
-        (None, None, None, None, None, None, None);
-    for (k, v) in pairs {
-        match k {
-            "src" => src = v.parse::<IpAddr>().ok(),
-            "dst" => dst = v.parse::<IpAddr>().ok(),
-            "sport" => sport = v.parse::<u16>().ok(),
-            "dport" => dport = v.parse::<u16>().ok(),
-            "ts" => ts = v.parse::<u64>().ok(),
-            "kind" => kind = Some(v),
-            "len" => len = v.parse::<u32>().ok(),
-            _ => {}
-        }
+/// A decoded record → a row of `backend` and `agent`.
+pub fn row(d: Decoded, backend: &Arc<str>, agent: &Arc<str>) -> Row {
+    Row {
+        ts_us: d.ts_us,
+        src: d.src,
+        sport: d.sport,
+        dst: d.dst,
+        dport: d.dport,
+        kind: d.kind,
+        len: d.len,
+        backend: backend.clone(),
+        agent: agent.clone(),
     }
-    Some(Row {
-        ts_us: ts?,
-        src: src?,
-        sport: sport?,
-        dst: dst?,
-        dport: dport?,
-        kind: kind?.to_string(),
-        len,
-        backend: backend.clone(),
-        agent: agent.clone(),
-    })
 }
 
-/// The value the keys schema stores.
-#[derive(serde::Deserialize)]
-struct KeyValue {
-    src: IpAddr,
-    dst: IpAddr,
-    sport: u16,
-    dport: u16,
-    ts: u64,
-    kind: String,
-    #[serde(default)]
-    len: Option<u32>,
+/// A stream entry → a row; `None` if it is not one of ours.
+fn row_from_entry(id: &str, fields: &Value, backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
+    stream::decode(id, fields).map(|d| row(d, backend, agent))
 }
 
-/// A keys-schema value → a row; `None` if it is not the JSON the writer stores.
-pub fn row_from_json(v: &[u8], backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
-    let k: KeyValue = serde_json::from_slice(v).ok()?;
-    Some(Row {
-        ts_us: k.ts,
-        src: k.src,
-        sport: k.sport,
-        dst: k.dst,
-        dport: k.dport,
-        kind: k.kind,
-        len: k.len,
-        backend: backend.clone(),
-        agent: agent.clone(),
-    })
+/// A keys-layout value → a row; `None` if it is not one of ours.
+fn row_from_json(v: &[u8], backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
+    keys::decode(v).map(|d| row(d, backend, agent))
 }
 
 /// What `stats` learns from one backend.
@@ -511,7 +446,7 @@ pub async fn backend_stats(
     let first_ts = |v: &Value| {
         entries(v)
             .first()
-            .and_then(|(_, f)| row_from_fields(f, &none, &none))
+            .and_then(|(id, f)| row_from_entry(id, f, &none, &none))
             .map(|r| r.ts_us)
     };
     for key in &h.buckets_outside {
@@ -767,7 +702,7 @@ impl Follower {
                 }
                 rows.extend(
                     es.into_iter()
-                        .filter_map(|(_, f)| row_from_fields(f, &self.backend, agent)),
+                        .filter_map(|(id, f)| row_from_entry(id, f, &self.backend, agent)),
                 );
             }
             if !self.send_rows(rows).await {
@@ -830,24 +765,11 @@ impl Follower {
     }
 }
 
-/// The (stream key, entries) pairs of an XREAD answer (RESP2 array or RESP3 map).
-fn xread_streams(v: &Value) -> Vec<(&str, &Value)> {
-    match v {
-        Value::Array(items) => items
-            .iter()
-            .filter_map(|s| match s {
-                Value::Array(p) if p.len() == 2 => Some((text(&p[0])?, &p[1])),
-                _ => None,
-            })
-            .collect(),
-        Value::Map(m) => m.iter().filter_map(|(k, e)| Some((text(k)?, e))).collect(),
-        _ => Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::layout::keys::parse_key_rest;
 
     #[test]
     fn key_names_parse() {
@@ -895,7 +817,7 @@ mod tests {
             .map(|s| Value::BulkString(s.as_bytes().to_vec()))
             .collect(),
         );
-        let r = row_from_fields(&fields, &b, &a).unwrap();
+        let r = row_from_entry("3-0", &fields, &b, &a).unwrap();
         assert_eq!((r.kind.as_str(), r.len, r.ts_us), ("conn", None, 3));
     }
 }
