@@ -101,6 +101,20 @@ fn written_by_run_read_by_query(schema: &str, listen: &str, src: IpAddr) {
         let ts = row["ts_us"].as_u64().unwrap();
         assert!((t0..=t1).contains(&ts), "{ts} outside {t0}..={t1}");
     }
+    if schema == "stream" {
+        // As stored: the destination once per bucket (in `listen`), never per entry.
+        for key in r.keys(&format!("redtap:events:{{{agent}}}:*")) {
+            let entries = r.xrange_raw(&key);
+            let names =
+                |i: usize| -> Vec<&str> { entries[i].1.iter().map(|(k, _)| k.as_str()).collect() };
+            assert_eq!(names(0), ["src", "sport", "us", "listen"], "{key}");
+            assert_eq!(entries[0].1[3].1, d.listen.to_string());
+            for i in 1..entries.len() {
+                let n = names(i);
+                assert!(n == ["src", "sport", "us"] || n == names(0), "{key}: {n:?}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -125,4 +139,178 @@ fn the_keys_layout_reads_back_what_run_wrote_over_ipv4() {
 fn the_keys_layout_reads_back_what_run_wrote_over_ipv6() {
     let listen = format!("[::1]:{}", free_port());
     written_by_run_read_by_query("keys", &listen, "::1".parse().unwrap());
+}
+
+/// A row as (ts_us, src, sport, dst, dport, kind, len).
+type Flat = (u64, String, u64, String, u64, String, Option<u64>);
+
+/// XADD `fields` at `id` to `key`.
+fn xadd(c: &mut redis::Connection, key: &str, id: &str, fields: &[(&str, &str)]) {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(key).arg(id);
+    for (k, v) in fields {
+        cmd.arg(k).arg(v);
+    }
+    let _: String = cmd.query(c).unwrap();
+}
+
+#[test]
+fn buckets_of_earlier_versions_and_mixed_buckets_still_read() {
+    let r = RedisServer::start();
+    let mut c = r.conn().unwrap();
+    let sec = now_us() / 1_000_000 - 30;
+    let ms = sec * 1000;
+    let (b1, b2, b3) = (
+        format!("redtap:events:{{up}}:{sec}"),
+        format!("redtap:events:{{up}}:{}", sec + 1),
+        format!("redtap:events:{{up}}:{}", sec + 2),
+    );
+    // Written by an earlier version: every field in every entry.
+    let ts1 = (ms + 5) * 1000 + 17;
+    let ts1s = ts1.to_string();
+    xadd(
+        &mut c,
+        &b1,
+        &format!("{}-0", ms + 5),
+        &[
+            ("src", "10.0.0.1"),
+            ("dst", "10.0.0.2"),
+            ("sport", "5000"),
+            ("dport", "9000"),
+            ("ts", &ts1s),
+            ("kind", "conn"),
+        ],
+    );
+    let ts2 = (ms + 6) * 1000 + 999;
+    let ts2s = ts2.to_string();
+    xadd(
+        &mut c,
+        &b1,
+        &format!("{}-0", ms + 6),
+        &[
+            ("src", "::1"),
+            ("dst", "::2"),
+            ("sport", "5001"),
+            ("dport", "443"),
+            ("ts", &ts2s),
+            ("kind", "PA"),
+            ("len", "1460"),
+        ],
+    );
+    // Created by an earlier version in the second this one took over: its first entry names
+    // the destination the newer entries leave out.
+    let ts3 = (ms + 1000) * 1000 + 1;
+    let ts3s = ts3.to_string();
+    xadd(
+        &mut c,
+        &b2,
+        &format!("{}-0", ms + 1000),
+        &[
+            ("src", "10.0.0.3"),
+            ("dst", "10.0.0.2"),
+            ("sport", "5002"),
+            ("dport", "9000"),
+            ("ts", &ts3s),
+            ("kind", "conn"),
+        ],
+    );
+    xadd(
+        &mut c,
+        &b2,
+        &format!("{}-0", ms + 1001),
+        &[
+            ("src", "10.0.0.4"),
+            ("sport", "5003"),
+            ("us", "250"),
+            ("flags", "2"),
+            ("len", "0"),
+        ],
+    );
+    // This version's: the listen address once; an entry to another address says so; the ID
+    // moved past a taken one, so `us` is over 999.
+    xadd(
+        &mut c,
+        &b3,
+        &format!("{}-0", ms + 2000),
+        &[
+            ("src", "10.0.0.5"),
+            ("sport", "5004"),
+            ("us", "3"),
+            ("listen", "10.0.0.2:9000"),
+        ],
+    );
+    xadd(
+        &mut c,
+        &b3,
+        &format!("{}-0", ms + 2001),
+        &[
+            ("src", "10.0.0.6"),
+            ("sport", "5005"),
+            ("us", "-1500"),
+            ("dst", "10.9.9.9"),
+            ("dport", "22"),
+        ],
+    );
+    let rows = query_json(&r, &["--schema", "stream"]);
+    let got: Vec<Flat> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["ts_us"].as_u64().unwrap(),
+                r["src"].as_str().unwrap().to_string(),
+                r["sport"].as_u64().unwrap(),
+                r["dst"].as_str().unwrap().to_string(),
+                r["dport"].as_u64().unwrap(),
+                r["kind"].as_str().unwrap().to_string(),
+                r.get("len").and_then(Value::as_u64),
+            )
+        })
+        .collect();
+    let row = |ts: u64, src: &str, sport, dst: &str, dport, kind: &str, len| {
+        (
+            ts,
+            src.to_string(),
+            sport,
+            dst.to_string(),
+            dport,
+            kind.to_string(),
+            len,
+        )
+    };
+    let mut want = vec![
+        row(ts1, "10.0.0.1", 5000, "10.0.0.2", 9000, "conn", None),
+        row(ts2, "::1", 5001, "::2", 443, "PA", Some(1460)),
+        row(ts3, "10.0.0.3", 5002, "10.0.0.2", 9000, "conn", None),
+        row(
+            (ms + 1001) * 1000 + 250,
+            "10.0.0.4",
+            5003,
+            "10.0.0.2",
+            9000,
+            "S",
+            Some(0),
+        ),
+        row(
+            (ms + 2000) * 1000 + 3,
+            "10.0.0.5",
+            5004,
+            "10.0.0.2",
+            9000,
+            "conn",
+            None,
+        ),
+        row(
+            (ms + 2001) * 1000 - 1500,
+            "10.0.0.6",
+            5005,
+            "10.9.9.9",
+            22,
+            "conn",
+            None,
+        ),
+    ];
+    want.sort();
+    let mut got = got;
+    got.sort();
+    assert_eq!(got, want);
 }

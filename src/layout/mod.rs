@@ -40,6 +40,10 @@ pub struct Layout {
     pub probe_key: String,
     /// Retention in milliseconds.
     pub retention_ms: u64,
+    /// The agent's listen address when it names one (not `0.0.0.0` / `[::]`): the destination
+    /// of (nearly) every record, which the stream layout then stores once per bucket instead
+    /// of once per record ([`Layout::with_listen`]).
+    pub listen: Option<std::net::SocketAddr>,
     /// The last slot handed out; slots only grow, so a retried write reuses its slot and a new
     /// record never takes an old one.
     last: Slot,
@@ -178,8 +182,16 @@ impl Layout {
             key,
             probe_key: format!("{prefix}:probe:{agent}"),
             retention_ms,
+            listen: None,
             last: Slot { major: 0, seq: 0 },
         }
+    }
+
+    /// The same, for an agent listening on `listen`: an unspecified address (any of the host's)
+    /// is no help, since records then reach several destinations.
+    pub fn with_listen(mut self, listen: std::net::SocketAddr) -> Self {
+        self.listen = (!listen.ip().is_unspecified()).then_some(listen);
+        self
     }
 
     /// Continue numbering after `slot` (e.g. the newest entry already in a bucket).
@@ -395,8 +407,8 @@ mod tests {
 
     /// Store `recs` with `schema` as the writer would (a slot each, the first of a bucket
     /// creating it), then decode what the commands would leave in Redis.
-    fn round_trip(schema: Schema, recs: &[Record]) -> Vec<Decoded> {
-        let mut l = Layout::new(schema, "rt", "agent-1", 60_000);
+    fn round_trip(mut l: Layout, recs: &[Record]) -> Vec<Decoded> {
+        let mut listen = None;
         let mut pipe = Pipeline::new();
         let mut created = Vec::new();
         for r in recs {
@@ -412,7 +424,11 @@ mod tests {
                     let at = if a[0] == b"EVAL" { 5 } else { 3 };
                     let id = std::str::from_utf8(&a[at]).unwrap();
                     let fields = redis::Value::Array(a[at + 1..].iter().map(|f| bulk(f)).collect());
-                    let d = stream::decode(id, &fields).expect("a stream entry decodes");
+                    // A bucket's creating entries carry the listen address for the others.
+                    if let Some(l) = stream::listen_of(&fields) {
+                        listen = Some(l);
+                    }
+                    let d = stream::decode(id, &fields, listen).expect("a stream entry decodes");
                     // A read-back sees the same capture time and source port.
                     let one = redis::Value::Array(vec![redis::Value::Array(vec![
                         bulk(id.as_bytes()),
@@ -436,7 +452,15 @@ mod tests {
         let recs = samples();
         let want: Vec<Decoded> = recs.iter().map(Decoded::of).collect();
         for schema in [Schema::Stream, Schema::Keys] {
-            assert_eq!(round_trip(schema, &recs), want, "{schema:?}");
+            let l = Layout::new(schema, "rt", "agent-1", 60_000);
+            assert_eq!(round_trip(l.clone(), &recs), want, "{schema:?}");
+            // Listening on the address most records reach: those store no destination.
+            let l = l.with_listen("10.0.0.2:9000".parse().unwrap());
+            assert_eq!(
+                round_trip(l, &recs),
+                want,
+                "{schema:?} with a listen address"
+            );
         }
     }
 

@@ -4,13 +4,22 @@
 //! Owns the bucket key names, the commands that store a record (the bucket-creating script or
 //! `XADD … NOMKSTREAM`), read one back and read a bucket's top, and the parsing of what XRANGE,
 //! XREVRANGE and XREAD return into [`Decoded`] records. It never talks to Redis.
+//!
+//! An entry holds only what its bucket and ID do not already say (docs/redis-schema.md):
+//! `src`, `sport`, `us` (capture µs minus the ID's ms × 1000: the sub-millisecond part), for a
+//! TCP segment `flags` (the flags byte in decimal: letters cost 2.5 B more a record) and `len`
+//! (neither: an accepted connection), and `dst`
+//! `dport` only when they differ from the agent's listen address. The entries that may create
+//! a bucket (the bucket-creating script's) carry that address as `listen`, so a bucket's first
+//! entry always does. Entries of earlier versions (`src dst sport dport ts kind [len]`, each
+//! complete) still read.
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use redis::{Pipeline, Value};
 
-use super::{bucket_expire_at_ms, bucket_of, kind_text, text, Decoded, Layout, Slot, StackBuf};
+use super::{bucket_expire_at_ms, bucket_of, text, Decoded, Layout, Slot, StackBuf};
 use crate::record::{Kind, Record};
 
 /// Creates a bucket stream and fixes its expiry in one atomic step, so that a bucket key never
@@ -47,11 +56,7 @@ pub fn push_store(layout: &Layout, pipe: &mut Pipeline, rec: &Record, slot: Slot
     // Formatted on the stack: this runs once per record, and heap strings were the largest
     // cost of building a batch (see BENCHMARKS.md).
     let mut src = StackBuf::new();
-    let mut dst = StackBuf::new();
     let _ = write!(src, "{}", rec.src.ip());
-    let _ = write!(dst, "{}", rec.dst.ip());
-    let mut flags = StackBuf::new();
-    let kind = kind_text(rec, &mut flags);
     let mut id = StackBuf::new();
     let _ = write!(id, "{}-{}", slot.major, slot.seq);
     let bucket = bucket_of(rec);
@@ -68,21 +73,31 @@ pub fn push_store(layout: &Layout, pipe: &mut Pipeline, rec: &Record, slot: Slot
             .arg(layout.bucket_key(bucket))
             .arg("NOMKSTREAM");
     }
+    // The ID's ms is the capture ms unless the clock went back or the ID was taken: then the
+    // offset is what keeps the capture time exact (negative, or 1000 and above).
+    let us = rec.ts_us as i64 - (slot.major as i64).wrapping_mul(1000);
     cmd.arg(id.as_str())
         .arg("src")
         .arg(src.as_str())
-        .arg("dst")
-        .arg(dst.as_str())
         .arg("sport")
         .arg(rec.src.port())
-        .arg("dport")
-        .arg(rec.dst.port())
-        .arg("ts")
-        .arg(rec.ts_us)
-        .arg("kind")
-        .arg(kind);
-    if let Kind::Segment { len, .. } = rec.kind {
-        cmd.arg("len").arg(len);
+        .arg("us")
+        .arg(us);
+    if let Kind::Segment { flags, len } = rec.kind {
+        cmd.arg("flags").arg(flags).arg("len").arg(len);
+    }
+    if layout.listen != Some(rec.dst) {
+        let mut dst = StackBuf::new();
+        let _ = write!(dst, "{}", rec.dst.ip());
+        cmd.arg("dst")
+            .arg(dst.as_str())
+            .arg("dport")
+            .arg(rec.dst.port());
+    }
+    if let (true, Some(listen)) = (create, layout.listen) {
+        let mut l = StackBuf::new();
+        let _ = write!(l, "{listen}");
+        cmd.arg("listen").arg(l.as_str());
     }
     pipe.add_command(cmd);
 }
@@ -160,46 +175,96 @@ pub fn xread_streams(v: &Value) -> Vec<(&str, &Value)> {
     }
 }
 
-/// The entry at `id` with `fields` → the record it holds; `None` if a required field is
-/// missing or malformed (not one of ours).
-pub fn decode(_id: &str, fields: &Value) -> Option<Decoded> {
+/// Where the records of a bucket were sent unless they say otherwise: the agent's listen
+/// address.
+pub type Listen = SocketAddr;
+
+/// The `listen` an entry carries, if it does (a bucket's first entry does, when the agent
+/// listened on a named address).
+pub fn listen_of(fields: &Value) -> Option<Listen> {
     let pairs = entry_fields(fields)?;
-    let (mut src, mut dst, mut sport, mut dport, mut ts, mut kind, mut len) =
-        (None, None, None, None, None, None, None);
+    pairs.iter().find(|(k, _)| *k == "listen")?.1.parse().ok()
+}
+
+/// The listen address of the bucket whose first entry is `first` (the answer to
+/// `XRANGE key - + COUNT 1`). A bucket an earlier version created (in the second this version
+/// took over) names none: its first entry's own destination stands in, which is the same unless
+/// the listen address changed in that very second.
+pub fn bucket_listen(first: &Value) -> Option<Listen> {
+    let fields = entries(first).first()?.1;
+    listen_of(fields).or_else(|| {
+        let pairs = entry_fields(fields)?;
+        let field = |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        Some(SocketAddr::new(
+            field("dst")?.parse().ok()?,
+            field("dport")?.parse().ok()?,
+        ))
+    })
+}
+
+/// The capture time (µs) and source port of the entry at `id` with `pairs`: from `ts` (earlier
+/// versions) or the ID's ms and `us`.
+fn ts_sport(id: &str, pairs: &[(&str, &str)]) -> (Option<u64>, Option<u16>) {
+    let (mut ts, mut us, mut sport) = (None, None, None);
+    for &(k, v) in pairs {
+        match k {
+            "ts" => ts = v.parse::<u64>().ok(),
+            "us" => us = v.parse::<i64>().ok(),
+            "sport" => sport = v.parse::<u16>().ok(),
+            _ => {}
+        }
+    }
+    let ts = ts.or_else(|| {
+        let ms = parse_stream_id(id)?.major;
+        u64::try_from((ms as i128) * 1000 + us? as i128).ok()
+    });
+    (ts, sport)
+}
+
+/// The entry at `id` with `fields`, in a bucket sent to `listen` → the record it holds; `None`
+/// if a required field is missing or malformed (not one of ours), or its destination is
+/// unknown (neither the entry nor `listen` says it).
+pub fn decode(id: &str, fields: &Value, listen: Option<Listen>) -> Option<Decoded> {
+    let pairs = entry_fields(fields)?;
+    let (ts, sport) = ts_sport(id, &pairs);
+    let (mut src, mut dst, mut dport, mut kind, mut len) = (None, None, None, None, None);
     for (k, v) in pairs {
         match k {
             "src" => src = v.parse::<IpAddr>().ok(),
             "dst" => dst = v.parse::<IpAddr>().ok(),
-            "sport" => sport = v.parse::<u16>().ok(),
             "dport" => dport = v.parse::<u16>().ok(),
-            "ts" => ts = v.parse::<u64>().ok(),
-            "kind" => kind = Some(v),
+            "kind" => kind = Some(v.to_string()),
+            "flags" => kind = Some(crate::record::flags_str(v.parse().ok()?)),
             "len" => len = v.parse::<u32>().ok(),
             _ => {}
         }
     }
+    let (dst, dport) = match (dst, dport) {
+        (Some(d), Some(p)) => (d, p),
+        _ => listen.map(|l| (l.ip(), l.port()))?,
+    };
     Some(Decoded {
         ts_us: ts?,
         src: src?,
         sport: sport?,
-        dst: dst?,
-        dport: dport?,
-        kind: kind?.to_string(),
+        dst,
+        dport,
+        kind: kind.unwrap_or_else(|| "conn".to_string()),
         len,
     })
+}
+
+/// The capture time of the entry at `id` with `fields`, if it is one of ours.
+pub fn ts_of(id: &str, fields: &Value) -> Option<u64> {
+    ts_sport(id, &entry_fields(fields)?).0
 }
 
 /// The capture time and source port of the first entry of an XRANGE answer (a read-back).
 pub fn check_answer(v: &Value) -> Option<(u64, u16)> {
     let (id, fields) = *entries(v).first()?;
-    let pairs = entry_fields(fields)?;
-    let field = |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-    let _ = id;
     // An entry without these fields is not one of ours: (0, 0) matches no record.
-    Some((
-        field("ts").and_then(|t| t.parse().ok()).unwrap_or(0),
-        field("sport").and_then(|p| p.parse().ok()).unwrap_or(0),
-    ))
+    let (ts, sport) = entry_fields(fields).map_or((None, None), |p| ts_sport(id, &p));
+    Some((ts.unwrap_or(0), sport.unwrap_or(0)))
 }
 
 /// The ID of the single entry in an `XREVRANGE … COUNT 1` answer.

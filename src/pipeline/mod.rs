@@ -101,7 +101,8 @@ impl Pipeline {
                 &config.prefix,
                 &config.agent,
                 config.retention.as_millis() as u64,
-            );
+            )
+            .with_listen(config.listen);
             let writer = Writer::new(i, b.name.clone(), b.client()?, layout, ctx.clone());
             let (tx, rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
             writer_txs.push(tx);

@@ -18,7 +18,7 @@ use super::{
     PAGE,
 };
 use crate::config::{BackendConfig, Schema};
-use crate::layout::stream::{entries, parse_bucket_rest, xread_streams};
+use crate::layout::stream::{entries, parse_bucket_rest, xread_streams, Listen};
 use crate::layout::{keys, stream, Decoded};
 use crate::record::now_us;
 
@@ -318,6 +318,13 @@ impl Reader {
     /// Page through one stream with XRANGE over the window's entry IDs (IDs are capture ms).
     /// `false` when reading should stop (an error was sent, or nobody listens).
     async fn stream(&mut self, key: String, agent: &Arc<str>) -> bool {
+        let listen = match bucket_listen(&mut self.conn, &key).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.tx.send(Err(BackendError::Read(e))).await;
+                return false;
+            }
+        };
         let mut start = (self.window.from_us / 1000).to_string();
         let end = (self.window.to_us / 1000).to_string();
         loop {
@@ -345,7 +352,7 @@ impl Reader {
             start = format!("({last}");
             let rows: Vec<Row> = entries
                 .into_iter()
-                .filter_map(|(id, fields)| row_from_entry(id, fields, &self.backend, agent))
+                .filter_map(|(id, fields)| row_from_entry(id, fields, listen, &self.backend, agent))
                 .filter(|r| self.window.contains(r.ts_us) && self.filter.matches(r))
                 .collect();
             if !rows.is_empty() && self.tx.send(Ok(rows)).await.is_err() {
@@ -403,9 +410,31 @@ pub fn row(d: Decoded, backend: &Arc<str>, agent: &Arc<str>) -> Row {
     }
 }
 
-/// A stream entry → a row; `None` if it is not one of ours.
-fn row_from_entry(id: &str, fields: &Value, backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
-    stream::decode(id, fields).map(|d| row(d, backend, agent))
+/// A stream entry in a bucket sent to `listen` → a row; `None` if it is not one of ours.
+fn row_from_entry(
+    id: &str,
+    fields: &Value,
+    listen: Option<Listen>,
+    backend: &Arc<str>,
+    agent: &Arc<str>,
+) -> Option<Row> {
+    stream::decode(id, fields, listen).map(|d| row(d, backend, agent))
+}
+
+/// The listen address a bucket's first entry names, which its other entries may leave out.
+async fn bucket_listen(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+) -> Result<Option<Listen>, redis::RedisError> {
+    let first: Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(stream::bucket_listen(&first))
 }
 
 /// A keys-layout value → a row; `None` if it is not one of ours.
@@ -442,13 +471,7 @@ pub async fn backend_stats(
     let h = discover(conn, sel, Some(window), progress).await?;
     let mut s = HeldStats::default();
     let floor_ms = floor_us / 1000;
-    let none: Arc<str> = "".into();
-    let first_ts = |v: &Value| {
-        entries(v)
-            .first()
-            .and_then(|(id, f)| row_from_entry(id, f, &none, &none))
-            .map(|r| r.ts_us)
-    };
+    let first_ts = |v: &Value| entries(v).first().and_then(|(id, f)| stream::ts_of(id, f));
     for key in &h.buckets_outside {
         s.held += q::<u64>(conn, redis::cmd("XLEN").arg(key)).await?;
     }
@@ -566,6 +589,7 @@ pub async fn follow(
         start_us,
         keys_lag_us: keys_lag.as_micros() as u64,
         streams: HashMap::new(),
+        listens: HashMap::new(),
         seen_keys: HashSet::new(),
         first_look: true,
         tx,
@@ -586,6 +610,8 @@ struct Follower {
     keys_lag_us: u64,
     /// Stream key → (agent, last ID read).
     streams: HashMap<String, (Arc<str>, String)>,
+    /// Stream key → the listen address its first entry names, once looked up.
+    listens: HashMap<String, Option<Listen>>,
     /// Keys-schema records already shown, inside the lag window: (agent, ts µs, seq).
     seen_keys: HashSet<(Arc<str>, u64, u64)>,
     /// Whether no discovery has succeeded yet.
@@ -657,6 +683,7 @@ impl Follower {
                 let found: HashSet<&String> =
                     h.streams.iter().flat_map(|(_, keys)| keys.iter()).collect();
                 self.streams.retain(|k, _| found.contains(k));
+                self.listens.retain(|k, _| found.contains(k));
                 for (agent, keys) in std::mem::take(&mut h.streams) {
                     for key in keys {
                         self.streams
@@ -693,16 +720,26 @@ impl Follower {
             };
             let mut rows = Vec::new();
             for (key, entries_v) in xread_streams(&reply) {
+                let es = entries(entries_v);
+                if es.is_empty() {
+                    continue;
+                }
+                let listen = match self.listens.get(key) {
+                    Some(l) => *l,
+                    None => match bucket_listen(conn, key).await {
+                        Ok(l) => *self.listens.entry(key.to_string()).or_insert(l),
+                        Err(e) => return Some(BackendError::Read(e)),
+                    },
+                };
                 let Some((agent, last)) = self.streams.get_mut(key) else {
                     continue;
                 };
-                let es = entries(entries_v);
                 if let Some((id, _)) = es.last() {
                     *last = id.to_string();
                 }
                 rows.extend(
                     es.into_iter()
-                        .filter_map(|(id, f)| row_from_entry(id, f, &self.backend, agent)),
+                        .filter_map(|(id, f)| row_from_entry(id, f, listen, &self.backend, agent)),
                 );
             }
             if !self.send_rows(rows).await {
@@ -817,7 +854,7 @@ mod tests {
             .map(|s| Value::BulkString(s.as_bytes().to_vec()))
             .collect(),
         );
-        let r = row_from_entry("3-0", &fields, &b, &a).unwrap();
+        let r = row_from_entry("3-0", &fields, None, &b, &a).unwrap();
         assert_eq!((r.kind.as_str(), r.len, r.ts_us), ("conn", None, 3));
     }
 }
