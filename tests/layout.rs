@@ -11,6 +11,8 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{connect_from, eventually, free_port, redtap_bin, Daemon, RedisServer};
+use redtap::layout::{packed, Decoded};
+use redtap::record::{Kind, Record};
 use serde_json::Value;
 
 fn now_us() -> u64 {
@@ -313,4 +315,156 @@ fn buckets_of_earlier_versions_and_mixed_buckets_still_read() {
     let mut got = got;
     got.sort();
     assert_eq!(got, want);
+}
+
+/// Records of one capture second starting at `sec`: `n`, 50 µs apart, from 10.0.x.y (every
+/// 7th from an IPv6 source, every 11th to another destination than 10.0.0.2:9000).
+fn second_of(sec: u64, n: u64, kind: Kind) -> Vec<Record> {
+    (0..n)
+        .map(|i| Record {
+            ts_us: sec * 1_000_000 + i * 50 + i % 13,
+            src: if i % 7 == 3 {
+                format!("[2001:db8::{i:x}]:{}", 1024 + i).parse().unwrap()
+            } else {
+                SocketAddr::new(
+                    std::net::Ipv4Addr::new(10, 0, (i >> 8) as u8, i as u8).into(),
+                    (1024 + i * 7) as u16,
+                )
+            },
+            dst: if i % 11 == 5 {
+                "[::1]:22".parse().unwrap()
+            } else {
+                "10.0.0.2:9000".parse().unwrap()
+            },
+            kind,
+        })
+        .collect()
+}
+
+/// Store `recs` as packed entries of at most `per_entry` records (one bucket, IDs from the
+/// first record's ms); the bucket key.
+fn store_packed(c: &mut redis::Connection, recs: &[Record], per_entry: usize) -> String {
+    let key = format!("redtap:events:{{pk}}:{}", recs[0].ts_us / 1_000_000);
+    for (n, batch) in recs.chunks(per_entry).enumerate() {
+        let ms = batch[0].ts_ms();
+        let v = packed::encode(batch, ms, Some("10.0.0.2:9000".parse().unwrap()));
+        let _: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg(format!("{ms}-{n}"))
+            .arg("p")
+            .arg(v)
+            .query(c)
+            .unwrap();
+    }
+    key
+}
+
+/// The decoder docs/redis-schema.md shows, as a file to run.
+fn documented_decoder(dir: &std::path::Path) -> std::path::PathBuf {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/redis-schema.md"))
+        .unwrap();
+    let start = doc
+        .find("<!-- packed-decoder:start -->")
+        .expect("start marker");
+    let end = doc.find("<!-- packed-decoder:end -->").expect("end marker");
+    let block = &doc[start..end];
+    let code = block
+        .split_once("```python\n")
+        .and_then(|(_, rest)| rest.rsplit_once("```"))
+        .expect("a python block")
+        .0;
+    let path = dir.join("decode.py");
+    std::fs::write(&path, code).unwrap();
+    path
+}
+
+#[test]
+fn the_documented_python_decoder_reads_the_packed_format() {
+    let r = RedisServer::start();
+    let mut c = r.conn().unwrap();
+    let sec = now_us() / 1_000_000 - 10;
+    let tmp = tempfile::tempdir().unwrap();
+    let script = documented_decoder(tmp.path());
+    let port = r
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    for (sec, kind) in [
+        (sec, Kind::Conn),
+        (
+            sec + 1,
+            Kind::Segment {
+                flags: 0x18,
+                len: 1460,
+            },
+        ),
+    ] {
+        let recs = second_of(sec, 300, kind);
+        let key = store_packed(&mut c, &recs, 128);
+        let out = Command::new("python3")
+            .arg(&script)
+            .args(["127.0.0.1", &port, &key])
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Vec<Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(got.len(), recs.len());
+        for (g, rec) in got.iter().zip(&recs) {
+            let d = Decoded::of(rec);
+            assert_eq!(g["ts_us"], d.ts_us, "{g}");
+            assert_eq!(g["src"], d.src.to_string(), "{g}");
+            assert_eq!(g["sport"], d.sport, "{g}");
+            assert_eq!(g["dst"], d.dst.to_string(), "{g}");
+            assert_eq!(g["dport"], d.dport, "{g}");
+            match rec.kind {
+                Kind::Conn => assert_eq!(g["kind"], "conn", "{g}"),
+                Kind::Segment { flags, len } => {
+                    assert_eq!(g["flags"], flags, "{g}");
+                    assert_eq!(g["len"], len, "{g}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_packed_record_costs_at_most_16_bytes_of_redis_memory() {
+    // Same measure as tests/writer.rs: used_memory delta / records, 200,000 records at 20,000
+    // a second; here 512 records an entry, as one pipeline of a busy writer would carry.
+    let r = RedisServer::start();
+    let mut c = r.conn().unwrap();
+    let before = r.used_memory();
+    let sec = now_us() / 1_000_000 - 20;
+    let kind = Kind::Segment {
+        flags: 0x18,
+        len: 1460,
+    };
+    for s in 0..10 {
+        let recs: Vec<Record> = second_of(sec + s, 20_000, kind)
+            .into_iter()
+            .map(|mut r| {
+                // All to the listen address, IPv4, as the stream layout's measure.
+                r.dst = "10.0.0.2:9000".parse().unwrap();
+                if r.src.is_ipv6() {
+                    r.src = "10.1.2.3:4000".parse().unwrap();
+                }
+                r
+            })
+            .collect();
+        store_packed(&mut c, &recs, 512);
+    }
+    let b = (r.used_memory() - before) as f64 / 200_000.0;
+    println!("packed format, segment records, 512 an entry: {b:.1} B/record");
+    assert!(b <= 16.0, "{b:.1} B/record");
 }

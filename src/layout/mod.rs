@@ -8,6 +8,7 @@
 //! talks to Redis (the writer in `sink` and the readers in `query::read` do the I/O).
 
 pub mod keys;
+pub mod packed;
 pub mod stream;
 
 use std::fmt::Write as _;
