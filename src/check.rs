@@ -61,10 +61,12 @@ pub struct Item {
 
 impl Item {
     fn new(what: impl Into<String>, verdict: Verdict, detail: impl Into<String>) -> Item {
+        // One line per item, whatever a server or library put in its message.
+        let detail: String = detail.into();
         Item {
             what: what.into(),
             verdict,
-            detail: detail.into(),
+            detail: detail.split_whitespace().collect::<Vec<_>>().join(" "),
         }
     }
 }
@@ -170,11 +172,11 @@ async fn backends(config: &Config) -> Vec<Item> {
                     item.what,
                     Verdict::Usage,
                     format!(
-                        "the same Redis server (run_id {}) and database {} as backend {first}: \
-                         remove one of them ({})",
+                        "{}: the same Redis server (run_id {}) and database {} as backend \
+                         {first}: remove one of them",
+                        b.redacted_url(),
                         id.run_id,
                         id.db,
-                        b.redacted_url()
                     ),
                 );
             } else {
@@ -197,14 +199,14 @@ async fn backend(b: &BackendConfig, prefix: &str, agent: &str) -> (Item, Option<
                 ConnectError::Config(_) => Verdict::Usage,
                 _ => Verdict::Failure,
             };
-            return (Item::new(what, verdict, format!("{e} ({url})")), None);
+            return (Item::new(what, verdict, format!("{url}: {e}")), None);
         }
     };
     let info = match command::<String>(&mut conn, redis::cmd("INFO")).await {
         Ok(i) => i,
         Err(e) => {
             return (
-                Item::new(what, Verdict::Failure, format!("INFO failed: {e} ({url})")),
+                Item::new(what, Verdict::Failure, format!("{url}: INFO failed: {e}")),
                 None,
             )
         }
@@ -222,9 +224,7 @@ async fn backend(b: &BackendConfig, prefix: &str, agent: &str) -> (Item, Option<
     let version = field("redis_version").unwrap_or_else(|| "?".into());
     let role = field("role").unwrap_or_else(|| "?".into());
     let policy = field("maxmemory_policy").unwrap_or_else(|| "?".into());
-    let maxmemory: u64 = field("maxmemory")
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(0);
+    let maxmemory: u64 = field("maxmemory").and_then(|m| m.parse().ok()).unwrap_or(0);
     let about = format!("redis {version}, {role}, maxmemory-policy {policy}");
 
     let key = format!("{prefix}:check:{agent}");
@@ -245,7 +245,7 @@ async fn backend(b: &BackendConfig, prefix: &str, agent: &str) -> (Item, Option<
             Item::new(
                 what,
                 Verdict::Failure,
-                format!("{about}: cannot write {key}: {cause}{hint} ({url})"),
+                format!("{url} ({about}): cannot write {key}: {cause}{hint}"),
             ),
             reached,
         );
@@ -259,7 +259,9 @@ async fn backend(b: &BackendConfig, prefix: &str, agent: &str) -> (Item, Option<
         ));
     }
     let lease = lease_key(prefix, agent);
-    if let Ok(Some(holder)) = command::<Option<String>>(&mut conn, redis::cmd("GET").arg(&lease).clone()).await {
+    if let Ok(Some(holder)) =
+        command::<Option<String>>(&mut conn, redis::cmd("GET").arg(&lease).clone()).await
+    {
         warnings.push(format!(
             "agent {agent:?} is running against it now ({lease} held by {holder}); a second \
              `run` with this agent name would be refused"
@@ -327,7 +329,11 @@ fn listen(config: &Config) -> Option<Item> {
     Some(match bind_listener(config.listen) {
         Ok(l) => {
             drop(l);
-            Item::new("listen", Verdict::Ok, format!("{} can be bound", config.listen))
+            Item::new(
+                "listen",
+                Verdict::Ok,
+                format!("{} can be bound", config.listen),
+            )
         }
         Err(e) => Item::new(
             "listen",

@@ -52,14 +52,24 @@ pub enum ConnectError {
     Timeout(Duration),
     /// WRONGPASS, NOAUTH (a password is required and the URL has none) or NOPERM (the ACL user
     /// may not run PING).
-    #[error("authentication failed: {0} (check the user and password in the URL)")]
+    #[error("authentication failed: {} (check the user and password in the URL)", auth_text(.0))]
     Auth(Cause),
     /// The TLS handshake failed: certificate, CA, host name or protocol.
-    #[error("TLS handshake or certificate problem: {0} (check rediss://, tls_ca, tls_cert, tls_key)")]
+    #[error(
+        "TLS handshake or certificate problem: {0} (check rediss://, tls_ca, tls_cert, tls_key)"
+    )]
     Tls(String),
     /// Anything else (the name does not resolve, the connection broke, LOADING…).
     #[error("{}", other_text(.0))]
     Other(Cause),
+}
+
+/// The server's word for it, without repeating "authentication failed".
+fn auth_text(cause: &Cause) -> &'static str {
+    match cause {
+        Cause::NoPerm => "the ACL user may not run PING (NOPERM)",
+        _ => "the server refused the user or password (WRONGPASS/NOAUTH)",
+    }
 }
 
 /// DNS and I/O failures mean the server was never reached; a reply such as LOADING came from it.
@@ -159,9 +169,8 @@ mod tests {
         assert!(e.to_string().starts_with("authentication failed"), "{e}");
         assert!(!e.is_unreachable());
 
-        let refused = redis::RedisError::from(std::io::Error::from(
-            std::io::ErrorKind::ConnectionRefused,
-        ));
+        let refused =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         let e = ConnectError::from_redis(&refused, Duration::from_secs(1));
         assert_eq!(e.cause(), Cause::Refused);
         assert!(e.to_string().starts_with("unreachable"), "{e}");

@@ -170,7 +170,11 @@ fn main() -> ExitCode {
                     }
                 },
             };
-            if let Some(w) = result.as_deref().ok().and_then(redtap::client::unsaved_warning) {
+            if let Some(w) = result
+                .as_deref()
+                .ok()
+                .and_then(redtap::client::unsaved_warning)
+            {
                 eprintln!("redtap: {w}");
             }
             match result {

@@ -479,8 +479,8 @@ impl Writer {
     /// The connection, made if needed.
     async fn connect(&mut self) -> Result<&mut MultiplexedConnection, ConnectError> {
         if self.conn.is_none() {
-            let conn = connect_client(&self.client, Timeouts::both(self.tracker.config().timeout))
-                .await?;
+            let conn =
+                connect_client(&self.client, Timeouts::both(self.tracker.config().timeout)).await?;
             debug!(backend = %self.name, "connected");
             self.conn = Some(conn);
             self.conn_gen += 1;
