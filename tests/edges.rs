@@ -1027,3 +1027,22 @@ fn a_port_in_use_at_start_is_said_once_with_the_way_out() {
         assert!(lines[0].contains(&busy) && lines[0].contains(hint), "{err}");
     }
 }
+
+#[test]
+fn a_weight_change_whose_body_never_arrives_gets_408_and_changes_nothing() {
+    // `PUT /v1/weights` is exempt from the whole-request timeout once its change begins; its
+    // body is still bounded, so a client that stalls mid-body holds nothing.
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let d = Daemon::connections(&[("A", &a, 30), ("B", &b, 70)], &[]);
+    let before = d.backends();
+    let mut s = open_admin(
+        &d,
+        b"PUT /v1/weights HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 20\r\n\r\n{\"A\":",
+    );
+    let (closed, answer) = closed_within(&mut s, Duration::from_secs(30));
+    assert!(closed, "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("nothing changed"), "{answer}");
+    assert_eq!(d.backends(), before);
+}
