@@ -211,7 +211,9 @@ pub fn from_toml(
         text[start..].lines().next()
     });
     let (mut key, mut typed) = (None, None);
+    let mut line_value = None;
     if let Some((k, v)) = src_line.and_then(|l| l.split_once('=')) {
+        line_value = Some(v.trim().to_string());
         let k = k.trim();
         if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             key = Some(k.to_string());
@@ -230,14 +232,13 @@ pub fn from_toml(
     };
     let problem = if let Some(field) = between(msg, "unknown field `", "`") {
         key = Some(field.to_string());
-        typed = None;
-        format!(
-            "{field:?} is not a setting of redtap run{}",
-            between(msg, "expected ", "\n")
-                .or_else(|| msg.split_once("expected ").map(|(_, r)| r))
-                .map(|r| format!("; the keys here are {}", r.replace('`', "")))
-                .unwrap_or_default()
-        )
+        typed = line_value;
+        let known = msg
+            .split_once("expected ")
+            .map(|(_, r)| r.trim_start_matches("one of ").replace('`', ""))
+            .map(|r| format!("; the keys here are {r}"))
+            .unwrap_or_default();
+        format!("not a setting of redtap run{known}")
     } else if let Some(field) = between(msg, "missing field `", "`") {
         format!("a [[backend]] table needs {field}{}", example_for(field))
     } else if let Some(expected) = msg.split_once(", expected ").map(|(_, r)| r) {

@@ -358,15 +358,19 @@ fn size(s: &Sourced<String>, (lo, hi): (usize, usize)) -> Result<usize, ConfigEr
     let n = parse_bytes(&s.value)
         .ok_or_else(|| s.invalid("not a size; use e.g. 8MiB, 64MiB or 1GiB"))?;
     if n < lo || n > hi {
-        let b = |n: usize| {
-            bytesize::ByteSize(n as u64)
-                .display()
-                .iec_short()
-                .to_string()
-        };
-        return Err(s.invalid(format!("out of range: use {} to {}", b(lo), b(hi))));
+        return Err(s.invalid(format!("out of range: use {} to {}", iec(lo), iec(hi))));
     }
     Ok(n)
+}
+
+/// `n` bytes as the largest whole binary unit: `64MiB`, `1KiB`, `100`.
+fn iec(n: usize) -> String {
+    for (unit, name) in [(1usize << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
+        if n >= unit && n % unit == 0 {
+            return format!("{}{name}", n / unit);
+        }
+    }
+    n.to_string()
 }
 
 /// A count setting within `lo..=hi`.
@@ -487,5 +491,271 @@ fn hostname() -> String {
         "redtap".into()
     } else {
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settings::{spec, Fallback, SPECS};
+    use super::*;
+
+    fn args(backends: &[&str]) -> RunArgs {
+        RunArgs {
+            listen: Some("127.0.0.1:9000".into()),
+            backends: backends.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// No environment but a home, so results do not depend on who runs the tests.
+    fn env(var: &str) -> Option<String> {
+        (var == "HOME").then(|| "/home/t".to_string())
+    }
+
+    fn resolve(file: FileConfig, args: &RunArgs) -> Result<Config, ConfigError> {
+        Config::resolve_with(file, args, &env)
+    }
+
+    fn file(toml: &str) -> FileConfig {
+        let mut f: FileConfig = toml::from_str(toml).unwrap();
+        f.file = Some("/etc/redtap.toml".into());
+        for b in &mut f.backend {
+            b.origin = Origin::File("/etc/redtap.toml".into());
+        }
+        f
+    }
+
+    #[test]
+    fn bad_inputs_name_the_problem() {
+        for (flags, needle) in [
+            (vec!["A=redis://127.0.0.1:6379"], "missing @WEIGHT"),
+            (vec!["A=redis://127.0.0.1:6379@-1"], "integer from 0"),
+            (vec!["A=redis://127.0.0.1:6379@1.5"], "integer from 0"),
+            (vec!["A=redis://127.0.0.1:6379@10001"], "integer from 0"),
+            (vec!["A=redis://x@0"], "non-zero"),
+            (vec!["A=http://x@1"], "redis://"),
+            (vec!["A=redis://x@1", "A=redis://y@1"], "used twice"),
+            (
+                vec!["A=redis://x@1", "B=redis://:p@x:6379/0@1"],
+                "same Redis server",
+            ),
+            (vec![], "at least one --backend"),
+        ] {
+            let e = resolve(FileConfig::default(), &args(&flags)).unwrap_err();
+            assert!(e.to_string().contains(needle), "{flags:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = file(
+            r#"
+            listen = "127.0.0.1:7000"
+            retention = "2s"
+            [[backend]]
+            name = "A"
+            url = "redis://127.0.0.1:1"
+            weight = 1
+            "#,
+        );
+        let mut a = args(&[]);
+        a.retention = Some("10s".into());
+        let c = resolve(file, &a).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.retention, Duration::from_secs(10));
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(c.agent, format!("{}-9000", hostname()));
+    }
+
+    #[test]
+    fn packets_is_the_default_and_sizes_parse() {
+        let c = resolve(FileConfig::default(), &args(&["A=redis://x@1"])).unwrap();
+        assert_eq!(c.capture, CaptureMode::Packets);
+        assert_eq!(c.serve, ServeMode::Sink);
+        assert_eq!(c.ring_size, 64 << 20);
+        assert_eq!(parse_bytes("8MiB"), Some(8 << 20));
+        assert_eq!(parse_bytes("1GiB"), Some(1 << 30));
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes("MiB"), None);
+        assert_eq!(parse_bytes("3 parsecs"), None);
+        let mut a = args(&["A=redis://x@1"]);
+        a.ring_size = Some("100".into());
+        let e = resolve(FileConfig::default(), &a).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--ring-size 100: out of range: use 1MiB to 2GiB"
+        );
+        let mut a = args(&["A=redis://x@1"]);
+        a.capture = Some(CaptureMode::Connections);
+        a.serve = Some(ServeMode::None);
+        let e = resolve(FileConfig::default(), &a).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--serve none: needs packets capture"),
+            "{e}"
+        );
+        a.serve = None;
+        a.filter = Some("src net 10.0.0.0/8".into());
+        let e = resolve(FileConfig::default(), &a).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--capture connections has no packet filter"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_default_is_read_like_typed_input_and_is_valid() {
+        let c = resolve(FileConfig::default(), &args(&["A=redis://x@1"])).unwrap();
+        for s in SPECS {
+            if let Fallback::Value(v) = s.fallback {
+                // The default of every key with one is used and valid: set it by hand and the
+                // result is the same.
+                let f = file(&format!("{} = {}", s.key, s.example_toml()));
+                let same = resolve(f, &args(&["A=redis://x@1"])).unwrap();
+                assert_eq!(format!("{same:?}"), format!("{c:?}"), "{} = {v}", s.key);
+            }
+        }
+        assert_eq!(c.health, HealthConfig::default(), "health.rs agrees");
+        assert_eq!(c.retention, Duration::from_secs(300));
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.admin, Some("127.0.0.1:9900".parse().unwrap()));
+        assert_eq!(
+            c.state_file.as_deref(),
+            Some(Path::new(&format!(
+                "/home/t/.local/state/redtap/redtap-state-{}.json",
+                c.agent
+            )))
+        );
+    }
+
+    #[test]
+    fn an_error_names_what_was_typed_where() {
+        let mut a = args(&["A=redis://x@1"]);
+        a.retention = Some("5x".into());
+        let flag = resolve(FileConfig::default(), &a).unwrap_err();
+        assert!(
+            flag.to_string()
+                .starts_with("--retention 5x: not a duration"),
+            "{flag}"
+        );
+        assert_eq!(
+            (flag.key(), flag.origin()),
+            (Some("retention"), Some(&Origin::Flag))
+        );
+
+        let f = file("max_connections = 0");
+        let e = resolve(f, &args(&["A=redis://x@1"])).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("max_connections = 0 in /etc/redtap.toml: out of range: use 1 to"),
+            "{e}"
+        );
+        let f = file("retention = \"5x\"");
+        let e = resolve(f, &args(&["A=redis://x@1"])).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("retention = \"5x\" in /etc/redtap.toml: not a duration"),
+            "{e}"
+        );
+
+        // The token comes from the environment between flag and file, and is never repeated.
+        let f = file("admin_token = \"from-the-file-0123456789\"");
+        let short = |v: &str| (v == "REDTAP_ADMIN_TOKEN").then(|| "short".to_string());
+        let e = Config::resolve_with(f, &args(&["A=redis://x@1"]), &short).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "REDTAP_ADMIN_TOKEN: must be at least 16 characters, without spaces"
+        );
+        let mut a = args(&["A=redis://x@1"]);
+        a.admin_token = Some("sh ort".into());
+        let e = resolve(FileConfig::default(), &a).unwrap_err();
+        assert!(!e.to_string().contains("sh ort"), "{e}");
+
+        let e = resolve(FileConfig::default(), &RunArgs::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "listen is required: give --listen 127.0.0.1:9000, or listen = \"127.0.0.1:9000\" \
+             in the config file"
+        );
+    }
+
+    #[test]
+    fn a_url_error_shows_the_typed_url_without_its_password() {
+        let f = file("[[backend]]\nname = \"A\"\nurl = \"127.0.0.1:6379\"\nweight = 1");
+        let mut a = args(&[]);
+        a.backends.clear();
+        let e = resolve(f, &a).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "backend \"A\" in /etc/redtap.toml: \"127.0.0.1:6379\" is not a Redis URL: write \
+             redis://127.0.0.1:6379"
+        );
+        let e = resolve(
+            FileConfig::default(),
+            &args(&["A=redis://u:secret@h:port@1"]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--backend \"A\": \"redis://u:***@h:port\" is not a Redis URL: invalid port number"
+        );
+    }
+
+    #[test]
+    fn the_state_directory_follows_systemd_then_xdg_then_home() {
+        let dir = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            default_state_dir(&move |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+                .map_err(|e| e.to_string())
+        };
+        let all = [
+            ("STATE_DIRECTORY", "/var/lib/redtap:/var/lib/other"),
+            ("XDG_STATE_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
+        assert_eq!(dir(&all), Ok(PathBuf::from("/var/lib/redtap")));
+        assert_eq!(dir(&all[1..]), Ok(PathBuf::from("/x/redtap")));
+        assert_eq!(dir(&all[2..]), Ok(PathBuf::from("/h/.local/state/redtap")));
+        // Relative values are ignored (the XDG spec), and none at all is a clear error.
+        assert_eq!(
+            dir(&[("XDG_STATE_HOME", "rel"), ("HOME", "/h")]),
+            Ok(PathBuf::from("/h/.local/state/redtap"))
+        );
+        assert!(dir(&[]).unwrap_err().contains("--state-file"));
+    }
+
+    #[test]
+    fn every_flag_has_one_spec_and_every_spec_is_a_file_key_with_its_default_in_help() {
+        use clap::Args as _;
+        let cmd = Settings::augment_args(clap::Command::new("run"));
+        let flag_only = ["config", "backends", "tls_ca", "tls_cert", "tls_key"];
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if flag_only.contains(&id) {
+                continue;
+            }
+            let s = SPECS
+                .iter()
+                .find(|s| s.key == id)
+                .unwrap_or_else(|| panic!("--{id} has no spec"));
+            assert_eq!(a.get_long(), Some(s.flag().as_str()));
+            let help = a.get_help().unwrap().to_string();
+            if let Some(d) = s.help_default() {
+                assert!(
+                    help.ends_with(&d) || help.contains(&format!("{d} ")),
+                    "{help}"
+                );
+            }
+        }
+        for s in SPECS {
+            let text = format!("{} = {}", s.key, s.example_toml());
+            let parsed: Result<FileConfig, _> = toml::from_str(&text);
+            assert!(parsed.is_ok(), "{text}: {parsed:?}");
+        }
+        assert!(spec::admin_token.secret && spec::admin_token.env.is_some());
     }
 }
