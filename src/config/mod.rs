@@ -661,7 +661,10 @@ mod tests {
 
         // The token comes from the environment between flag and file, and is never repeated.
         let f = file("admin_token = \"from-the-file-0123456789\"");
-        let short = |v: &str| (v == "REDTAP_ADMIN_TOKEN").then(|| "short".to_string());
+        let short = |v: &str| match v {
+            "REDTAP_ADMIN_TOKEN" => Some("short".to_string()),
+            _ => env(v),
+        };
         let e = Config::resolve_with(f, &args(&["A=redis://x@1"]), &short).unwrap_err();
         assert_eq!(
             e.to_string(),
