@@ -366,7 +366,7 @@ fn size(s: &Sourced<String>, (lo, hi): (usize, usize)) -> Result<usize, ConfigEr
 /// `n` bytes as the largest whole binary unit: `64MiB`, `1KiB`, `100`.
 fn iec(n: usize) -> String {
     for (unit, name) in [(1usize << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
-        if n >= unit && n % unit == 0 {
+        if n >= unit && n.is_multiple_of(unit) {
             return format!("{}{name}", n / unit);
         }
     }

@@ -73,6 +73,14 @@ impl Spec {
         }
     }
 
+    /// The default as typed, when it is a fixed value.
+    pub fn default_text(&self) -> Option<&'static str> {
+        match self.fallback {
+            Fallback::Value(v) => Some(v),
+            _ => None,
+        }
+    }
+
     /// [`example`](Self::example) as a TOML value.
     pub fn example_toml(&self) -> String {
         toml_text(self.example(), self.quoted)
