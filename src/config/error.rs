@@ -211,18 +211,11 @@ pub fn from_toml(
         text[start..].lines().next()
     });
     let (mut key, mut typed) = (None, None);
-    let mut line_value = None;
     if let Some((k, v)) = src_line.and_then(|l| l.split_once('=')) {
-        line_value = Some(v.trim().to_string());
         let k = k.trim();
         if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             key = Some(k.to_string());
-            let v = span
-                .as_ref()
-                .map(|s| text[s.clone()].trim())
-                .filter(|v| !v.is_empty() && !v.contains('\n') && v.len() <= 200)
-                .unwrap_or_else(|| v.trim());
-            typed = Some(v.to_string());
+            typed = Some(value_text(v)).filter(|v| !v.is_empty() && v.len() <= 200);
         }
     }
     let example_for = |k: &str| {
@@ -232,7 +225,6 @@ pub fn from_toml(
     };
     let problem = if let Some(field) = between(msg, "unknown field `", "`") {
         key = Some(field.to_string());
-        typed = line_value;
         let known = msg
             .split_once("expected ")
             .map(|(_, r)| r.trim_start_matches("one of ").replace('`', ""))
@@ -241,14 +233,28 @@ pub fn from_toml(
         format!("not a setting of redtap run{known}")
     } else if let Some(field) = between(msg, "missing field `", "`") {
         format!("a [[backend]] table needs {field}{}", example_for(field))
+    } else if msg.starts_with("invalid value: integer") {
+        match &key {
+            Some(k) => format!(
+                "out of range (see redtap run --help for the range){}",
+                example_for(k)
+            ),
+            None => "a number out of range".to_string(),
+        }
     } else if let Some(expected) = msg.split_once(", expected ").map(|(_, r)| r) {
         let plain = plain_type(expected);
         match &key {
             Some(k) => format!("expected {plain}{}", example_for(k)),
             None => format!("expected {plain}"),
         }
+    } else if let Some(expected) = msg.strip_prefix("expected ") {
+        format!("expected {}", plain_type(expected))
     } else {
-        msg.to_string()
+        // One line, whatever the parser said.
+        msg.split('\n')
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("; ")
     };
     ConfigError::File {
         path: path.to_path_buf(),
@@ -257,6 +263,20 @@ pub fn from_toml(
         typed,
         problem,
     }
+}
+
+/// The value part of a `key = value` line as typed: a quoted string up to its closing quote,
+/// anything else up to a comment.
+fn value_text(v: &str) -> String {
+    let v = v.trim();
+    for q in ['"', '\''] {
+        if let Some(rest) = v.strip_prefix(q) {
+            if let Some(end) = rest.find(q) {
+                return v[..end + 2].to_string();
+            }
+        }
+    }
+    v.split('#').next().unwrap_or(v).trim().to_string()
 }
 
 fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
@@ -273,6 +293,7 @@ fn plain_type(expected: &str) -> String {
         }
         "a string" => "text in quotes".to_string(),
         "a boolean" | "bool" => "true or false".to_string(),
+        "a sequence" => "a list: write [[backend]], one per backend".to_string(),
         _ if e.contains('`') => format!("one of {}", e.replace('`', "\"")),
         _ => e.to_string(),
     }
