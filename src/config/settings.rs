@@ -1,5 +1,5 @@
 //! The settings of `redtap run`, each declared once: the flag, the TOML key, the doc that
-//! `--help` shows, and the default all come from one entry of [`settings!`].
+//! `--help` shows, and the default all come from one entry of `settings!`.
 //!
 //! Owns: the [`Settings`] struct (the flags *and* the file: every field an `Option`, so a flag
 //! overrides the file only when given), the table of defaults ([`SPECS`]), and the merge
