@@ -51,6 +51,8 @@ pub mod bounds {
     pub const BUFFER_MAX: (usize, usize) = (1 << 10, 64 << 30);
     /// `--ring-size`: 1 MiB to 2 GiB.
     pub const RING_SIZE: (usize, usize) = (1 << 20, 1 << 31);
+    /// `--capture-threads`: 1 to 64 per device.
+    pub const CAPTURE_THREADS: (usize, usize) = (1, 64);
 }
 
 fn in_range<T: PartialOrd + std::fmt::Display>(
@@ -237,6 +239,8 @@ pub struct FileConfig {
     pub filter: Option<String>,
     /// Size of the kernel capture ring, e.g. `64MiB` (packets mode).
     pub ring_size: Option<String>,
+    /// Capture threads per device, each with its own ring, sharing flows (packets mode).
+    pub capture_threads: Option<usize>,
     /// How long a record stays readable, counted from its capture, e.g. `5m`.
     pub retention: Option<String>,
     /// Admin API address, or `off`.
@@ -305,6 +309,10 @@ pub struct RunArgs {
     /// Packets mode: size of the kernel capture ring, e.g. 64MiB (default 64MiB).
     #[arg(long, value_name = "BYTES")]
     pub ring_size: Option<String>,
+    /// Packets mode: capture threads per device, each with its own ring of --ring-size,
+    /// sharing the flows (PACKET_FANOUT) (default 1 below 4 cores, else cores/2 up to 8).
+    #[arg(long, value_name = "N")]
+    pub capture_threads: Option<usize>,
     /// Admin API listen address, or `off` (default 127.0.0.1:9900).
     #[arg(long)]
     pub admin: Option<String>,
@@ -381,6 +389,8 @@ pub struct Config {
     pub filter: Option<String>,
     /// Kernel capture ring size in bytes, packets mode.
     pub ring_size: usize,
+    /// Capture threads per device, packets mode.
+    pub capture_threads: usize,
     /// The backends, in order; names are unique and at least one weight is non-zero.
     pub backends: Vec<BackendConfig>,
     /// How long a record stays readable from its capture time.
@@ -618,6 +628,13 @@ impl Config {
             serve,
             filter,
             ring_size,
+            capture_threads: in_range(
+                "capture-threads",
+                args.capture_threads
+                    .or(file.capture_threads)
+                    .unwrap_or_else(crate::capture::packets::default_threads),
+                bounds::CAPTURE_THREADS,
+            )?,
             backends,
             retention,
             admin,
