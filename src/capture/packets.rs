@@ -536,11 +536,6 @@ impl PacketCapture {
         })
     }
 
-    /// Capture threads (`--capture-threads`).
-    pub fn threads(&self) -> usize {
-        self.handles.len()
-    }
-
     /// Read frames on dedicated threads until `stop` fires, sending one record per segment to
     /// `out`. A device whose capture fails (the interface disappeared…) is reopened with
     /// backoff while the others go on; meanwhile, and while a captured interface is down,
