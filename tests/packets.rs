@@ -223,6 +223,71 @@ fn syns_stored_exactly_once_by_weight(extra: &[&str]) -> Daemon {
 }
 
 #[test]
+fn capture_threads_started_during_a_flood_store_no_segment_twice() {
+    if !privileged("fanout at start") {
+        return;
+    }
+    // Each member of a fanout group sees every packet until it has joined: one started naively
+    // in the middle of traffic stores some packets twice. hping3 sends from a new source port
+    // each time, so a source port stored twice is a packet stored twice.
+    let r = RedisServer::start();
+    let port = free_port();
+    let flood = Command::new("timeout")
+        .args(["60", "hping3", "-q", "-S", "-p", &port.to_string()])
+        .args(["-s", "1024", "-c", "40000", "-i", "u50", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hping3 not found: apt-get install hping3");
+    let d = Daemon::start_on(
+        &format!("127.0.0.1:{port}"),
+        &[
+            "--serve",
+            "none",
+            "--capture-threads",
+            "2",
+            "--agent",
+            "t",
+            "--backend",
+            &backend("A", &r, 1),
+        ],
+    );
+    // Long enough for the daemon's start to fall inside the flood: stop it once the daemon
+    // answers, plus a little more traffic after.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut flood = flood;
+    let _ = Command::new("kill")
+        .args(["-INT", &flood.id().to_string()])
+        .status();
+    flood.wait().unwrap();
+    // Then a last burst from other ports: once it is all stored, the flood's records are too.
+    let out = Command::new("timeout")
+        .args(["60", "hping3", "-q", "-S", "-p", &port.to_string()])
+        .args(["-s", "50000", "-c", "1000", "-i", "u50", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    eventually(Duration::from_secs(30), "the last burst stored", || {
+        records(&r)
+            .iter()
+            .filter(|f| f["sport"].parse::<u16>().is_ok_and(|p| p >= 50_000))
+            .count()
+            >= 1000
+    });
+    let recs = records(&r);
+    let mut seen = std::collections::HashSet::new();
+    let twice: Vec<&String> = recs
+        .iter()
+        .map(|f| &f["sport"])
+        .filter(|p| !seen.insert(*p))
+        .take(10)
+        .collect();
+    assert!(twice.is_empty(), "source ports stored twice: {twice:?}");
+    assert!(recs.len() > 1000, "{} records", recs.len());
+    drop(d);
+}
+
+#[test]
 fn two_daemons_with_two_capture_threads_each_see_every_syn() {
     if !privileged("fanout groups per process") {
         return;
