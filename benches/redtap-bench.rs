@@ -733,6 +733,7 @@ fn packets_run(syns: u64, threads: usize) {
     let cpu0 = cpu_seconds(pid);
     let threads0 = thread_cpu(pid);
     let dump_cpu0 = cpu_seconds(dump.child.id());
+    let redis_cpu0 = cpu_seconds(a.pid()) + cpu_seconds(b.pid());
     let machine0 = machine_cpu();
     let t0 = Instant::now();
     let (sent, gen_cpu, generator) = syn_flood(port, syns, dir.path());
@@ -832,6 +833,19 @@ fn packets_run(syns: u64, threads: usize) {
         "capture threads CPU (% of the flood's time)",
         capture_cpu.join(", "),
         "",
+    );
+    let others: f64 = threads1
+        .iter()
+        .filter(|(name, _)| !name.starts_with("redtap-cap"))
+        .map(|(name, t1)| t1 - threads0.get(name).copied().unwrap_or(0.0))
+        .sum();
+    row(
+        "redtap's other threads, Redis CPU",
+        format!(
+            "{others:.2} s, {:.2} s",
+            cpu_seconds(a.pid()) + cpu_seconds(b.pid()) - redis_cpu0
+        ),
+        "dispatcher and writers (tokio); both redis-servers",
     );
     row(
         "redtap CPU, whole run",
