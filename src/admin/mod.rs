@@ -6,7 +6,9 @@
 //!   and while down why (`down_cause`, `down_cause_code`, `excluded`).
 //! - `PUT /v1/weights` — body `{"A":50,"B":50}`: change any subset of weights atomically, from
 //!   the next record routed. Answers with the new state, or a 4xx `{"error": "…"}` and changes
-//!   nothing.
+//!   nothing. A change that could not be written to the state file still applies; each backend's
+//!   `unsaved` then says why. Once the body is in, the change is not cut off by
+//!   [`REQUEST_TIMEOUT`]: a caller is never told 408 for a change that took effect.
 //! - `GET /metrics` — Prometheus text format.
 //! - `GET /healthz` — `ok` while the daemon runs; 503 while a failed packet capture is being
 //!   reopened.
@@ -33,8 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -74,6 +75,9 @@ pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// On shutdown, how long open connections get to finish before they are closed.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
+
+/// The path of weight changes (exempt from the whole-request timeout: see [`set_weights`]).
+const WEIGHTS_PATH: &str = "/v1/weights";
 
 /// What the handlers read and change.
 #[derive(Clone)]
@@ -130,13 +134,17 @@ pub struct BackendView {
     /// lease held by another redtap with this agent name).
     #[serde(default)]
     pub excluded: bool,
+    /// Why the weights in force are not in the state file (its last write failed: they apply
+    /// now, and a restart would lose them); `null` when saved or with no state file.
+    #[serde(default)]
+    pub unsaved: Option<String>,
 }
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
     let guarded = Router::new()
         .route("/v1/backends", get(backends))
-        .route("/v1/weights", put(set_weights))
+        .route(WEIGHTS_PATH, put(set_weights))
         .route("/metrics", get(metrics))
         .merge(page::guarded())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -164,7 +172,12 @@ async fn healthz(State(state): State<AdminState>) -> Response {
 }
 
 /// A slow request body (or handler) ends in 408 instead of holding its connection.
+/// `PUT /v1/weights` bounds its body itself: once it applies a change it must answer with the
+/// outcome, never 408 for a change that took effect.
 async fn request_timeout(req: Request, next: Next) -> Response {
+    if req.method() == axum::http::Method::PUT && req.uri().path() == WEIGHTS_PATH {
+        return next.run(req).await;
+    }
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
         Ok(r) => r,
         Err(_) => error(
@@ -285,6 +298,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
 }
 
 fn view(state: &AdminState) -> Vec<BackendView> {
+    let unsaved = state.weights.unsaved().map(|u| u.to_string());
     state
         .balance
         .view()
@@ -310,6 +324,7 @@ fn view(state: &AdminState) -> Vec<BackendView> {
                 down_cause: cause.as_ref().map(|c| c.to_string()),
                 down_cause_code: cause.as_ref().map(|c| c.label().to_string()),
                 excluded: state.board.is_excluded(i),
+                unsaved: unsaved.clone(),
             }
         })
         .collect()
@@ -319,13 +334,13 @@ async fn backends(State(state): State<AdminState>) -> Json<Vec<BackendView>> {
     Json(view(&state))
 }
 
-async fn set_weights(
-    State(state): State<AdminState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => {
+/// `PUT /v1/weights`. The body must arrive within [`REQUEST_TIMEOUT`]; the change itself is
+/// not timed out (it waits at most for another change's state-file fsync), so its answer always
+/// says what happened.
+async fn set_weights(State(state): State<AdminState>, req: Request) -> Response {
+    let body = match tokio::time::timeout(REQUEST_TIMEOUT, Bytes::from_request(req, &())).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
             return error(
                 e.status(),
                 format!(
@@ -334,12 +349,20 @@ async fn set_weights(
                 ),
             )
         }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request not completed within {REQUEST_TIMEOUT:?}; nothing changed"),
+            )
+        }
     };
     let changes = match parse_weights(&body) {
         Ok(c) => c,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
     // The state file is written with fsync: off the async workers, which carry the records.
+    // Awaited to the end, and in its own task, so that neither a timeout nor a client that
+    // hangs up can separate a change from its answer.
     let store = state.weights.clone();
     let applied = {
         let changes = changes.clone();
@@ -350,8 +373,11 @@ async fn set_weights(
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     match applied {
-        Ok(()) => {
-            info!(?changes, "weights changed through the admin API");
+        Ok(unsaved) => {
+            match unsaved {
+                None => info!(?changes, "weights changed through the admin API"),
+                Some(u) => warn!(?changes, %u, "weights changed through the admin API"),
+            }
             Json(view(&state)).into_response()
         }
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
