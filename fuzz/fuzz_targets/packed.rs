@@ -1,5 +1,5 @@
 //! Fuzz the packed-format decoder (src/layout/packed.rs): bytes read from Redis must never make
-//! it panic (run it with `cargo fuzz run packed`; scripts/fuzz.sh runs the frame parser).
+//! it panic (scripts/fuzz.sh runs it after the frame parser).
 //!
 //! Input: bytes 0..8 the entry ID's millisecond (little-endian), the rest the value.
 
