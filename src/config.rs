@@ -273,6 +273,8 @@ pub struct FileConfig {
     pub state_file: Option<String>,
     /// Bearer token the admin API requires.
     pub admin_token: Option<String>,
+    /// The control Redis keeping the fleet's weights (any URL a backend takes).
+    pub control: Option<String>,
     /// The Redis backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
@@ -357,6 +359,10 @@ pub struct RunArgs {
     /// Bearer token the admin API requires (required when it listens beyond loopback).
     #[arg(long, env = "REDTAP_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Control Redis holding the fleet's weights (redis:// or rediss:// URL, as for a backend;
+    /// --tls-* apply to it): every agent started with it follows one versioned record.
+    #[arg(long, value_name = "URL")]
+    pub control: Option<String>,
     /// CA certificate (PEM) for rediss:// backends that have none of their own.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
@@ -417,6 +423,8 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// Bearer token the admin API requires, if any.
     pub admin_token: Option<String>,
+    /// The control Redis (`--control`), as a backend-like target named `control`.
+    pub control: Option<BackendConfig>,
 }
 
 impl Config {
@@ -560,6 +568,10 @@ impl Config {
             None => Some(PathBuf::from(format!("redtap-state-{agent}.json"))),
         };
         let admin_token = args.admin_token.clone().or(file.admin_token);
+        let control = match args.control.clone().or(file.control) {
+            Some(url) => Some(control_target(url, args)?),
+            None => None,
+        };
         if let Some(t) = &admin_token {
             if t.len() < 16 || t.chars().any(|c| c.is_whitespace()) {
                 return err("--admin-token must be at least 16 characters, without spaces");
@@ -613,6 +625,7 @@ impl Config {
             health,
             state_file,
             admin_token,
+            control,
             listen,
             capture,
             serve,
@@ -648,6 +661,28 @@ impl Config {
             config_path: args.config.clone(),
         })
     }
+}
+
+/// `--control URL` as a backend-like target: the run's `--tls-*` apply to a `rediss://` URL,
+/// and the URL is checked now (scheme, TLS files) so a bad one stops the start with exit 64.
+fn control_target(url: String, args: &RunArgs) -> Result<BackendConfig, ConfigError> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return err(format!(
+            "--control {:?} must be a redis:// or rediss:// URL",
+            redact_url(&url)
+        ));
+    }
+    let tls = url.starts_with("rediss://");
+    let target = BackendConfig {
+        name: "control".into(),
+        url,
+        weight: 0,
+        tls_ca: args.tls_ca.clone().filter(|_| tls),
+        tls_cert: args.tls_cert.clone().filter(|_| tls),
+        tls_key: args.tls_key.clone().filter(|_| tls),
+    };
+    target.client()?;
+    Ok(target)
 }
 
 /// Read and parse a TOML configuration file.

@@ -23,6 +23,7 @@ use crate::buffer::OnFull;
 use crate::capture::connections::{self, ConnCapture};
 use crate::capture::packets::{OpenError, PacketCapture};
 use crate::config::{self, CaptureMode, Config, ConfigError, ServeMode};
+use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Summary};
 use crate::record::Record;
@@ -179,6 +180,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         guard_stop.clone(),
     );
 
+    // Before the first record: the control Redis's weights win when it answers.
+    let control = match &config.control {
+        Some(target) => Some(Control::new(target, &config.prefix, &config.agent)?),
+        None => None,
+    };
+    let control_task = match &control {
+        Some(c) => Some(
+            c.clone()
+                .start(
+                    pipeline.weights.clone(),
+                    pipeline.board.clone(),
+                    pipeline.metrics.clone(),
+                    shutdown.child_token(),
+                )
+                .await,
+        ),
+        None => None,
+    };
+
     let conns = ConnCapture {
         max_connections: config.max_connections,
         idle_timeout: config.idle_timeout,
@@ -201,6 +221,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             budget: pipeline.budget.clone(),
             backends: config.backends.clone(),
             token: config.admin_token.clone(),
+            control: control.clone(),
         };
         tokio::spawn(admin::serve(l, state, shutdown.clone()))
     });
@@ -208,10 +229,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         hup,
         config.config_path.clone(),
         pipeline.weights.clone(),
+        control.is_some(),
         shutdown.clone(),
     ));
 
-    log_running(&config, &pipeline);
+    log_running(&config, &pipeline, control.as_deref());
 
     shutdown.cancelled().await;
     info!(grace = ?config.grace, "shutting down: capture stopped, writing out queued records");
@@ -224,6 +246,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         })
         .await;
     if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    if let Some(t) = control_task {
         let _ = t.await;
     }
     // The leases go last: until the writers are done, this agent still writes.
@@ -245,7 +270,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
 }
 
 /// The one line that says what is running and with which weights.
-fn log_running(config: &Config, pipeline: &Pipeline) {
+fn log_running(config: &Config, pipeline: &Pipeline, control: Option<&Control>) {
     let in_force = pipeline.balance.weights_by_name();
     let restored = config
         .backends
@@ -262,7 +287,15 @@ fn log_running(config: &Config, pipeline: &Pipeline) {
         backends = %config.backends.iter()
             .map(|b| format!("{}={}@{}", b.name, b.redacted_url(), in_force[&b.name]))
             .collect::<Vec<_>>().join(" "),
-        weights = %if restored { "restored from the state file" } else { "as configured" },
+        weights = %match control.map(|c| c.status()).and_then(|s| Some((s.version?, s.stale))) {
+            Some((v, stale)) => format!(
+                "fleet version {v}{}",
+                if stale { " (stale: control Redis not answering)" } else { "" }
+            ),
+            None if restored => "restored from the state file".to_string(),
+            None => "as configured".to_string(),
+        },
+        control = %config.control.as_ref().map_or_else(|| "off".to_string(), |c| c.redacted_url()),
         "redtap running"
     );
 }
@@ -282,17 +315,26 @@ enum ReloadError {
 }
 
 /// Re-read the config file on every SIGHUP and apply its weights; a bad file changes nothing.
-/// Without a config file, a SIGHUP is logged and changes nothing.
+/// Without a config file, or with `--control` (the fleet's weights rule), a SIGHUP is logged
+/// and changes nothing.
 async fn reload_on_sighup(
     mut hup: tokio::signal::unix::Signal,
     path: Option<std::path::PathBuf>,
     weights: Arc<WeightStore>,
+    controlled: bool,
     shutdown: CancellationToken,
 ) {
     loop {
         tokio::select! {
             _ = hup.recv() => {}
             _ = shutdown.cancelled() => return,
+        }
+        if controlled {
+            info!(
+                "SIGHUP: weights come from the control Redis (--control); use `redtap weights \
+                   set --control URL` to change them"
+            );
+            continue;
         }
         let Some(path) = &path else {
             info!("SIGHUP: started without --config, nothing to reload");

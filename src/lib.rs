@@ -30,6 +30,8 @@
 //!   across restarts.
 //! - [`metrics`]: every metric, in one place.
 //! - [`recent`]: the last minute the live page shows (one-second samples, top sources).
+//! - [`control`]: the fleet's weights in a control Redis (`--control`): one versioned record
+//!   changed by compare-and-set, followed by every agent, with heartbeats and an audit stream.
 //! - [`client`]: `redtap weights`; [`query`]: `redtap query/top/tail/stats`.
 //! - `util`: small helpers with no home of their own (`poll_once`).
 //!
@@ -48,6 +50,7 @@ pub mod buffer;
 pub mod capture;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod health;
 pub mod identity;

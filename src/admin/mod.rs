@@ -6,7 +6,11 @@
 //!   and while down why (`down_cause`, `down_cause_code`, `excluded`).
 //! - `PUT /v1/weights` — body `{"A":50,"B":50}`: change any subset of weights atomically, from
 //!   the next record routed. Answers with the new state, or a 4xx `{"error": "…"}` and changes
-//!   nothing.
+//!   nothing. With `--control`, the change is written to the fleet record in the control Redis
+//!   (compare-and-set, audited) and every agent follows it; the answer comes once this agent
+//!   serves it (or after 2 s), 503 if the control Redis does not answer (nothing changes).
+//! - `GET /v1/control` — with `--control`: the fleet version served, whether it is stale (the
+//!   control Redis not answering), and the newest version refused and why; 404 without.
 //! - `GET /metrics` — Prometheus text format.
 //! - `GET /healthz` — `ok` while the daemon runs; 503 while a failed packet capture is being
 //!   reopened.
@@ -92,6 +96,8 @@ pub struct AdminState {
     pub backends: Vec<BackendConfig>,
     /// Bearer token every endpoint but `/healthz` requires, if set.
     pub token: Option<String>,
+    /// The control Redis (`--control`), where weight changes go instead, if set.
+    pub control: Option<Arc<crate::control::Control>>,
 }
 
 /// One backend in `GET /v1/backends` and `PUT /v1/weights` answers.
@@ -137,6 +143,7 @@ pub fn router(state: AdminState) -> Router {
     let guarded = Router::new()
         .route("/v1/backends", get(backends))
         .route("/v1/weights", put(set_weights))
+        .route("/v1/control", get(control_status))
         .route("/metrics", get(metrics))
         .merge(page::guarded())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -339,6 +346,25 @@ async fn set_weights(
         Ok(c) => c,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
+    if let Some(control) = &state.control {
+        return match control.change(&state.weights, &changes).await {
+            Ok(fleet) => {
+                info!(
+                    version = fleet.version,
+                    ?changes,
+                    "fleet weights changed through the admin API"
+                );
+                Json(view(&state)).into_response()
+            }
+            Err(e @ crate::control::ControlError::Invalid(_)) => {
+                error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            }
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e}; weights unchanged"),
+            ),
+        };
+    }
     // The state file is written with fsync: off the async workers, which carry the records.
     let store = state.weights.clone();
     let applied = {
@@ -355,6 +381,16 @@ async fn set_weights(
             Json(view(&state)).into_response()
         }
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    }
+}
+
+async fn control_status(State(state): State<AdminState>) -> Response {
+    match &state.control {
+        Some(c) => Json(c.status()).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no control Redis: this agent was started without --control".into(),
+        ),
     }
 }
 
