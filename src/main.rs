@@ -46,7 +46,7 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
         #[command(flatten)]
-        fleet: redtap::client::ControlArgs,
+        fleet: Box<redtap::client::ControlArgs>,
         #[command(subcommand)]
         action: Option<WeightsAction>,
     },
