@@ -121,6 +121,13 @@ fn a_change_is_followed_by_every_agent_and_a_later_agent_starts_with_it() {
             .sum::<f64>()
             == 300.0
     });
+    // From the first record after the change, each share within one record of 50/50.
+    for d in &agents {
+        for b in d.backends().as_array().unwrap() {
+            let n = b["records_routed_since_change"].as_u64().unwrap();
+            assert!((49..=51).contains(&n), "{b}");
+        }
+    }
 
     // Every live agent is listed with the version it serves and its shares.
     eventually(DEADLINE, "three heartbeats at version 1", || {
@@ -209,6 +216,11 @@ fn agents_keep_capturing_while_the_control_redis_is_down_report_stale_then_conve
         "{}",
         agents[0].log()
     );
+    // A change through an agent's API needs the control Redis: refused, nothing changes.
+    let (status, body) = agents[0].put_weights(r#"{"A":99}"#);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("weights unchanged"), "{body}");
+    assert_eq!(weights_of(&agents[0]), w(&[("A", 10), ("B", 90)]));
 
     // Back without its data: the agents write back the version they serve, then follow the
     // next change.
@@ -402,6 +414,16 @@ fn an_unknown_backend_name_is_an_error_for_that_agent_not_a_crash() {
     let out = weights_cli(&ctl, &["set", "A=10001"]);
     assert_eq!(out.status.code(), Some(64));
     assert_eq!(ok(weights_cli(&ctl, &["history"])).lines().count(), 4);
+    // A control URL that is not Redis stops the start (exit 64), naming the flag.
+    let out = Command::new(redtap_bin())
+        .args(["run", "--listen", "127.0.0.1:1", "--capture", "connections"])
+        .args(["--backend", &format!("A={}@1", a.url())])
+        .args(["--control", "http://user:pw@127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--control") && !err.contains("pw"), "{err}");
     // Without a control Redis there is no /v1/control.
     let plain = Daemon::connections(&[("A", &a, 1)], &[]);
     let (status, _) = http("GET", &format!("{}/v1/control", plain.admin), None).unwrap();
