@@ -62,6 +62,13 @@ pub async fn set(
     answer(resp).await
 }
 
+/// The warning to print when the weights in force are not in the agent's state file (the
+/// change is in force, so the command still succeeds; a restart would lose it).
+pub fn unsaved_warning(backends: &[BackendView]) -> Option<String> {
+    let why = backends.iter().find_map(|b| b.unsaved.as_deref())?;
+    Some(format!("warning: weights in force, but {why}"))
+}
+
 fn authorized(req: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
     match token {
         Some(t) => req.bearer_auth(t),

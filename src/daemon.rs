@@ -49,7 +49,7 @@ pub enum StartError {
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(std::io::Error),
     /// The capture listener could not bind (a port in use…).
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", listen_hint(source))]
     Listen {
         /// The listen address.
         addr: std::net::SocketAddr,
@@ -57,7 +57,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// The admin API could not bind.
-    #[error("cannot start the admin API on {addr}: {source}")]
+    #[error("cannot start the admin API on {addr}: {source}{}", admin_hint(source))]
     Admin {
         /// The admin address.
         addr: std::net::SocketAddr,
@@ -67,6 +67,29 @@ pub enum StartError {
     /// The packet capture thread could not start.
     #[error("cannot start the capture thread: {0}")]
     CaptureThread(std::io::Error),
+}
+
+/// What to do about a listen address in use.
+fn listen_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "; another program (or another redtap) listens there: stop it, choose another \
+             --listen, or use --capture packets --serve none to tap a port another program serves"
+        }
+        _ => "",
+    }
+}
+
+/// What to do about an admin address in use.
+fn admin_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "; another program (or another redtap) listens there: pick another address with \
+             --admin ADDR (admin = \"ADDR\" in the file), or turn the admin API off with \
+             --admin off"
+        }
+        _ => "",
+    }
 }
 
 impl StartError {
@@ -353,6 +376,7 @@ async fn reload_on_sighup(
                         .collect();
                     store
                         .apply(&changes, Origin::Sighup)
+                        .map(drop) // a failed save is logged by the store
                         .map_err(ReloadError::Weights)
                 })
         })

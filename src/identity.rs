@@ -25,11 +25,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::AsyncConnectionConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{BackendConfig, Config, ConfigError};
+use crate::connect::Timeouts;
 use crate::health::{Board, Cause};
 use crate::metrics::Metrics;
 
@@ -190,22 +190,12 @@ pub fn lease_key(prefix: &str, agent: &str) -> String {
     format!("{prefix}:lease:{agent}")
 }
 
-/// A connection to `b` with connect and answer times bounded by `timeout`.
-pub async fn connect(b: &BackendConfig, timeout: Duration) -> Result<MultiplexedConnection, Cause> {
-    let client = b.client().map_err(|e| Cause::Other(e.to_string()))?;
-    let cfg = AsyncConnectionConfig::new()
-        .set_connection_timeout(timeout)
-        .set_response_timeout(timeout);
-    match tokio::time::timeout(
-        timeout * 2,
-        client.get_multiplexed_async_connection_with_config(&cfg),
-    )
-    .await
-    {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(Cause::from_redis_error(&e)),
-        Err(_) => Err(Cause::Timeout),
-    }
+/// A connection to `b` with connect and answer times bounded by `timeout`; a failure as the
+/// health [`Cause`] it counts as.
+async fn connect(b: &BackendConfig, timeout: Duration) -> Result<MultiplexedConnection, Cause> {
+    crate::connect::connect(b, Timeouts::both(timeout))
+        .await
+        .map_err(|e| e.cause())
 }
 
 /// Ask the server who it is. The error names the failed command.

@@ -14,6 +14,8 @@
 //! - [`daemon`]: `redtap run` — open capture once, check backends, bind, start the pipeline,
 //!   admin and SIGHUP, wait for the shutdown token, drain; typed [`StartError`]s with exit codes.
 //! - [`config`]: flags + TOML → one validated [`config::Config`], before anything binds.
+//! - [`connect`]: the one way to connect to a backend (AUTH, TLS, bounded times) and its typed
+//!   [`connect::ConnectError`].
 //! - [`record`]: the [`record::Record`] that flows one way through the pipeline.
 //! - [`capture`]: produces records (packets mode: one per TCP segment to the address, from a
 //!   libpcap ring; connections mode: one per accepted connection).
@@ -30,6 +32,7 @@
 //!   across restarts.
 //! - [`metrics`]: every metric, in one place.
 //! - [`recent`]: the last minute the live page shows (one-second samples, top sources).
+//! - [`check`]: `redtap check` — will `run` work here (every backend, capture, ports)?
 //! - [`control`]: the fleet's weights in a control Redis (`--control`): one versioned record
 //!   changed by compare-and-set, followed by every agent, with heartbeats and an audit stream.
 //! - [`client`]: `redtap weights`; [`query`]: `redtap query/top/tail/stats`.
@@ -48,8 +51,10 @@ pub mod admin;
 pub mod balance;
 pub mod buffer;
 pub mod capture;
+pub mod check;
 pub mod client;
 pub mod config;
+pub mod connect;
 pub mod control;
 pub mod daemon;
 pub mod health;

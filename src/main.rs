@@ -25,6 +25,10 @@ struct Cli {
 enum Command {
     /// Capture on an address and store records in Redis.
     Run(Box<RunArgs>),
+    /// Check a configuration without running it: every backend (connect, AUTH, TLS, a small
+    /// expiring write), the capture, the listen and admin addresses. Exit 0 when all is well,
+    /// 64 when the configuration must change, 1 when a backend or the host is in the way.
+    Check(Box<RunArgs>),
     /// Show backends, weights and shares; `weights set NAME=W…` changes them live.
     Weights {
         /// The agent's admin API: ADDR:PORT as for `run --admin`, or a URL (default: the config
@@ -110,22 +114,35 @@ fn main() -> ExitCode {
                 eprintln!("redtap: {e}");
                 return ExitCode::from(EX_USAGE);
             }
+            let log_format = config.log_format;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
                 match redtap::run(config, shutdown).await {
                     Ok(_) => ExitCode::SUCCESS,
                     Err(e) => {
-                        // A usage error is the operator's to fix and says so on stderr; anything
-                        // else is also an error in the log.
-                        if e.exit_code() != EX_USAGE {
-                            tracing::error!("{e}");
+                        // Once: a JSON log stays all JSON for its collector; a terminal or
+                        // journal gets the one plain line.
+                        match log_format {
+                            LogFormat::Json => tracing::error!("{e}"),
+                            LogFormat::Text => eprintln!("redtap: {e}"),
                         }
-                        eprintln!("redtap: {e}");
                         ExitCode::from(e.exit_code())
                     }
                 }
             })
+        }
+        Command::Check(args) => {
+            let config = match Config::load(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("redtap: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let report = rt.block_on(redtap::check::run(&config));
+            print!("{}", report.text());
+            ExitCode::from(report.exit_code())
         }
         Command::Weights {
             admin,
@@ -169,6 +186,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
+            if let Some(w) = result
+                .as_deref()
+                .ok()
+                .and_then(redtap::client::unsaved_warning)
+            {
+                eprintln!("redtap: {w}");
+            }
             match result {
                 Ok(b) if json => {
                     println!(

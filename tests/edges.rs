@@ -771,3 +771,278 @@ fn a_client_that_never_reads_does_not_keep_its_slot() {
         sent * len
     );
 }
+
+/// `redtap ARGS…` in `dir`: (exit code, stdout, stderr).
+fn redtap_in(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(common::redtap_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The line of `redtap check`'s report about `what`.
+fn check_line<'a>(report: &'a str, what: &str) -> &'a str {
+    report
+        .lines()
+        .find(|l| l.starts_with(&format!("{what} ")))
+        .unwrap_or_else(|| panic!("no line for {what} in:\n{report}"))
+}
+
+#[test]
+fn readers_say_authentication_failed_for_a_wrong_or_missing_password() {
+    let r = RedisServer::start_with(&["--requirepass", "right"]);
+    let dir = tempfile::tempdir().unwrap();
+    for url in [
+        format!("redis://:wrong@127.0.0.1:{}", r.port),
+        format!("redis://127.0.0.1:{}", r.port),
+    ] {
+        let spec = format!("A={url}@1");
+        for cmd in ["query", "top", "stats"] {
+            let (code, _, err) = redtap_in(dir.path(), &[cmd, "--backend", &spec]);
+            assert_eq!(code, Some(2), "{cmd} {url}: {err}");
+            assert!(err.contains("authentication failed"), "{cmd} {url}: {err}");
+            assert!(!err.contains("unreachable"), "{cmd} {url}: {err}");
+        }
+    }
+    // The right password reads.
+    let spec = format!("A=redis://:right@127.0.0.1:{}@1", r.port);
+    let (code, _, err) = redtap_in(dir.path(), &["stats", "--backend", &spec]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn check_passes_a_working_setup_and_names_each_problem() {
+    let a = RedisServer::start();
+    let locked = RedisServer::start_with(&["--requirepass", "right"]);
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let good = backend("A", &a, 1);
+    let check = |extra: &[&str]| {
+        let mut args = vec!["check", "--capture", "connections", "--agent", "t"];
+        args.extend(["--listen", &listen, "--admin", &admin]);
+        args.extend_from_slice(extra);
+        redtap_in(dir.path(), &args)
+    };
+
+    // All well: exit 0, every item ok, and the check's key gone (it also expires by itself).
+    let (code, out, err) = check(&["--backend", &good]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for what in ["backend A", "capture", "listen", "admin", "state file"] {
+        assert!(check_line(&out, what).contains(" ok "), "{out}");
+    }
+    assert!(check_line(&out, "backend A").contains("redis "), "{out}");
+    assert!(a.keys("redtap:check:*").is_empty());
+
+    // A dead backend: exit 1, named, and the working one still ok.
+    let dead = format!("D=redis://127.0.0.1:{}@1", free_port());
+    let (code, out, err) = check(&["--backend", &good, "--backend", &dead]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let line = check_line(&out, "backend D");
+    assert!(
+        line.contains("FAIL") && line.contains("connection refused"),
+        "{out}"
+    );
+    assert!(check_line(&out, "backend A").contains(" ok "), "{out}");
+    assert!(out.contains("1 problem"), "{out}");
+
+    // A wrong password, and none where one is required: authentication, not unreachable.
+    for url in [
+        format!("redis://:wrong@127.0.0.1:{}", locked.port),
+        format!("redis://127.0.0.1:{}", locked.port),
+    ] {
+        let spec = format!("W={url}@1");
+        let (code, out, err) = check(&["--backend", &spec]);
+        assert_eq!(code, Some(1), "{out}{err}");
+        let line = check_line(&out, "backend W");
+        assert!(
+            line.contains("FAIL") && line.contains("authentication failed"),
+            "{out}"
+        );
+    }
+
+    // A bad configuration: 64, the same message as `run`, and nothing checked.
+    let bad = ["--backend", "A=redis://127.0.0.1:1@20000"];
+    let (code, out, err) = check(&bad);
+    assert_eq!(code, Some(64), "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    let mut run_args = vec!["run", "--capture", "connections", "--listen", &listen];
+    run_args.extend_from_slice(&bad);
+    let (run_code, _, run_err) = redtap_in(dir.path(), &run_args);
+    assert_eq!((run_code, run_err.as_str()), (Some(64), err.as_str()));
+
+    // The admin address in use: exit 1, with the way out.
+    let taken = TcpListener::bind(&admin).unwrap();
+    let (code, out, err) = check(&["--backend", &good]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let line = check_line(&out, "admin");
+    assert!(
+        line.contains("FAIL") && line.contains("--admin off"),
+        "{out}"
+    );
+    drop(taken);
+}
+
+#[test]
+fn check_in_packets_mode_opens_the_capture() {
+    if !privileged("check_in_packets_mode_opens_the_capture") {
+        return;
+    }
+    let a = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let good = backend("A", &a, 1);
+    let (code, out, err) = redtap_in(
+        dir.path(),
+        &[
+            "check",
+            "--capture",
+            "packets",
+            "--listen",
+            &listen,
+            "--admin",
+            &admin,
+            "--backend",
+            &good,
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        check_line(&out, "capture").contains("libpcap opens"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_weight_change_that_cannot_be_saved_applies_and_says_so() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    let state = state_dir.join("state.json");
+    let (sa, sb) = (backend("A", &a, 30), backend("B", &b, 70));
+    let d = Daemon::start_in(
+        dir.path(),
+        &format!("127.0.0.1:{}", free_port()),
+        &format!("127.0.0.1:{}", free_port()),
+        &[
+            "--capture",
+            "connections",
+            "--agent",
+            "t",
+            "--backend",
+            &sa,
+            "--backend",
+            &sb,
+            "--state-file",
+            state.to_str().unwrap(),
+        ],
+    );
+    // A saved change: no warning.
+    let (status, body) = d.put_weights(r#"{"A":40}"#);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v[0]["unsaved"].is_null(), "{body}");
+
+    // The state file's directory becomes unwritable (a file now stands where it was: root
+    // ignores permission bits, not that).
+    std::fs::remove_dir_all(&state_dir).unwrap();
+    std::fs::write(&state_dir, "not a directory").unwrap();
+    let (status, body) = d.put_weights(r#"{"A":50,"B":50}"#);
+    assert_eq!(status, 200, "the change is in force: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let why = v[0]["unsaved"].as_str().unwrap_or_else(|| panic!("{body}"));
+    assert!(
+        why.contains("not saved") && why.contains("state.json"),
+        "{why}"
+    );
+    let now = d.backends();
+    assert_eq!(
+        (now[0]["weight"].as_u64(), now[1]["weight"].as_u64()),
+        (Some(50), Some(50))
+    );
+    assert_eq!(now[1]["unsaved"].as_str(), Some(why), "GET says it too");
+
+    // `redtap weights set` prints the warning and succeeds: the change is in force.
+    let out = Command::new(common::redtap_bin())
+        .args(["weights", "set", "A=60", "--admin", &d.admin])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("not saved"),
+        "{err}"
+    );
+    assert_eq!(d.backends()[0]["weight"], 60);
+
+    // Writable again: the next change is saved and the warning is gone.
+    std::fs::remove_file(&state_dir).unwrap();
+    std::fs::create_dir(&state_dir).unwrap();
+    let (status, body) = d.put_weights(r#"{"A":70}"#);
+    assert_eq!(status, 200, "{body}");
+    assert!(d.backends()[0]["unsaved"].is_null());
+    assert!(std::fs::read_to_string(&state).unwrap().contains("70"));
+}
+
+#[test]
+fn a_port_in_use_at_start_is_said_once_with_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    let free = || format!("127.0.0.1:{}", free_port());
+    for (listen, admin, what, hint) in [
+        (busy.clone(), free(), "cannot listen on", "--listen"),
+        (
+            free(),
+            busy.clone(),
+            "cannot start the admin API on",
+            "--admin off",
+        ),
+    ] {
+        let (code, _, err) = redtap_in(
+            dir.path(),
+            &[
+                "run",
+                "--capture",
+                "connections",
+                "--listen",
+                &listen,
+                "--admin",
+                &admin,
+                "--backend",
+                "A=redis://127.0.0.1:1@1",
+            ],
+        );
+        assert_eq!(code, Some(1), "{err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains(what)).collect();
+        assert_eq!(lines.len(), 1, "said once:\n{err}");
+        assert!(lines[0].contains(&busy) && lines[0].contains(hint), "{err}");
+    }
+}
+
+#[test]
+fn a_weight_change_whose_body_never_arrives_gets_408_and_changes_nothing() {
+    // `PUT /v1/weights` is exempt from the whole-request timeout once its change begins; its
+    // body is still bounded, so a client that stalls mid-body holds nothing.
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let d = Daemon::connections(&[("A", &a, 30), ("B", &b, 70)], &[]);
+    let before = d.backends();
+    let mut s = open_admin(
+        &d,
+        b"PUT /v1/weights HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 20\r\n\r\n{\"A\":",
+    );
+    let (closed, answer) = closed_within(&mut s, Duration::from_secs(30));
+    assert!(closed, "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("nothing changed"), "{answer}");
+    assert_eq!(d.backends(), before);
+}

@@ -6,7 +6,10 @@
 //!   and while down why (`down_cause`, `down_cause_code`, `excluded`).
 //! - `PUT /v1/weights` — body `{"A":50,"B":50}`: change any subset of weights atomically, from
 //!   the next record routed. Answers with the new state, or a 4xx `{"error": "…"}` and changes
-//!   nothing. With `--control`, the change is written to the fleet record in the control Redis
+//!   nothing. A change that could not be written to the state file still applies; each backend's
+//!   `unsaved` then says why. Once the body is in, the change is not cut off by
+//!   [`REQUEST_TIMEOUT`]: a caller is never told 408 for a change that took effect.
+//!   With `--control`, the change is written to the fleet record in the control Redis
 //!   (compare-and-set, audited) and every agent follows it; the answer comes once this agent
 //!   serves it (or after 2 s), 503 if the control Redis does not answer (nothing changes).
 //! - `GET /v1/control` — with `--control`: the fleet version served, whether it is stale (the
@@ -37,8 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -78,6 +80,9 @@ pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// On shutdown, how long open connections get to finish before they are closed.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
+
+/// The path of weight changes (exempt from the whole-request timeout: see [`set_weights`]).
+const WEIGHTS_PATH: &str = "/v1/weights";
 
 /// What the handlers read and change.
 #[derive(Clone)]
@@ -136,13 +141,17 @@ pub struct BackendView {
     /// lease held by another redtap with this agent name).
     #[serde(default)]
     pub excluded: bool,
+    /// Why the weights in force are not in the state file (its last write failed: they apply
+    /// now, and a restart would lose them); `null` when saved or with no state file.
+    #[serde(default)]
+    pub unsaved: Option<String>,
 }
 
 /// The admin router.
 pub fn router(state: AdminState) -> Router {
     let guarded = Router::new()
         .route("/v1/backends", get(backends))
-        .route("/v1/weights", put(set_weights))
+        .route(WEIGHTS_PATH, put(set_weights))
         .route("/v1/control", get(control_status))
         .route("/metrics", get(metrics))
         .merge(page::guarded())
@@ -171,7 +180,12 @@ async fn healthz(State(state): State<AdminState>) -> Response {
 }
 
 /// A slow request body (or handler) ends in 408 instead of holding its connection.
+/// `PUT /v1/weights` bounds its body itself: once it applies a change it must answer with the
+/// outcome, never 408 for a change that took effect.
 async fn request_timeout(req: Request, next: Next) -> Response {
+    if req.method() == axum::http::Method::PUT && req.uri().path() == WEIGHTS_PATH {
+        return next.run(req).await;
+    }
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
         Ok(r) => r,
         Err(_) => error(
@@ -292,6 +306,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
 }
 
 fn view(state: &AdminState) -> Vec<BackendView> {
+    let unsaved = state.weights.unsaved().map(|u| u.to_string());
     state
         .balance
         .view()
@@ -317,6 +332,7 @@ fn view(state: &AdminState) -> Vec<BackendView> {
                 down_cause: cause.as_ref().map(|c| c.to_string()),
                 down_cause_code: cause.as_ref().map(|c| c.label().to_string()),
                 excluded: state.board.is_excluded(i),
+                unsaved: unsaved.clone(),
             }
         })
         .collect()
@@ -326,13 +342,13 @@ async fn backends(State(state): State<AdminState>) -> Json<Vec<BackendView>> {
     Json(view(&state))
 }
 
-async fn set_weights(
-    State(state): State<AdminState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(e) => {
+/// `PUT /v1/weights`. The body must arrive within [`REQUEST_TIMEOUT`]; the change itself is
+/// not timed out (it waits at most for another change's state-file fsync), so its answer always
+/// says what happened.
+async fn set_weights(State(state): State<AdminState>, req: Request) -> Response {
+    let body = match tokio::time::timeout(REQUEST_TIMEOUT, Bytes::from_request(req, &())).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
             return error(
                 e.status(),
                 format!(
@@ -341,13 +357,27 @@ async fn set_weights(
                 ),
             )
         }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request not completed within {REQUEST_TIMEOUT:?}; nothing changed"),
+            )
+        }
     };
     let changes = match parse_weights(&body) {
         Ok(c) => c,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
     if let Some(control) = &state.control {
-        return match control.change(&state.weights, &changes).await {
+        // In its own task, like a local change: a client that hangs up does not cut a change
+        // from its outcome.
+        let (control, store, c) = (control.clone(), state.weights.clone(), changes.clone());
+        let changed = tokio::spawn(async move { control.change(&store, &c).await }).await;
+        let changed = match changed {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        return match changed {
             Ok(fleet) => {
                 info!(
                     version = fleet.version,
@@ -366,6 +396,8 @@ async fn set_weights(
         };
     }
     // The state file is written with fsync: off the async workers, which carry the records.
+    // Awaited to the end, and in its own task, so that neither a timeout nor a client that
+    // hangs up can separate a change from its answer.
     let store = state.weights.clone();
     let applied = {
         let changes = changes.clone();
@@ -376,8 +408,11 @@ async fn set_weights(
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     match applied {
-        Ok(()) => {
-            info!(?changes, "weights changed through the admin API");
+        Ok(unsaved) => {
+            match unsaved {
+                None => info!(?changes, "weights changed through the admin API"),
+                Some(u) => warn!(?changes, %u, "weights changed through the admin API"),
+            }
             Json(view(&state)).into_response()
         }
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),

@@ -18,5 +18,5 @@ pub mod weights;
 pub use router::{OnDown, Router};
 pub use swrr::Swrr;
 pub use weights::{
-    Balance, Origin, ShareView, WeightError, WeightSnapshot, WeightStore, MAX_WEIGHT,
+    Balance, Origin, ShareView, Unsaved, WeightError, WeightSnapshot, WeightStore, MAX_WEIGHT,
 };

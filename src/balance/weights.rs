@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tracing::{error, info, warn};
 
 use crate::state;
@@ -35,6 +35,18 @@ pub enum WeightError {
     /// Nothing to change.
     #[error("no weights given")]
     Empty,
+}
+
+/// Why the weights in force are not in the state file: they apply now, and a restart would
+/// return to the previous ones.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("not saved to the state file {}: {reason}; the new weights apply now but a restart \
+         would lose them", path.display())]
+pub struct Unsaved {
+    /// The state file.
+    pub path: PathBuf,
+    /// Why it could not be written.
+    pub reason: String,
 }
 
 /// One immutable set of weights, as published to the hot path.
@@ -236,6 +248,9 @@ pub struct WeightStore {
     /// One change and its save at a time, so the file always ends with the latest weights.
     /// Never taken on the hot path.
     saving: Mutex<()>,
+    /// Why the last save failed (`None` once one succeeds): read by the admin API without
+    /// waiting on a save in progress.
+    unsaved: ArcSwapOption<Unsaved>,
 }
 
 impl WeightStore {
@@ -245,6 +260,7 @@ impl WeightStore {
             balance,
             state_file,
             saving: Mutex::new(()),
+            unsaved: ArcSwapOption::empty(),
         }
     }
 
@@ -254,21 +270,36 @@ impl WeightStore {
     }
 
     /// Apply a weight change and record the new weights in the state file. The change stands
-    /// even if the file cannot be written (that is logged).
+    /// even if the file cannot be written: that is logged and returned as `Ok(Some(Unsaved))`,
+    /// so the caller can tell whoever asked.
     pub fn apply(
         &self,
         changes: &BTreeMap<String, u32>,
         origin: Origin,
-    ) -> Result<(), WeightError> {
+    ) -> Result<Option<Unsaved>, WeightError> {
         let _one_at_a_time = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         self.balance.set_weights(changes)?;
-        if let Some(path) = &self.state_file {
-            if let Err(e) = state::save(path, self.balance.weights_by_name()) {
-                error!(path = %path.display(), error = %e, %origin, "cannot write the state file; \
-                       the new weights apply but will not survive a restart");
+        let Some(path) = &self.state_file else {
+            return Ok(None);
+        };
+        let unsaved = match state::save(path, self.balance.weights_by_name()) {
+            Ok(()) => None,
+            Err(e) => {
+                error!(path = %path.display(), error = %e, %origin, "cannot write the state \
+                       file; the new weights apply but will not survive a restart");
+                Some(Unsaved {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
             }
-        }
-        Ok(())
+        };
+        self.unsaved.store(unsaved.clone().map(Arc::new));
+        Ok(unsaved)
+    }
+
+    /// Why the weights in force are not in the state file, if the last save failed.
+    pub fn unsaved(&self) -> Option<Unsaved> {
+        self.unsaved.load_full().map(|u| (*u).clone())
     }
 
     /// Serve fleet version `fleet` as `weights` (one per backend, already checked by the
@@ -289,17 +320,27 @@ impl WeightStore {
             .zip(weights.iter().copied())
             .collect();
         self.balance.set_weights(&changes)?;
-        if let Some(path) = &self.state_file {
-            let saved = state::SavedState {
-                weights: self.balance.weights_by_name(),
-                control: Some(fleet.clone()),
-            };
-            if let Err(e) = state::save_state(path, &saved) {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let saved = state::SavedState {
+            weights: self.balance.weights_by_name(),
+            control: Some(fleet.clone()),
+        };
+        // Reported like any other change that could not be saved (`unsaved`).
+        let unsaved = match state::save_state(path, &saved) {
+            Ok(()) => None,
+            Err(e) => {
                 error!(path = %path.display(), error = %e, origin = %Origin::Control,
                        "cannot write the state file; the new weights apply but will not \
                         survive a restart");
+                Some(Unsaved {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
             }
-        }
+        };
+        self.unsaved.store(unsaved.map(Arc::new));
         Ok(())
     }
 

@@ -83,6 +83,9 @@ impl Keys {
 /// Why a control operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    /// The control Redis could not be connected to (why, in words: refused, password, TLS…).
+    #[error("control Redis: {0}")]
+    Connect(#[from] crate::connect::ConnectError),
     /// The control Redis did not answer or refused.
     #[error("control Redis: {0}")]
     Redis(#[from] redis::RedisError),

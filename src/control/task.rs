@@ -25,6 +25,7 @@ use super::{
 };
 use crate::balance::WeightStore;
 use crate::config::BackendConfig;
+use crate::connect::{self, Timeouts};
 use crate::health::Board;
 use crate::metrics::Metrics;
 
@@ -83,7 +84,7 @@ impl Control {
     }
 
     async fn connect(&self) -> Result<MultiplexedConnection, ControlError> {
-        super::timed(self.client.get_multiplexed_async_connection()).await
+        Ok(connect::connect_client(&self.client, Timeouts::both(COMMAND_TIMEOUT)).await?)
     }
 
     /// `PUT /v1/weights` on this agent: write `changes` into the fleet record (over this
@@ -372,23 +373,9 @@ async fn listen(
 
 /// Open a connection to a control Redis for the command line (`redtap weights --control`).
 pub async fn connect(target: &BackendConfig) -> anyhow::Result<MultiplexedConnection> {
-    let client = target.client()?;
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(anyhow::anyhow!(
-            "cannot reach the control Redis {}: {e}",
-            target.redacted_url()
-        )),
-        Err(_) => Err(anyhow::anyhow!(
-            "the control Redis {} did not answer within 5s",
-            target.redacted_url()
-        )),
-    }
+    connect::connect(target, Timeouts::both(Duration::from_secs(5)))
+        .await
+        .map_err(|e| anyhow::anyhow!("control Redis {}: {e}", target.redacted_url()))
 }
 
 /// Every live agent, for `redtap weights --control`.

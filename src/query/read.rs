@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Value};
+use redis::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +20,7 @@ use super::{
     PAGE,
 };
 use crate::config::{BackendConfig, Schema};
+use crate::connect::{ConnectError, Timeouts};
 use crate::record::now_us;
 use crate::sink::schema::{entry_fields, text};
 
@@ -33,9 +34,10 @@ const TAIL_BLOCK_MS: u64 = 500;
 /// Why a backend did not (fully) answer.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// It could not be reached: not running, wrong URL, firewall, wrong password.
-    #[error("unreachable: {0}")]
-    Unreachable(redis::RedisError),
+    /// It could not be connected to: unreachable (not running, wrong URL, firewall), a wrong
+    /// password, TLS, or a bad configuration — the message says which.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     /// It was reached but a read failed part way (connection lost, timeout, error reply).
     #[error("read failed: {0}")]
     Read(redis::RedisError),
@@ -83,29 +85,14 @@ pub struct Holdings {
 }
 
 /// Connect to `b` with bounded connect and answer times, through the same
-/// [`BackendConfig::client`] as the writer (so `rediss://` with `tls_ca`/`tls_cert`/`tls_key`
-/// works for reads too).
+/// [`crate::connect::connect`] as the writer (so `rediss://` with `tls_ca`/`tls_cert`/`tls_key`
+/// works for reads too, and a wrong password reads as such).
 pub async fn connect(b: &BackendConfig) -> Result<MultiplexedConnection, BackendError> {
-    let client = b.client().map_err(|e| {
-        BackendError::Unreachable(redis::RedisError::from((
-            redis::ErrorKind::InvalidClientConfig,
-            "bad backend configuration",
-            e.to_string(),
-        )))
-    })?;
-    let cfg = AsyncConnectionConfig::new()
-        .set_connection_timeout(CONNECT_TIMEOUT)
-        .set_response_timeout(RESPONSE_TIMEOUT);
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await
-        .map_err(BackendError::Unreachable)?;
-    // A stopped server accepts TCP connections in the kernel; make sure it answers.
-    redis::cmd("PING")
-        .query_async::<()>(&mut conn)
-        .await
-        .map_err(BackendError::Unreachable)?;
-    Ok(conn)
+    let t = Timeouts {
+        connect: CONNECT_TIMEOUT,
+        response: RESPONSE_TIMEOUT,
+    };
+    Ok(crate::connect::connect(b, t).await?)
 }
 
 /// `s` with glob characters escaped for SCAN MATCH.

@@ -34,13 +34,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Value};
+use redis::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::buffer::{Budget, OnFull};
+use crate::connect::{connect_client, ConnectError, Timeouts};
 use crate::health::{self, Board, Cause, Transition};
 use crate::metrics::{BackendMetrics, DropReason, Metrics};
 use crate::record::{now_us, Record};
@@ -72,7 +73,7 @@ type Reply = Pin<Box<dyn Future<Output = redis::RedisResult<Vec<Value>>> + Send>
 /// connection it made, if any.
 struct TickOutcome {
     /// The probe's command and how it went.
-    probe: Option<(&'static str, Result<(), redis::RedisError>)>,
+    probe: Option<(&'static str, Result<(), Cause>)>,
     failed: bool,
     conn: Option<MultiplexedConnection>,
     /// `conn_gen` of the connection the job started with.
@@ -273,7 +274,7 @@ impl Writer {
                 warn!(backend = %self.name, error = %e, "cannot connect; will retry");
                 self.conn = None;
                 self.failed();
-                self.judge(Err(Cause::from_redis_error(&e)));
+                self.judge(Err(e.cause()));
                 return;
             }
         };
@@ -393,13 +394,13 @@ impl Writer {
             };
             let mut conn = match conn {
                 Some(c) => c,
-                None => match connect_to(&client, timeout).await {
+                None => match connect_client(&client, Timeouts::both(timeout)).await {
                     Ok(c) => {
                         outcome.conn = Some(c.clone());
                         c
                     }
                     Err(e) => {
-                        outcome.probe = Some((name, Err(e)));
+                        outcome.probe = Some((name, Err(e.cause())));
                         outcome.failed = true;
                         return outcome;
                     }
@@ -407,7 +408,8 @@ impl Writer {
             };
             let answer = with_timeout(timeout, cmd.query_async::<String>(&mut conn))
                 .await
-                .map(drop);
+                .map(drop)
+                .map_err(|e| Cause::from_redis_error(&e));
             outcome.failed |= answer.is_err();
             outcome.probe = Some((name, answer));
             outcome
@@ -436,10 +438,9 @@ impl Writer {
                     self.last_ok = Instant::now();
                     Ok(())
                 }
-                Err(e) => {
+                Err(cause) => {
                     // Counted every time; logged only by the DOWN transition (a probe fails
                     // four times a second while a backend is down).
-                    let cause = Cause::from_redis_error(&e);
                     self.ctx.metrics.command_error(self.idx, command, &cause);
                     Err(cause)
                 }
@@ -476,9 +477,10 @@ impl Writer {
     }
 
     /// The connection, made if needed.
-    async fn connect(&mut self) -> redis::RedisResult<&mut MultiplexedConnection> {
+    async fn connect(&mut self) -> Result<&mut MultiplexedConnection, ConnectError> {
         if self.conn.is_none() {
-            let conn = connect_to(&self.client, self.tracker.config().timeout).await?;
+            let conn =
+                connect_client(&self.client, Timeouts::both(self.tracker.config().timeout)).await?;
             debug!(backend = %self.name, "connected");
             self.conn = Some(conn);
             self.conn_gen += 1;
@@ -493,19 +495,6 @@ impl Writer {
             self.publish();
         }
     }
-}
-
-/// A connection with bounded connect and answer times.
-async fn connect_to(
-    client: &redis::Client,
-    timeout: Duration,
-) -> redis::RedisResult<MultiplexedConnection> {
-    let cfg = AsyncConnectionConfig::new()
-        .set_connection_timeout(timeout)
-        .set_response_timeout(timeout);
-    client
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await
 }
 
 /// Bound a Redis round trip by the health timeout (a hung server never answers).

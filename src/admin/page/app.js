@@ -256,7 +256,13 @@ async function confirmChange() {
     $('#change-note').textContent = 'Weights changed at ' + clock(at) + ': ' +
       Object.entries(change).map(([n, w]) => n + ' → ' + w).join(', ') +
       '. "since change" starts over and should approach the target; the chart marks the change.';
-    showMessage('info', 'Weights applied: ' + ownChange + '.');
+    const unsaved = answer.find((b) => b.unsaved);
+    if (unsaved) {
+      showMessage('warning', 'Weights applied: ' + ownChange + ', but not saved (' + unsaved.unsaved +
+        '): a restart will bring back the weights saved before.');
+    } else {
+      showMessage('info', 'Weights applied: ' + ownChange + '.');
+    }
     updateEditState();
     if (live) renderBackends();
   } catch (e) {

@@ -230,7 +230,7 @@ pub fn stats_table(s: &Stats) -> String {
         if !b.reachable {
             let _ = writeln!(
                 out,
-                "{:<10}  {:>6}  {:>6}  {:>9}  unreachable (see stderr)",
+                "{:<10}  {:>6}  {:>6}  {:>9}  no answer (see stderr)",
                 b.name,
                 opt(b.weight),
                 b.target_share.map(pct).unwrap_or("-".into()),
