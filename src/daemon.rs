@@ -2,8 +2,9 @@
 //!
 //! Owns the order of start-up and shutdown: open the capture once (a missing privilege or a
 //! bad filter is found before anything binds) → check every backend → bind the listeners →
-//! start the pipeline → admin API and SIGHUP reloads → wait for the shutdown token → stop
-//! capture, drain, release the leases. Start-up failures are a typed [`StartError`] that knows
+//! start the pipeline → with `--control`, read the fleet's weights once and start following them
+//! (a control Redis that does not answer never stops the start) → admin API and SIGHUP reloads
+//! → wait for the shutdown token → stop capture, drain, release the leases. Start-up failures are a typed [`StartError`] that knows
 //! its exit code.
 //!
 //! Never: parses arguments or installs the SIGTERM/SIGINT handlers (the binary does), or
@@ -272,7 +273,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         let _ = t.await;
     }
     if let Some(t) = control_task {
-        let _ = t.await;
+        // It stops at its next step; one stuck on an unreachable control Redis is not waited
+        // for beyond its command bound.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
     }
     // The leases go last: until the writers are done, this agent still writes.
     guard_stop.cancel();

@@ -7,7 +7,8 @@
 //!   connections)                   routes each record by       batched, pipelined
 //!                                  balance::Router
 //!                                    ▲        ▲
-//!  admin (HTTP API), SIGHUP ─weights─┘        └── health (writers report up/down)
+//!  admin (HTTP API), SIGHUP, ─weights─┘        └── health (writers report up/down)
+//!  control (fleet weights in a control Redis)
 //! ```
 //!
 //! Layout (the daemon first, then the stages in the order a record meets them):
