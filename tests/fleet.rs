@@ -429,3 +429,37 @@ fn an_unknown_backend_name_is_an_error_for_that_agent_not_a_crash() {
     let (status, _) = http("GET", &format!("{}/v1/control", plain.admin), None).unwrap();
     assert_eq!(status, 404);
 }
+
+#[test]
+fn with_a_control_redis_sighup_leaves_the_fleet_weights_alone() {
+    let (a, b, ctl) = (
+        RedisServer::start(),
+        RedisServer::start(),
+        RedisServer::start(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("redtap.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "capture = \"connections\"\nagent = \"h1\"\ncontrol = \"{}\"\n\
+             [[backend]]\nname = \"A\"\nurl = \"{}\"\nweight = 1\n\
+             [[backend]]\nname = \"B\"\nurl = \"{}\"\nweight = 1\n",
+            ctl.url(),
+            a.url(),
+            b.url()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", path.to_str().unwrap()]);
+    ok(weights_cli(&ctl, &["set", "A=40", "B=60"]));
+    eventually(DEADLINE, "version 1 applied", || {
+        weights_of(&d) == w(&[("A", 40), ("B", 60)])
+    });
+    d.signal("HUP");
+    eventually(DEADLINE, "SIGHUP logged", || {
+        d.log().contains("weights come from the control Redis")
+    });
+    assert_eq!(weights_of(&d), w(&[("A", 40), ("B", 60)]));
+    assert_eq!(control_of(&d)["version"], 1);
+}
