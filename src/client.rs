@@ -172,15 +172,15 @@ pub async fn fleet(
     json: bool,
 ) -> anyhow::Result<String> {
     use crate::control;
-    let tls = url.starts_with("rediss://");
-    let target = crate::config::BackendConfig {
-        name: "control".into(),
-        url: url.to_string(),
-        weight: 0,
-        tls_ca: args.tls_ca.clone().filter(|_| tls),
-        tls_cert: args.tls_cert.clone().filter(|_| tls),
-        tls_key: args.tls_key.clone().filter(|_| tls),
-    };
+    let target = crate::config::control_target(
+        url,
+        (
+            args.tls_ca.clone(),
+            args.tls_cert.clone(),
+            args.tls_key.clone(),
+        ),
+        crate::config::Origin::Flag,
+    );
     let mut conn = control::task::connect(&target).await?;
     let keys = control::Keys::new(prefix);
     match action {

@@ -122,7 +122,9 @@ pub async fn connect(
     b: &BackendConfig,
     t: Timeouts,
 ) -> Result<MultiplexedConnection, ConnectError> {
-    let client = b.client().map_err(|e| ConnectError::Config(e.0))?;
+    let client = b
+        .client()
+        .map_err(|e| ConnectError::Config(e.to_string()))?;
     connect_client(&client, t).await
 }
 

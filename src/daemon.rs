@@ -373,7 +373,7 @@ async fn reload_on_sighup(
                 .map_err(ReloadError::File)
                 .and_then(|file| {
                     let changes: BTreeMap<String, u32> = file
-                        .backends
+                        .backend
                         .into_iter()
                         .map(|b| (b.name, b.weight))
                         .collect();
@@ -429,7 +429,10 @@ mod tests {
             detail: "gone".into(),
         };
         let cases = [
-            (StartError::Config(ConfigError("bad".into())), EX_USAGE),
+            (
+                StartError::Config(ConfigError::Usage("bad".into())),
+                EX_USAGE,
+            ),
             (StartError::Capture(filter), EX_USAGE),
             (StartError::Capture(device), EX_FAILURE),
             (StartError::Signal(io()), EX_FAILURE),

@@ -354,7 +354,8 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
     }
     let mut results: Vec<Option<Reached>> = (0..config.backends.len()).map(|_| None).collect();
     while let Some(joined) = tasks.join_next().await {
-        let (i, r) = joined.map_err(|e| ConfigError(format!("start-up check failed: {e}")))?;
+        let (i, r) =
+            joined.map_err(|e| ConfigError::Usage(format!("start-up check failed: {e}")))?;
         results[i] = Some(r);
     }
     let mut guard = Guard {
@@ -400,7 +401,7 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
             continue;
         };
         if let Some(j) = (0..i).find(|&j| guard.found[j].id.as_ref() == Some(&id)) {
-            return Err(ConfigError(format!(
+            return Err(ConfigError::Usage(format!(
                 "backends {:?} and {:?} are the same Redis server (run_id {}) and database {}: \
                  two writers would share one stream and every record would be read twice; \
                  remove one of them",
@@ -425,7 +426,7 @@ pub async fn check_at_start(config: &Config) -> Result<Guard, ConfigError> {
             Ok(Lease::Busy(holder)) => {
                 let name = guard.backends[i].name.clone();
                 guard.release_all().await;
-                return Err(ConfigError(format!(
+                return Err(ConfigError::Usage(format!(
                     "agent {:?} already runs on backend {name:?}: its lease {} is held by \
                      {holder} (another live redtap with the same --agent); stop that one or \
                      give this one another --agent",

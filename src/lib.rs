@@ -14,7 +14,8 @@
 //! Layout (the daemon first, then the stages in the order a record meets them):
 //! - [`daemon`]: `redtap run` — open capture once, check backends, bind, start the pipeline,
 //!   admin and SIGHUP, wait for the shutdown token, drain; typed [`StartError`]s with exit codes.
-//! - [`config`]: flags + TOML → one validated [`config::Config`], before anything binds.
+//! - [`config`]: flags + environment + TOML → one validated [`config::Config`], before anything
+//!   binds; each setting declared once ([`config::settings`]), errors naming what was typed.
 //! - [`connect`]: the one way to connect to a backend (AUTH, TLS, bounded times) and its typed
 //!   [`connect::ConnectError`].
 //! - [`record`]: the [`record::Record`] that flows one way through the pipeline.

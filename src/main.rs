@@ -168,7 +168,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
                 Some(a) => a,
-                None => "127.0.0.1:9900".to_string(),
+                None => redtap::config::settings::spec::admin
+                    .default_text()
+                    .expect("admin has a fixed default")
+                    .to_string(),
             };
             let token = token.or(file.admin_token);
             let token = token.as_deref();

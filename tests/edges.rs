@@ -772,11 +772,12 @@ fn a_client_that_never_reads_does_not_keep_its_slot() {
     );
 }
 
-/// `redtap ARGS…` in `dir`: (exit code, stdout, stderr).
+/// `redtap ARGS…` in `dir`, which is also its state directory: (exit code, stdout, stderr).
 fn redtap_in(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(common::redtap_bin())
         .args(args)
         .current_dir(dir)
+        .env("STATE_DIRECTORY", dir)
         .output()
         .unwrap();
     (
@@ -1045,4 +1046,277 @@ fn a_weight_change_whose_body_never_arrives_gets_408_and_changes_nothing() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("nothing changed"), "{answer}");
     assert_eq!(d.backends(), before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration: every message names what the operator typed, where
+
+/// `redtap run ARGS` in `env`, expected to refuse at once (bounded: anything still running after
+/// 20 s is killed): its exit code and stderr.
+fn refused_run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new("timeout")
+        .args(["20", common::redtap_bin(), "run"])
+        .args(args)
+        .env_remove("REDTAP_ADMIN_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+/// A config file in a fresh directory: the directory (kept alive) and the file's path.
+fn config_file(toml: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("redtap.toml");
+    std::fs::write(&path, toml).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    (dir, path)
+}
+
+#[test]
+fn a_bad_value_in_the_config_file_names_the_key_and_the_file() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    for (line, expected) in [
+        (
+            "retention = \"5x\"",
+            "retention = \"5x\" in {FILE}: not a duration",
+        ),
+        (
+            "max_connections = 0",
+            "max_connections = 0 in {FILE}: out of range: use 1 to 1000000",
+        ),
+        (
+            "ring_size = \"1KiB\"",
+            "ring_size = \"1KiB\" in {FILE}: out of range: use 1MiB to 2GiB",
+        ),
+        (
+            "admin = \"0.0.0.0:9900\"",
+            "admin = \"0.0.0.0:9900\" in {FILE}: is reachable from other hosts",
+        ),
+    ] {
+        let (_dir, path) = config_file(&format!(
+            "listen = \"{listen}\"\ncapture = \"connections\"\n{line}\n\n[[backend]]\nname = \"A\"\n\
+             url = \"redis://127.0.0.1:1\"\nweight = 1\n"
+        ));
+        let (code, err) = refused_run(&["--config", &path, "--state-file", "off"], &[]);
+        assert_eq!(code, Some(64), "{line}: {err}");
+        let expected = format!("redtap: {}", expected.replace("{FILE}", &path));
+        assert!(
+            err.starts_with(&expected),
+            "{line}:\n{err}\nshould start\n{expected}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        // Nothing was bound.
+        TcpListener::bind(&listen).unwrap();
+    }
+}
+
+#[test]
+fn a_bad_flag_names_the_flag_even_when_the_file_sets_it_too() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (_dir, path) = config_file(&format!(
+        "listen = \"{listen}\"\nretention = \"1m\"\nmax_connections = 10\n[[backend]]\n\
+         name = \"A\"\nurl = \"redis://127.0.0.1:1\"\nweight = 1\n"
+    ));
+    let base = ["--config", &path, "--capture", "connections"];
+    for (flag, value, expected) in [
+        (
+            "--retention",
+            "5x",
+            "redtap: --retention 5x: not a duration",
+        ),
+        (
+            "--max-connections",
+            "0",
+            "redtap: --max-connections 0: out of range: use 1 to 1000000",
+        ),
+        (
+            "--listen",
+            "localhost:9000",
+            "redtap: --listen localhost:9000: not an IP:port",
+        ),
+        (
+            "--filter",
+            "src net 10.0.0.0/8",
+            "redtap: --filter \"src net 10.0.0.0/8\": needs packets capture: --capture \
+             connections has no packet filter",
+        ),
+    ] {
+        let mut args = base.to_vec();
+        args.extend([flag, value, "--state-file", "off"]);
+        let (code, err) = refused_run(&args, &[]);
+        assert_eq!(code, Some(64), "{flag} {value}: {err}");
+        assert!(err.starts_with(expected), "{flag} {value}: {err}");
+    }
+    // A token from the environment is named as such, and never repeated.
+    let (code, err) = refused_run(
+        &[&base[..], &["--state-file", "off"]].concat(),
+        &[("REDTAP_ADMIN_TOKEN", "too short")],
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(
+        err,
+        "redtap: REDTAP_ADMIN_TOKEN: must be at least 16 characters, without spaces"
+    );
+}
+
+#[test]
+fn a_url_error_shows_the_url_as_typed_without_its_password() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (code, err) = refused_run(
+        &["--listen", &listen, "--state-file", "off"]
+            .into_iter()
+            .chain(["--backend", "A=127.0.0.1:6379@1"])
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(
+        err,
+        "redtap: --backend \"A\": \"127.0.0.1:6379\" is not a Redis URL: write \
+         redis://127.0.0.1:6379"
+    );
+    let (_dir, path) = config_file(&format!(
+        "listen = \"{listen}\"\n[[backend]]\nname = \"B\"\n\
+         url = \"redis://user:secret@127.0.0.1:badport\"\nweight = 1\n"
+    ));
+    let (code, err) = refused_run(&["--config", &path, "--state-file", "off"], &[]);
+    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "redtap: backend \"B\" in {path}: \"redis://user:***@127.0.0.1:badport\" is not a \
+             Redis URL: invalid port number"
+        )
+    );
+}
+
+#[test]
+fn a_type_error_in_the_config_file_is_said_in_plain_words_with_an_example() {
+    for (toml, expected) in [
+        (
+            "listen = \"127.0.0.1:9000\"\nmax_connections = \"many\"\n",
+            "max_connections = \"many\" in {FILE} (line 2): expected a whole number, e.g. \
+             max_connections = 1024",
+        ),
+        (
+            "listen = 9000\n",
+            "listen = 9000 in {FILE} (line 1): expected text in quotes, e.g. listen = \
+             \"127.0.0.1:9000\"",
+        ),
+        (
+            "capture = \"pcap\"\n",
+            "capture = \"pcap\" in {FILE} (line 1): expected one of \"packets\" or \
+             \"connections\", e.g. capture = \"packets\"",
+        ),
+        (
+            "[[backend]]\nname = \"A\"\nurl = \"redis://127.0.0.1:1\"\nweight = \"30\"\n",
+            "weight = \"30\" in {FILE} (line 4): expected a whole number, e.g. weight = 30",
+        ),
+        (
+            "listen = \"127.0.0.1:9000\"\nretension = \"5m\"\n",
+            "retension = \"5m\" in {FILE} (line 2): not a setting of redtap run; the keys here \
+             are listen, retention,",
+        ),
+    ] {
+        let (_dir, path) = config_file(toml);
+        let (code, err) = refused_run(&["--config", &path], &[]);
+        assert_eq!(code, Some(64), "{toml}: {err}");
+        let expected = format!("redtap: {}", expected.replace("{FILE}", &path));
+        assert!(
+            err.starts_with(&expected),
+            "{toml}:\n{err}\nshould start\n{expected}"
+        );
+        assert!(!err.contains("u32") && !err.contains("usize"), "{err}");
+    }
+}
+
+#[test]
+fn the_default_state_file_lands_in_the_state_directory_made_0700() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = RedisServer::start();
+    // tests/common runs every daemon with STATE_DIRECTORY=<its dir>/state, which does not exist
+    // yet: redtap makes it.
+    let mut d = Daemon::connections(&[("A", &r, 1)], &[]);
+    let state_dir = d.dir.join("state");
+    let mode = std::fs::metadata(&state_dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+    assert_eq!(d.put_weights(r#"{"A":7}"#).0, 200);
+    let file = state_dir.join("redtap-state-t.json");
+    eventually(Duration::from_secs(10), "the state file written", || {
+        std::fs::read_to_string(&file)
+            .is_ok_and(|s| s.contains("\"A\": 7") || s.contains("\"A\":7"))
+    });
+    assert!(
+        !d.dir.join("redtap-state-t.json").exists(),
+        "nothing in the working directory any more"
+    );
+    assert!(d.stop(Duration::from_secs(10)).success(), "{}", d.log());
+
+    // A state directory that cannot be made is refused at start, naming it and the way out.
+    let (code, err) = refused_run(
+        &[
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--capture",
+            "connections",
+            "--backend",
+            &backend("A", &r, 1),
+        ],
+        &[("STATE_DIRECTORY", "/proc/redtap-cannot-be-here")],
+    );
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.starts_with("redtap: cannot create the state directory /proc/redtap-cannot-be-here:")
+            && err.contains("--state-file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_readme_configuration_reference_lists_exactly_the_settings_with_their_defaults() {
+    use redtap::config::settings::{Fallback, SPECS};
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let section = readme
+        .split("## Configuration reference")
+        .nth(1)
+        .expect("README has a configuration reference")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    // Rows `| `--flag` / `key` | default | meaning |`: each key with its default cell.
+    let mut documented = std::collections::BTreeMap::new();
+    for row in section.lines().filter(|l| l.starts_with("| `--")) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let Some((flags, keys)) = cells[0].trim_start_matches("| ").split_once(" / ") else {
+            panic!("README row without a TOML key: {row}");
+        };
+        if keys.contains("[[backend]]") || keys.starts_with("per backend") {
+            continue;
+        }
+        let key = keys.trim_matches('`');
+        assert_eq!(
+            flags.split_whitespace().next().unwrap().trim_matches('`'),
+            format!("--{}", key.replace('_', "-")),
+            "{row}"
+        );
+        documented.insert(key.to_string(), cells[1].to_string());
+    }
+    let specs: std::collections::BTreeMap<String, _> =
+        SPECS.iter().map(|s| (s.key.to_string(), s)).collect();
+    assert_eq!(
+        documented.keys().collect::<Vec<_>>(),
+        specs.keys().collect::<Vec<_>>(),
+        "README's configuration reference and the settings differ"
+    );
+    for (key, cell) in &documented {
+        if let Fallback::Value(v) = specs[key].fallback {
+            assert_eq!(cell, &format!("`{v}`"), "README's default of {key}");
+        }
+    }
 }

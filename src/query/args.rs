@@ -163,7 +163,7 @@ pub fn sources(args: &SourceArgs) -> Result<Sources, ConfigError> {
         None => config::FileConfig::default(),
     };
     let (backends, weights_known) = if args.backends.is_empty() {
-        (file.backends, true)
+        (file.backend.clone(), true)
     } else {
         let mut known = true;
         let mut backends = Vec::new();
@@ -183,35 +183,28 @@ pub fn sources(args: &SourceArgs) -> Result<Sources, ConfigError> {
         (backends, known)
     };
     config::validate_backends(&backends)?;
-    let retention_s = args
-        .retention
-        .clone()
-        .or(file.retention)
-        .unwrap_or_else(|| "5m".into());
-    let retention = humantime::parse_duration(&retention_s).map_err(|e| {
-        ConfigError(format!(
-            "--retention {retention_s:?} is not a duration ({e}); use e.g. 30s, 5m"
-        ))
-    })?;
-    let prefix = args
-        .prefix
-        .clone()
-        .or(file.prefix)
-        .unwrap_or_else(|| "redtap".into());
-    for (name, v) in [("prefix", Some(&prefix)), ("agent", args.agent.as_ref())] {
-        if let Some(v) = v {
-            if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c == ':') {
-                return Err(ConfigError(format!(
-                    "--{name} {v:?} must be non-empty, without spaces or ':'"
-                )));
-            }
-        }
-    }
+    // Retention and prefix as `redtap run` reads them: the same defaults, the same checks, and
+    // messages that name the flag or the file key that was typed.
+    let flags = config::Settings {
+        retention: args.retention.clone(),
+        prefix: args.prefix.clone(),
+        agent: args.agent.clone(),
+        ..Default::default()
+    };
+    let no_env = |_: &str| None;
+    let layers = config::Layers::new(&flags, &file, &no_env);
+    let retention = config::parse_duration(&layers.retention()?)?;
+    let prefix = config::key_part(layers.prefix()?)?;
+    // The file's `agent` describes one writer: only `--agent` narrows a read.
+    let agent = match layers.agent() {
+        Ok(a) if a.origin == config::Origin::Flag => Some(config::key_part(a)?),
+        _ => None,
+    };
     Ok(Sources {
         backends,
         selection: Selection {
             prefix,
-            agent: args.agent.clone(),
+            agent,
             schema: args.schema,
         },
         retention,
@@ -231,7 +224,7 @@ pub fn filter(args: &FilterArgs) -> Result<Filter, ConfigError> {
         s.parse::<std::net::IpAddr>()
             .map(|ip| Some(ip.into()))
             .map_err(|_| {
-                ConfigError(format!(
+                ConfigError::Usage(format!(
                     "--{flag} {s:?} is not a network or address (e.g. 10.0.0.0/8, 192.0.2.7, 2001:db8::/32)"
                 ))
             })
@@ -286,7 +279,7 @@ pub fn parse_time(
             return Ok((v, Some(note)));
         }
     }
-    Err(ConfigError(format!(
+    Err(ConfigError::Usage(format!(
         "--{flag} {s:?} is not a time: use a duration ago (5m, 90s), now, a date (2026-11-24), a \
          local time (\"2026-11-24 09:00\"), or RFC 3339 with a zone (2026-11-24T09:00:00Z)"
     )))
@@ -317,7 +310,7 @@ fn window(
         None => now,
     };
     if since_us > until_us {
-        return Err(ConfigError(format!(
+        return Err(ConfigError::Usage(format!(
             "the window ends ({}, --until) before it starts ({}, --since): swap them?",
             output::rfc3339_us(until_us),
             output::rfc3339_us(since_us)
@@ -471,7 +464,7 @@ mod tests {
         assert_eq!(parse_time("since", "5m", now, &plus2).unwrap().1, None);
         let e = t("yesterday").unwrap_err();
         assert!(
-            e.0.contains("RFC 3339") && e.0.contains("2026-11-24"),
+            e.to_string().contains("RFC 3339") && e.to_string().contains("2026-11-24"),
             "{e}"
         );
     }
@@ -491,6 +484,6 @@ mod tests {
             ..Default::default()
         })
         .unwrap_err();
-        assert!(e.0.contains("--src"), "{e}");
+        assert!(e.to_string().contains("--src"), "{e}");
     }
 }

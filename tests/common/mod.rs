@@ -313,7 +313,7 @@ pub struct Daemon {
     /// Its admin API, `http://127.0.0.1:<port>`.
     pub admin: String,
     log: PathBuf,
-    /// The working directory (state file lives here).
+    /// The working directory; the state directory is `dir/state` (`STATE_DIRECTORY`).
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -389,6 +389,9 @@ impl Daemon {
             .args(["--admin", admin])
             .args(args)
             .env("REDTAP_LOG", "info")
+            // The default state file's directory, as systemd's StateDirectory= sets it: kept
+            // across a restart in the same `dir`, never the tester's home.
+            .env("STATE_DIRECTORY", dir.join("state"))
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
