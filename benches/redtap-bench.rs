@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|packets|balance|fleet]...
+//!     [--count=N] [--capture-threads=1,2]     (packets)
 //! ```
 //!
 //! Scenarios (all by default):
@@ -12,8 +13,11 @@
 //! - `connections` — a load generator opening and closing TCP connections against
 //!   `redtap run --capture connections`, and against a minimal accept-and-discard server; plus
 //!   capture → visible-in-Redis latency at half the maximum rate.
-//! - `packets` — `hping3 --flood` SYNs at a closed loopback port for a bounded time, captured by
-//!   `redtap run` (packets mode, `--serve none`): SYNs sent, records stored, loss (needs root).
+//! - `packets` — a bounded `trafgen` SYN flood (`--count=N`, default 2,000,000) at a closed
+//!   loopback port, captured by `redtap run` (packets mode, `--serve none`) once per
+//!   `--capture-threads=1,2` setting, with `tcpdump -w /dev/null` on the same flood as the
+//!   reference: sent, captured by each, kernel and queue drops, written, shares, per-thread CPU
+//!   (needs root; falls back to hping3 without netsniff-ng).
 //! - `balance` — share error after 1,000,000 records with the weights changed 100 times.
 //! - `fleet` — three agents following one control Redis (`--control`): the time from a
 //!   `weights set --control` (the same call, in-process) until every agent serves the new
@@ -65,7 +69,7 @@ fn main() {
             "sink-stream" => sink(Schema::Stream, smoke),
             "sink-keys" => sink(Schema::Keys, smoke),
             "connections" => connections(smoke),
-            "packets" => packets(smoke),
+            "packets" => packets(&PacketsOpts::from_args(&args, smoke)),
             "balance" => balance(smoke),
             "fleet" => fleet(smoke),
             other => {
@@ -512,80 +516,283 @@ fn connections(smoke: bool) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// packets: hping3 --flood against redtap's packet capture.
+// packets: a bounded trafgen SYN flood at redtap's packet capture, tcpdump on the same flood.
 
-fn packets(smoke: bool) {
-    let secs = if smoke { 1 } else { 10 };
-    println!("\npackets: hping3 --flood SYNs for {secs} s at a closed port, redtap → 2 backends at 30/70");
+/// `--count=N` SYNs (default 2,000,000; 20,000 with `--smoke`) and `--capture-threads=1,2`
+/// (the settings to run, one flood each).
+struct PacketsOpts {
+    count: u64,
+    threads: Vec<usize>,
+}
+
+impl PacketsOpts {
+    fn from_args(args: &[String], smoke: bool) -> PacketsOpts {
+        let value = |name: &str| {
+            args.iter()
+                .find_map(|a| a.strip_prefix(&format!("--{name}=")).map(str::to_string))
+        };
+        let count = value("count").map_or(if smoke { 20_000 } else { 2_000_000 }, |v| {
+            v.parse().expect("--count=N")
+        });
+        let threads = value("capture-threads").map_or(vec![1, 2], |v| {
+            v.split(',')
+                .map(|t| t.parse().expect("--capture-threads=1,2"))
+                .collect()
+        });
+        PacketsOpts { count, threads }
+    }
+}
+
+/// (user + system) CPU seconds of each thread of `pid`, by thread name.
+fn thread_cpu(pid: u32) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        *out.entry(name).or_insert(0.0) += ticks as f64 / 100.0;
+    }
+    out
+}
+
+/// The machine's CPU time so far from /proc/stat, in seconds: (busy, softirq, total).
+fn machine_cpu() -> (f64, f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if f.len() < 7 {
+        return (0.0, 0.0, 0.0);
+    }
+    // user nice system idle iowait irq softirq steal…
+    let total: f64 = f.iter().take(8).sum();
+    let idle = f[3] + f[4];
+    ((total - idle) / 100.0, f[6] / 100.0, total / 100.0)
+}
+
+/// `tcpdump -w /dev/null` on `lo` with redtap's own filter and ring size: the reference.
+struct TcpdumpRef {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl TcpdumpRef {
+    fn start(port: u16, dir: &std::path::Path) -> TcpdumpRef {
+        let log = dir.join("tcpdump.log");
+        let child = Command::new("tcpdump")
+            .args([
+                "-i",
+                "lo",
+                "-nn",
+                "-s",
+                "256",
+                "-B",
+                "65536",
+                "-w",
+                "/dev/null",
+            ])
+            .arg(format!("tcp dst port {port} and dst host 127.0.0.1"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("tcpdump not found: apt-get install tcpdump");
+        let t = TcpdumpRef { child, log };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&t.log).is_ok_and(|l| l.contains("listening on")) {
+            assert!(Instant::now() < deadline, "tcpdump did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t
+    }
+
+    /// Stop it (SIGINT, so it prints its counts): (captured, dropped by kernel).
+    fn finish(mut self) -> (u64, u64) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let n = |what: &str| {
+            log.lines()
+                .find(|l| l.ends_with(what))
+                .and_then(|l| l.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (n("packets captured"), n("packets dropped by kernel"))
+    }
+}
+
+/// The SYN flood: `trafgen` on `lo` (one CPU), `count` SYNs from 127.0.0.9 with random source
+/// ports, IP ids and sequence numbers to 127.0.0.1:`port`; (sent, its CPU seconds). Falls back
+/// to `hping3 --faster` (much slower) where netsniff-ng is not installed.
+fn syn_flood(port: u16, count: u64, dir: &std::path::Path) -> (u64, f64, &'static str) {
+    if Command::new("trafgen").arg("--version").output().is_ok() {
+        let conf = dir.join("syn.cfg");
+        std::fs::write(
+            &conf,
+            format!(
+                "{{ 0,0,0,0,0,0, 0,0,0,0,0,0, 0x08,0x00, 0x45,0x00, const16(40), drnd(2), \
+                 0x40,0x00, 64, 6, csumip(14, 33), 127,0,0,9, 127,0,0,1, drnd(2), \
+                 const16({port}), drnd(4), const32(0), 0x50, 0x02, const16(512), \
+                 csumtcp(14, 34), const16(0) }}\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new("timeout")
+            .args(["300", "trafgen", "--dev", "lo", "--conf"])
+            .arg(&conf)
+            .args(["--num", &count.to_string(), "-P", "1", "--cpp"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        let sent = text
+            .lines()
+            .find(|l| l.contains("packets outgoing"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        // "0 sec, 957 usec on CPU0 (1000 packets)"
+        let cpu = text
+            .lines()
+            .find(|l| l.contains("usec on CPU"))
+            .and_then(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                Some(w.first()?.parse::<f64>().ok()? + w.get(2)?.parse::<f64>().ok()? / 1e6)
+            })
+            .unwrap_or(0.0);
+        return (sent, cpu, "trafgen");
+    }
+    // hping3 counts its source port up from 1024 and wraps; --faster is bounded by -c.
+    let out = Command::new("timeout")
+        .args([
+            "300",
+            "hping3",
+            "-q",
+            "-S",
+            "--faster",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["-s", "1024", "-c", &count.to_string(), "127.0.0.1"])
+        .output()
+        .expect("neither trafgen (netsniff-ng) nor hping3 found");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let sent = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (sent, 0.0, "hping3")
+}
+
+fn packets(opts: &PacketsOpts) {
     if !Command::new("id")
         .arg("-u")
         .output()
         .map(|o| o.stdout.starts_with(b"0"))
         .unwrap_or(false)
     {
-        println!("  skipped: needs root (CAP_NET_RAW) to capture and to run hping3");
+        println!("\npackets: skipped: needs root (CAP_NET_RAW) to capture and to send");
         return;
     }
+    for &threads in &opts.threads {
+        packets_run(opts.count, threads);
+    }
+}
+
+fn packets_run(syns: u64, threads: usize) {
     let (a, b) = (Redis::start(), Redis::start());
+    let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t_arg = threads.to_string();
     let redtap = spawn_redtap(
         listen,
-        &["--capture", "packets", "--serve", "none"],
+        &[
+            "--capture",
+            "packets",
+            "--serve",
+            "none",
+            "--capture-threads",
+            &t_arg,
+        ],
         (&a, &b),
     );
     let pid = redtap.pid();
+    let dump = TcpdumpRef::start(port, dir.path());
     let mem0 = a.used_memory() + b.used_memory();
     let cpu0 = cpu_seconds(pid);
+    let threads0 = thread_cpu(pid);
+    let dump_cpu0 = cpu_seconds(dump.child.id());
+    let redis_cpu0 = cpu_seconds(a.pid()) + cpu_seconds(b.pid());
+    let machine0 = machine_cpu();
     let t0 = Instant::now();
-    // One fixed source port (-k): the SYNs never come from the target port itself, whose RST
-    // replies would be captured too and blur the count.
-    let out = Command::new("timeout")
-        .args(["-s", "INT", &secs.to_string()])
-        .args([
-            "hping3",
-            "-q",
-            "-S",
-            "--flood",
-            "-k",
-            "-s",
-            "10000",
-            "-p",
-            &port.to_string(),
-        ])
-        .arg("127.0.0.1")
-        .output()
-        .expect("hping3 not found: apt-get install hping3");
+    let (sent, gen_cpu, generator) = syn_flood(port, syns, dir.path());
     let flood = t0.elapsed().as_secs_f64();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let sent: u64 = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let stored = || count(&a, Schema::Stream, "bench") + count(&b, Schema::Stream, "bench");
+    let machine1 = machine_cpu();
+    let stored = || count_all(&a, &b);
+    // Settled: nothing more stored for a second (bounded).
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = u64::MAX;
-    while stored() != last {
+    while stored() != last && Instant::now() < deadline {
         last = stored();
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_secs(1));
     }
     let n = stored();
+    // Capture threads' CPU over the flood and what they read after it (they idle after).
+    let threads1 = thread_cpu(pid);
+    let (na, nb) = (
+        count(&a, Schema::Stream, "bench"),
+        count(&b, Schema::Stream, "bench"),
+    );
     let cpu = cpu_seconds(pid) - cpu0;
+    let dump_cpu = cpu_seconds(dump.child.id()) - dump_cpu0;
+    let (dump_captured, dump_dropped) = dump.finish();
     let mem = (a.used_memory() + b.used_memory()).saturating_sub(mem0);
+    let captured = redtap.metric("redtap_records_captured_total");
+    let written = redtap.metric_sum("redtap_records_written_total");
     let kernel = redtap.metric_sum("redtap_kernel_drops_total");
     let queue_full = redtap.metric("redtap_records_dropped_total{reason=\"queue_full\"}");
     let rss = peak_rss_mib(pid);
     drop(redtap);
-    row(
-        "SYNs sent (hping3)",
-        format!("{sent}"),
-        &format!("{:.0}/s", sent as f64 / flood),
+
+    println!(
+        "\npackets: {generator} {syns} SYNs at 127.0.0.1:{port} on lo, redtap \
+         --capture-threads {threads} --serve none → 2 backends at 30/70; tcpdump -w /dev/null \
+         on the same flood"
     );
     row(
-        "records stored",
-        format!("{n}"),
-        &format!("{:.0}/s over the flood", n as f64 / flood),
+        &format!("SYNs sent ({generator})"),
+        format!("{sent}"),
+        &format!(
+            "{:.0}/s over {flood:.2} s; {generator} CPU {gen_cpu:.2} s",
+            sent as f64 / flood
+        ),
+    );
+    row(
+        "captured by tcpdump",
+        format!("{dump_captured}"),
+        &format!("dropped by kernel {dump_dropped}; tcpdump CPU {dump_cpu:.2} s"),
+    );
+    row(
+        "captured by redtap (records made)",
+        format!("{captured:.0}"),
+        "",
     );
     row(
         "kernel drops / queue_full",
@@ -593,17 +800,77 @@ fn packets(smoke: bool) {
         "",
     );
     row(
+        "written to Redis",
+        format!("{n}"),
+        &format!("records_written {written:.0}"),
+    );
+    row(
+        "ratio redtap / tcpdump",
+        format!("{:.3}×", n as f64 / dump_captured.max(1) as f64),
+        "written / tcpdump captured",
+    );
+    row(
         "loss",
         format!(
             "{:.3}%",
             100.0 * sent.saturating_sub(n) as f64 / sent.max(1) as f64
         ),
-        "(sent − stored) / sent",
+        "(sent − written) / sent",
+    );
+    let want_a = n as f64 * 0.3;
+    row(
+        "shares A / B (weights 30 / 70)",
+        format!(
+            "{:.3}% / {:.3}%",
+            100.0 * na as f64 / n.max(1) as f64,
+            100.0 * nb as f64 / n.max(1) as f64
+        ),
+        &format!("A − N·30/100 = {:+.1} records", na as f64 - want_a),
+    );
+    let capture_cpu: Vec<String> = threads1
+        .iter()
+        .filter(|(name, _)| name.starts_with("redtap-cap"))
+        .map(|(name, t1)| {
+            let busy = t1 - threads0.get(name).copied().unwrap_or(0.0);
+            format!("{name} {busy:.2} s ({:.0}%)", 100.0 * busy / flood)
+        })
+        .collect();
+    row(
+        "capture threads CPU (% of the flood's time)",
+        capture_cpu.join(", "),
+        "",
+    );
+    let others: f64 = threads1
+        .iter()
+        .filter(|(name, _)| !name.starts_with("redtap-cap"))
+        .map(|(name, t1)| t1 - threads0.get(name).copied().unwrap_or(0.0))
+        .sum();
+    row(
+        "redtap's other threads, Redis CPU",
+        format!(
+            "{others:.2} s, {:.2} s",
+            cpu_seconds(a.pid()) + cpu_seconds(b.pid()) - redis_cpu0
+        ),
+        "dispatcher and writers (tokio); both redis-servers",
     );
     row(
-        "redtap CPU per record",
-        format!("{:.2} µs", cpu * 1e6 / n.max(1) as f64),
-        "(user+sys) of redtap",
+        "redtap CPU, whole run",
+        format!("{cpu:.2} s"),
+        &format!("{:.2} µs per record", cpu * 1e6 / n.max(1) as f64),
+    );
+    let (busy, softirq, total) = (
+        machine1.0 - machine0.0,
+        machine1.1 - machine0.1,
+        machine1.2 - machine0.2,
+    );
+    row(
+        "machine CPU during the flood",
+        format!("{:.0}% busy", 100.0 * busy / total.max(0.01)),
+        &format!(
+            "of {} cores; softirq {:.0}% (kernel delivery, BPF, fanout)",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            100.0 * softirq / total.max(0.01)
+        ),
     );
     row("redtap peak RSS", format!("{rss:.1} MiB"), "");
     row(
@@ -611,6 +878,10 @@ fn packets(smoke: bool) {
         format!("{:.1} B", mem as f64 / n.max(1) as f64),
         "stream schema, with kind and len",
     );
+}
+
+fn count_all(a: &Redis, b: &Redis) -> u64 {
+    count(a, Schema::Stream, "bench") + count(b, Schema::Stream, "bench")
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -40,8 +40,8 @@
 //! - [`client`]: `redtap weights`; [`query`]: `redtap query/top/tail/stats`.
 //! - `util`: small helpers with no home of their own (`poll_once`).
 //!
-//! `unsafe` is denied crate-wide; the only exception is one `setsockopt` fenced in
-//! `capture::packets::sys`.
+//! `unsafe` is denied crate-wide; the only exception is the packet socket options (set and
+//! read) fenced in `capture::packets::sys`.
 //!
 //! One shutdown path: the caller cancels the token passed to [`run`]; capture stops, the queue
 //! drains through the dispatcher into the writers, and the writers finish within the grace

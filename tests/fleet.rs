@@ -263,8 +263,9 @@ fn an_agent_started_while_the_control_redis_is_down_serves_its_last_version_as_s
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut d = Daemon::start_in(dir.path(), &listen, &admin, &args);
     ok(weights_cli(&ctl, &["set", "A=5", "B=95"]));
+    // The version is shown once the state file holds it.
     eventually(DEADLINE, "version 1 applied", || {
-        weights_of(&d) == w(&[("A", 5), ("B", 95)])
+        weights_of(&d) == w(&[("A", 5), ("B", 95)]) && control_of(&d)["version"] == 1
     });
     assert!(d.stop(Duration::from_secs(10)).success());
 
@@ -453,8 +454,9 @@ fn with_a_control_redis_sighup_leaves_the_fleet_weights_alone() {
     .unwrap();
     let d = Daemon::start(&["--config", path.to_str().unwrap()]);
     ok(weights_cli(&ctl, &["set", "A=40", "B=60"]));
+    // The weights swap first, then the status says which version they are.
     eventually(DEADLINE, "version 1 applied", || {
-        weights_of(&d) == w(&[("A", 40), ("B", 60)])
+        weights_of(&d) == w(&[("A", 40), ("B", 60)]) && control_of(&d)["version"] == 1
     });
     d.signal("HUP");
     eventually(DEADLINE, "SIGHUP logged", || {

@@ -115,24 +115,74 @@ fn syns_from_hping3_to_a_closed_port_are_stored_exactly_once_by_weight() {
     if !privileged("hping3 SYNs") {
         return;
     }
+    syns_stored_exactly_once_by_weight(&[]);
+}
+
+#[test]
+fn with_two_capture_threads_each_syn_is_stored_once_by_weight_and_both_threads_read() {
+    if !privileged("two capture threads") {
+        return;
+    }
+    let mut d = syns_stored_exactly_once_by_weight(&["--capture-threads", "2"]);
+    let threads = thread_names(d.pid());
+    for name in ["redtap-cap-0", "redtap-cap-1"] {
+        assert!(threads.iter().any(|t| t == name), "{name} in {threads:?}");
+    }
+    d.stop(Duration::from_secs(30));
+    // hping3's SYNs come from 30,000 source ports: each thread's share of the flows, by hash,
+    // is about half; a thread that read nothing would mean no fanout.
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("packets capture stopped"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no summary line:
+{log}"
+            )
+        });
+    let per_thread: Vec<u64> = line
+        .split("frames_per_thread=[")
+        .nth(1)
+        .and_then(|r| r.split(']').next())
+        .unwrap_or_else(|| panic!("no frames_per_thread in {line}"))
+        .split(", ")
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(per_thread.len(), 2, "{line}");
+    assert_eq!(per_thread.iter().sum::<u64>(), 30_000, "{line}");
+    assert!(per_thread.iter().all(|&n| n > 5_000), "{line}");
+}
+
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
+/// 30,000 SYNs from hping3 at a closed port, to `redtap run` with `extra` flags in front of A
+/// (weight 30) and B (70): each is stored once, and the shares are exact.
+fn syns_stored_exactly_once_by_weight(extra: &[&str]) -> Daemon {
     let (a, b) = (RedisServer::start(), RedisServer::start());
     let (ba, bb) = (backend("A", &a, 30), backend("B", &b, 70));
     // Nobody accepts on this port: each SYN gets an RST from the kernel and nothing more is
     // sent to the port, so records must equal SYNs sent.
     let port = free_port();
-    let d = Daemon::start_on(
-        &format!("127.0.0.1:{port}"),
-        &[
-            "--serve",
-            "none",
-            "--agent",
-            "t",
-            "--backend",
-            &ba,
-            "--backend",
-            &bb,
-        ],
-    );
+    let mut args = vec![
+        "--serve",
+        "none",
+        "--agent",
+        "t",
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+    ];
+    args.extend_from_slice(extra);
+    let d = Daemon::start_on(&format!("127.0.0.1:{port}"), &args);
     let n: u64 = 30_000;
     hping3_syns(port, n);
     eventually(Duration::from_secs(60), "every SYN stored", || {
@@ -169,6 +219,128 @@ fn syns_from_hping3_to_a_closed_port_are_stored_exactly_once_by_weight() {
     }
     assert_eq!(d.metric("redtap_kernel_drops_total{cause=\"ring\"}"), 0.0);
     assert_eq!(d.metric("redtap_frames_malformed_total"), 0.0);
+    d
+}
+
+#[test]
+fn capture_threads_started_during_a_flood_store_no_segment_twice() {
+    if !privileged("fanout at start") {
+        return;
+    }
+    // Each member of a fanout group sees every packet until it has joined: one started naively
+    // in the middle of traffic stores some packets twice. hping3 sends from a new source port
+    // each time, so a source port stored twice is a packet stored twice.
+    let r = RedisServer::start();
+    let port = free_port();
+    let flood = Command::new("timeout")
+        .args(["60", "hping3", "-q", "-S", "-p", &port.to_string()])
+        .args(["-s", "1024", "-c", "40000", "-i", "u50", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hping3 not found: apt-get install hping3");
+    let d = Daemon::start_on(
+        &format!("127.0.0.1:{port}"),
+        &[
+            "--serve",
+            "none",
+            "--capture-threads",
+            "2",
+            "--agent",
+            "t",
+            "--backend",
+            &backend("A", &r, 1),
+        ],
+    );
+    // Long enough for the daemon's start to fall inside the flood: stop it once the daemon
+    // answers, plus a little more traffic after.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut flood = flood;
+    let _ = Command::new("kill")
+        .args(["-INT", &flood.id().to_string()])
+        .status();
+    flood.wait().unwrap();
+    // Then a last burst from other ports: once it is all stored, the flood's records are too.
+    let out = Command::new("timeout")
+        .args(["60", "hping3", "-q", "-S", "-p", &port.to_string()])
+        .args(["-s", "50000", "-c", "1000", "-i", "u50", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    eventually(Duration::from_secs(30), "the last burst stored", || {
+        records(&r)
+            .iter()
+            .filter(|f| f["sport"].parse::<u16>().is_ok_and(|p| p >= 50_000))
+            .count()
+            >= 1000
+    });
+    let recs = records(&r);
+    let mut seen = std::collections::HashSet::new();
+    let twice: Vec<&String> = recs
+        .iter()
+        .map(|f| &f["sport"])
+        .filter(|p| !seen.insert(*p))
+        .take(10)
+        .collect();
+    assert!(twice.is_empty(), "source ports stored twice: {twice:?}");
+    assert!(recs.len() > 1000, "{} records", recs.len());
+    drop(d);
+}
+
+#[test]
+fn two_daemons_with_two_capture_threads_each_see_every_syn() {
+    if !privileged("fanout groups per process") {
+        return;
+    }
+    // Each process's fanout group is its own: two redtaps tapping one port do not split the
+    // packets between them, each stores all of them.
+    let (r1, r2) = (RedisServer::start(), RedisServer::start());
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let start = |r: &RedisServer| {
+        Daemon::start_on(
+            &listen,
+            &[
+                "--serve",
+                "none",
+                "--capture-threads",
+                "2",
+                "--agent",
+                "t",
+                "--backend",
+                &backend("A", r, 1),
+            ],
+        )
+    };
+    let (_d1, _d2) = (start(&r1), start(&r2));
+    let n = 2_000;
+    hping3_syns(port, n);
+    for r in [&r1, &r2] {
+        eventually(Duration::from_secs(30), "every SYN stored by each", || {
+            r.xlen(STREAM) >= n
+        });
+        let sports: std::collections::HashSet<String> =
+            records(r).into_iter().map(|f| f["sport"].clone()).collect();
+        assert_eq!((r.xlen(STREAM), sports.len() as u64), (n, n));
+    }
+}
+
+#[test]
+fn capture_threads_out_of_range_exit_64_and_name_the_range() {
+    for bad in ["0", "65"] {
+        let out = Command::new(common::redtap_bin())
+            .args(["run", "--listen", "127.0.0.1:9", "--admin", "off"])
+            .args(["--backend", "A=redis://127.0.0.1:1@1"])
+            .args(["--capture-threads", bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{bad}: {stderr}");
+        assert!(
+            stderr.contains("--capture-threads") && stderr.contains("1 to 64"),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

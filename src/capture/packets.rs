@@ -1,13 +1,20 @@
 //! Packets capture: one record per TCP segment sent to the listen address. Needs CAP_NET_RAW.
 //!
-//! Owns the libpcap handles (one per device: a non-loopback address is captured on its
-//! interface and on loopback): the choice of devices, the kernel (BPF) filter and the user-space
-//! check that each segment is to the listen address (which `--filter` can only narrow), the
-//! memory-mapped TPACKET_V3 ring that libpcap sets up on Linux, and the loop that reads them on
-//! a dedicated OS thread — reopening a failed handle with backoff, and draining the rings on
-//! stop. Reading the ring costs no system call per frame: libpcap walks a filled block in user
-//! space; the thread polls only when the ring is empty, and the kernel hands over a block when
-//! it is full or [`BLOCK_TIMEOUT_MS`] after its first frame. Decoding is [`super::parse`]'s.
+//! Owns the libpcap handles (per device — a non-loopback address is captured on its interface
+//! and on loopback — one per capture thread): the choice of devices, the kernel (BPF) filter and
+//! the user-space check that each segment is to the listen address (which `--filter` can only
+//! narrow), the memory-mapped TPACKET_V3 ring that libpcap sets up on Linux, and the loop that
+//! reads them on dedicated OS threads — reopening a failed handle with backoff, and draining the
+//! rings on stop. Reading the ring costs no system call per frame: libpcap walks a filled block
+//! in user space; a thread polls only when its rings are empty, and the kernel hands over a
+//! block when it is full or [`BLOCK_TIMEOUT_MS`] after its first frame. Decoding is
+//! [`super::parse`]'s.
+//!
+//! With `--capture-threads N` > 1, each of N threads holds one handle (its own ring) per
+//! device, and a device's N handles form one `PACKET_FANOUT` group: the kernel hashes each
+//! packet by flow (after reassembling IP fragments) to one member, so a flow stays on one thread
+//! and every packet reaches exactly one ring. A handle joins its group before its filter admits
+//! anything (see [`Opener::open`]), so no packet is seen twice at start or on a reopening.
 //!
 //! The loop never waits on the record queue: when it is full the record is dropped and counted
 //! (`queue_full`), because waiting would only move the loss into the kernel ring. Every loss —
@@ -19,7 +26,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pcap::{Active, Capture, Direction};
@@ -41,6 +48,26 @@ pub const SNAPLEN: i32 = 256;
 /// How long the kernel may hold a partly filled ring block before handing it over: the worst
 /// added latency between a segment arriving and redtap reading it.
 pub const BLOCK_TIMEOUT_MS: i32 = 10;
+
+/// Before a fanout member's filter is installed: how long to wait for the kernel to hand over
+/// the partly filled ring block holding what the handle took in while it was not yet in its
+/// group. The kernel retires such a block within two block timeouts.
+const FANOUT_SETTLE: Duration = Duration::from_millis(5 * BLOCK_TIMEOUT_MS as u64);
+
+/// A filter no packet passes (no frame is 0 bytes long). Compiled unoptimized: the optimizer
+/// refuses an expression that rejects everything.
+const REJECT_ALL: &str = "less 0";
+
+/// The default `--capture-threads`: one below four cores (a second reader would take a core
+/// from the dispatcher, the writers and Redis), else half the cores, at most 8.
+pub fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 4 {
+        1
+    } else {
+        (cores / 2).min(8)
+    }
+}
 
 /// Count into [`Metrics`] after this many frames (or [`FLUSH_EVERY`]), not per frame.
 const FLUSH_FRAMES: u64 = 1024;
@@ -84,6 +111,17 @@ pub enum OpenError {
         device: String,
         /// Its DLT.
         dlt: i32,
+    },
+    /// The kernel refused the fanout group that `--capture-threads` > 1 needs.
+    #[error(
+        "cannot share {device} between capture threads ({detail}): PACKET_FANOUT with \
+         PACKET_FANOUT_FLAG_IGNORE_OUTGOING needs Linux 4.20 or later; use --capture-threads 1"
+    )]
+    NoFanout {
+        /// The device.
+        device: String,
+        /// The kernel's error.
+        detail: String,
     },
     /// Anything else libpcap refused.
     #[error("cannot capture on {device}: {detail}")]
@@ -227,18 +265,35 @@ fn device_up(device: &str) -> bool {
         .is_none_or(|flags| flags & IFF_UP != 0)
 }
 
-/// How to open (and reopen) the capture.
+/// A handle's place in its device's fanout group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fanout {
+    /// One capture thread: no group.
+    Off,
+    /// The group's first member: the kernel picks an id no other group on this host has.
+    Create,
+    /// A later member, or a reopened one: joins the group with this id.
+    Join(u16),
+}
+
+/// How to open (and reopen) one capture.
 #[derive(Debug, Clone)]
 struct Opener {
     device: String,
     ring_size: usize,
     filter: String,
     user_filter: Option<String>,
+    fanout: Fanout,
 }
 
 impl Opener {
-    /// Open, filter and set non-blocking: a handle ready for [`Reader`].
-    fn open(&self) -> Result<(Capture<Active>, Link), OpenError> {
+    /// Open and set non-blocking: a handle ready for [`Reader`], with its fanout group id.
+    ///
+    /// Without fanout the filter is installed here. A fanout member is opened with a filter
+    /// that admits nothing and then joins its group: until it has joined it would receive
+    /// every packet beside the group, so whatever its ring took in so far is discarded by
+    /// [`Opener::arm`], which installs the real filter once [`FANOUT_SETTLE`] has passed.
+    fn open(&self) -> Result<(Capture<Active>, Link, Option<u16>), OpenError> {
         let device = &self.device;
         let dev_err = |e: pcap::Error| OpenError::Device {
             device: device.clone(),
@@ -274,14 +329,24 @@ impl Opener {
         if let Err(e) = sys::ignore_outgoing(cap.as_fd()) {
             debug!(error = %e, "PACKET_IGNORE_OUTGOING not available; libpcap filters direction");
         }
-        cap.filter(&self.filter, true)
-            .map_err(|e| match &self.user_filter {
-                Some(expr) => OpenError::BadFilter {
-                    expr: expr.clone(),
+        let group = match self.fanout {
+            Fanout::Off => {
+                self.install_filter(&mut cap)?;
+                None
+            }
+            Fanout::Create | Fanout::Join(_) => {
+                cap.filter(REJECT_ALL, false).map_err(dev_err)?;
+                let id = match self.fanout {
+                    Fanout::Join(id) => Some(id),
+                    _ => None,
+                };
+                let group = sys::join_fanout(cap.as_fd(), id).map_err(|e| OpenError::NoFanout {
+                    device: device.clone(),
                     detail: e.to_string(),
-                },
-                None => dev_err(e),
-            })?;
+                })?;
+                Some(group)
+            }
+        };
         let dlt = cap.get_datalink().0;
         let link = Link::from_dlt(dlt).ok_or_else(|| OpenError::UnsupportedLink {
             device: device.clone(),
@@ -290,7 +355,50 @@ impl Opener {
         // Non-blocking reads, so the reader knows when the ring is empty (then it counts what
         // it read and sleeps in poll(2) on the capture and on an eventfd that stop wakes).
         let cap = cap.setnonblock().map_err(dev_err)?;
-        Ok((cap, link))
+        Ok((cap, link, group))
+    }
+
+    fn install_filter(&self, cap: &mut Capture<Active>) -> Result<(), OpenError> {
+        cap.filter(&self.filter, true)
+            .map_err(|e| match &self.user_filter {
+                Some(expr) => OpenError::BadFilter {
+                    expr: expr.clone(),
+                    detail: e.to_string(),
+                },
+                None => OpenError::Device {
+                    device: self.device.clone(),
+                    detail: e.to_string(),
+                },
+            })
+    }
+
+    /// A fanout member, [`FANOUT_SETTLE`] after [`Opener::open`]: read its ring empty (libpcap
+    /// runs the admit-nothing filter over the blocks filled before it was installed, so nothing
+    /// comes out), then install the real filter. From here on the member receives only its
+    /// group's share.
+    fn arm(&self, cap: &mut Capture<Active>) -> Result<(), OpenError> {
+        let deadline = Instant::now() + DRAIN_MAX;
+        let mut leaked = 0u64;
+        loop {
+            match cap.next_packet() {
+                Ok(_) => leaked += 1,
+                Err(pcap::Error::TimeoutExpired) => break,
+                Err(e) => {
+                    return Err(OpenError::Device {
+                        device: self.device.clone(),
+                        detail: e.to_string(),
+                    })
+                }
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+        }
+        if leaked > 0 {
+            debug!(device = %self.device, frames = leaked,
+                   "frames from before the fanout group was joined discarded");
+        }
+        self.install_filter(cap)
     }
 }
 
@@ -330,7 +438,14 @@ impl Handle {
         if self.cap.is_some() || Instant::now() < self.retry_at {
             return false;
         }
-        match self.opener.open() {
+        let opened = self.opener.open().and_then(|(mut cap, link, group)| {
+            if group.is_some() {
+                std::thread::sleep(FANOUT_SETTLE);
+                self.opener.arm(&mut cap)?;
+            }
+            Ok((cap, link))
+        });
+        match opened {
             Ok((cap, link)) => {
                 self.cap = Some(cap);
                 self.link = link;
@@ -351,9 +466,10 @@ impl Handle {
     }
 }
 
-/// An open, filtered capture (one handle per device), ready to run.
+/// An open, filtered capture (per capture thread, one handle per device), ready to run.
 pub struct PacketCapture {
-    handles: Vec<Handle>,
+    /// `handles[thread][device]`.
+    handles: Vec<Vec<Handle>>,
     listen: SocketAddr,
     /// The devices captured on, comma-separated.
     pub device: String,
@@ -372,23 +488,45 @@ impl PacketCapture {
             }
         }
         let filter = full_filter(config.listen, config.filter.as_deref());
-        let mut handles = Vec::new();
+        let threads = config.capture_threads.max(1);
+        let mut handles: Vec<Vec<Handle>> = (0..threads).map(|_| Vec::new()).collect();
         for device in &devices {
-            let opener = Opener {
+            let mut opener = Opener {
                 device: device.clone(),
                 ring_size: config.ring_size,
                 filter: filter.clone(),
                 user_filter: config.filter.clone(),
+                fanout: if threads > 1 {
+                    Fanout::Create
+                } else {
+                    Fanout::Off
+                },
             };
-            let (cap, link) = opener.open()?;
-            handles.push(Handle {
-                opener,
-                cap: Some(cap),
-                link,
-                kernel: KernelTotals::default(),
-                backoff: REOPEN_FIRST,
-                retry_at: Instant::now(),
-            });
+            for thread in &mut handles {
+                let (cap, link, group) = opener.open()?;
+                if let Some(id) = group {
+                    // Every later member, and any reopening, joins this group.
+                    opener.fanout = Fanout::Join(id);
+                }
+                thread.push(Handle {
+                    opener: opener.clone(),
+                    cap: Some(cap),
+                    link,
+                    kernel: KernelTotals::default(),
+                    backoff: REOPEN_FIRST,
+                    retry_at: Instant::now(),
+                });
+            }
+        }
+        if threads > 1 {
+            // Every member of every group has joined: let the kernel hand over what they took
+            // in before, discard it, and only then let the filters admit packets.
+            std::thread::sleep(FANOUT_SETTLE);
+            for h in handles.iter_mut().flatten() {
+                if let Some(cap) = &mut h.cap {
+                    h.opener.arm(cap)?;
+                }
+            }
         }
         Ok(PacketCapture {
             handles,
@@ -398,11 +536,11 @@ impl PacketCapture {
         })
     }
 
-    /// Read frames on a dedicated thread until `stop` fires, sending one record per segment to
+    /// Read frames on dedicated threads until `stop` fires, sending one record per segment to
     /// `out`. A device whose capture fails (the interface disappeared…) is reopened with
     /// backoff while the others go on; meanwhile, and while a captured interface is down,
     /// [`Metrics`] says capture is down. On stop, the frames already in the rings are read (for
-    /// at most [`DRAIN_MAX`]). The returned task ends when the thread has stopped and dropped
+    /// at most [`DRAIN_MAX`]). The returned task ends when every thread has stopped and dropped
     /// `out`.
     pub fn spawn(
         self,
@@ -418,20 +556,92 @@ impl PacketCapture {
                 let _ = rustix::io::write(&*wake, &1u64.to_ne_bytes());
             })
         };
-        let reader = Reader {
-            handles: self.handles,
-            listen: self.listen,
-            device: self.device,
-            filter: self.filter,
-        };
-        let thread = std::thread::Builder::new()
-            .name("redtap-capture".into())
-            .spawn(move || reader.run(&out, &metrics, &stop, &wake))?;
+        let links: Vec<Link> = self.handles[0].iter().map(|h| h.link).collect();
+        let threads = self.handles.len();
+        info!(device = %self.device, filter = %self.filter, link = ?links, threads,
+              "packets capture running");
+        let up = Arc::new(UpBoard {
+            up: Mutex::new(vec![true; threads]),
+            metrics: metrics.clone(),
+        });
+        let mut joins = Vec::with_capacity(threads);
+        for (index, handles) in self.handles.into_iter().enumerate() {
+            let reader = Reader {
+                handles,
+                listen: self.listen,
+                index,
+                up: up.clone(),
+            };
+            let (out, metrics, stop, wake) =
+                (out.clone(), metrics.clone(), stop.clone(), wake.clone());
+            // Thread names stay within the 15 bytes Linux keeps (`redtap-cap-63`).
+            let name = if threads == 1 {
+                "redtap-capture".to_string()
+            } else {
+                format!("redtap-cap-{index}")
+            };
+            // On an error, the threads already started stop when `stop` fires.
+            joins.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || reader.run(&out, &metrics, &stop, &wake))?,
+            );
+        }
+        drop(out);
         Ok(tokio::task::spawn_blocking(move || {
-            let _ = thread.join();
+            let totals: Vec<Totals> = joins.into_iter().filter_map(|j| j.join().ok()).collect();
             waker.abort();
+            log_stopped(&totals);
         }))
     }
+}
+
+/// Whether each capture thread's handles are all up; capture is up when every thread's are.
+/// Judged once a second per thread, so a lock is cheap here.
+struct UpBoard {
+    up: Mutex<Vec<bool>>,
+    metrics: Arc<Metrics>,
+}
+
+impl UpBoard {
+    fn set(&self, thread: usize, up: bool) {
+        let mut all = self.up.lock().unwrap_or_else(|e| e.into_inner());
+        all[thread] = up;
+        self.metrics.set_capture_up(all.iter().all(|&u| u));
+    }
+}
+
+/// What one capture thread read and lost, for the summary at stop.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    counts: Counts,
+    /// Kernel drops (ring, interface).
+    kernel: (u64, u64),
+}
+
+/// One line for all threads when capture stops (with each thread's frames when there are
+/// several: how evenly the flows spread).
+fn log_stopped(totals: &[Totals]) {
+    let mut sum = Totals::default();
+    for t in totals {
+        sum.counts.add(&t.counts);
+        sum.kernel.0 += t.kernel.0;
+        sum.kernel.1 += t.kernel.1;
+    }
+    let per_thread: Vec<u64> = totals.iter().map(|t| t.counts.frames).collect();
+    let c = sum.counts;
+    info!(
+        frames = c.frames,
+        records = c.records,
+        dropped_queue_full = c.queue_full,
+        malformed = c.malformed,
+        ignored = c.ignored,
+        not_to_listen = c.filtered,
+        kernel_ring_drops = sum.kernel.0,
+        kernel_interface_drops = sum.kernel.1,
+        frames_per_thread = ?per_thread,
+        "packets capture stopped"
+    );
 }
 
 /// Longest time spent reading what is left in the rings once stop fires.
@@ -440,12 +650,13 @@ pub const DRAIN_MAX: Duration = Duration::from_secs(2);
 const REOPEN_FIRST: Duration = Duration::from_millis(100);
 const REOPEN_MAX: Duration = Duration::from_secs(5);
 
-/// The capture thread's state.
+/// One capture thread's state: one handle per device.
 struct Reader {
     handles: Vec<Handle>,
     listen: SocketAddr,
-    device: String,
-    filter: String,
+    /// This thread's number, from 0.
+    index: usize,
+    up: Arc<UpBoard>,
 }
 
 /// How a [`read_batch`] ended.
@@ -486,9 +697,15 @@ impl Tally {
         self.kernel_total.1 += iface;
     }
 
-    fn report(&mut self) {
+    fn report(&mut self, thread: usize) {
         let (ring, iface) = std::mem::take(&mut self.kernel_window);
-        report_loss(&self.window, ring, iface, self.first_malformed.take());
+        report_loss(
+            thread,
+            &self.window,
+            ring,
+            iface,
+            self.first_malformed.take(),
+        );
         self.window = Counts::default();
     }
 }
@@ -500,10 +717,7 @@ impl Reader {
         metrics: &Metrics,
         stop: &CancellationToken,
         wake: &OwnedFd,
-    ) {
-        let links: Vec<Link> = self.handles.iter().map(|h| h.link).collect();
-        info!(device = %self.device, filter = %self.filter, link = ?links,
-              "packets capture running");
+    ) -> Totals {
         let mut t = Tally::default();
         let mut last_flush = Instant::now();
         let mut last_stats = Instant::now();
@@ -513,7 +727,7 @@ impl Reader {
         let mut judge_up = true;
         'run: loop {
             if std::mem::take(&mut judge_up) {
-                metrics.set_capture_up(self.handles.iter().all(Handle::up));
+                self.up.set(self.index, self.handles.iter().all(Handle::up));
             }
             if stop.is_cancelled() {
                 self.drain(out, metrics, &mut t);
@@ -544,7 +758,7 @@ impl Reader {
                         t.kernel(lost);
                     }
                 }
-                t.report();
+                t.report(self.index);
                 last_stats = Instant::now();
                 judge_up = true;
             }
@@ -588,18 +802,11 @@ impl Reader {
                 t.kernel(lost);
             }
         }
-        t.report();
-        info!(
-            frames = t.total.frames,
-            records = t.total.records,
-            dropped_queue_full = t.total.queue_full,
-            malformed = t.total.malformed,
-            ignored = t.total.ignored,
-            not_to_listen = t.total.filtered,
-            kernel_ring_drops = t.kernel_total.0,
-            kernel_interface_drops = t.kernel_total.1,
-            "packets capture stopped"
-        );
+        t.report(self.index);
+        Totals {
+            counts: t.total,
+            kernel: t.kernel_total,
+        }
     }
 
     /// On stop: read the frames already in the rings, so a segment that arrived before the
@@ -624,7 +831,11 @@ impl Reader {
                 }
             }
         }
-        debug!(frames = t.total.frames - before, "rings drained");
+        debug!(
+            thread = self.index,
+            frames = t.total.frames - before,
+            "rings drained"
+        );
     }
 }
 
@@ -691,15 +902,18 @@ impl Counts {
         metrics.dropped(DropReason::QueueFull, self.queue_full);
         metrics.frames_unparsed(self.malformed, self.ignored);
         metrics.frames_not_to_listen(self.filtered);
-        for acc in [total, window] {
-            acc.frames += self.frames;
-            acc.records += self.records;
-            acc.queue_full += self.queue_full;
-            acc.malformed += self.malformed;
-            acc.ignored += self.ignored;
-            acc.filtered += self.filtered;
-        }
+        total.add(self);
+        window.add(self);
         *self = Counts::default();
+    }
+
+    fn add(&mut self, other: &Counts) {
+        self.frames += other.frames;
+        self.records += other.records;
+        self.queue_full += other.queue_full;
+        self.malformed += other.malformed;
+        self.ignored += other.ignored;
+        self.filtered += other.filtered;
     }
 }
 
@@ -729,11 +943,18 @@ impl KernelTotals {
 }
 
 /// Log the loss of the last window, if any: one line at most per [`STATS_EVERY`].
-fn report_loss(window: &Counts, ring: u64, iface: u64, malformed: Option<NotSegment>) {
+fn report_loss(
+    thread: usize,
+    window: &Counts,
+    ring: u64,
+    iface: u64,
+    malformed: Option<NotSegment>,
+) {
     if ring + iface + window.queue_full + window.malformed == 0 {
         return;
     }
     warn!(
+        thread,
         kernel_ring_drops = ring,
         kernel_interface_drops = iface,
         dropped_queue_full = window.queue_full,
@@ -743,10 +964,59 @@ fn report_loss(window: &Counts, ring: u64, iface: u64, malformed: Option<NotSegm
     );
 }
 
-/// The one call redtap makes to the kernel itself: a socket option the libraries lack.
+/// The calls redtap makes to the kernel itself: socket options the libraries lack.
 #[allow(unsafe_code)]
 mod sys {
     use std::os::fd::{AsRawFd, BorrowedFd};
+
+    /// Join a packet socket to fanout group `id`, or with `None` to a new group whose id the
+    /// kernel picks unused on this host (`PACKET_FANOUT_FLAG_UNIQUEID`, Linux 4.15+), so no
+    /// other process's group is joined by accident. Packets are hashed by flow
+    /// (`PACKET_FANOUT_HASH`) after IP fragments are reassembled (`..._FLAG_DEFRAG`, so the
+    /// fragments of one packet cannot go to different members), and outgoing frames are kept
+    /// out of the whole group (`..._FLAG_IGNORE_OUTGOING`, Linux 4.20+: a group member's own
+    /// `PACKET_IGNORE_OUTGOING` is not consulted). Returns the group's id.
+    pub fn join_fanout(fd: BorrowedFd<'_>, id: Option<u16>) -> std::io::Result<u16> {
+        let mut flags = libc::PACKET_FANOUT_FLAG_DEFRAG | libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
+        if id.is_none() {
+            flags |= libc::PACKET_FANOUT_FLAG_UNIQUEID;
+        }
+        // The group id in the low 16 bits, the mode and flags above (packet(7)).
+        let arg = (u32::from(id.unwrap_or(0)) | ((libc::PACKET_FANOUT_HASH | flags) << 16))
+            as libc::c_int;
+        // SAFETY: `fd` is an open socket borrowed for the duration of the call; the option
+        // value points at a live c_int and the length passed is exactly its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_FANOUT,
+                (&arg as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut got: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: as above; the kernel writes at most `len` bytes into the live c_int `got`
+        // and updates `len`, a live socklen_t.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_FANOUT,
+                (&mut got as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The kernel answers id | mode << 16 | flags << 24.
+        Ok((got as u32 & 0xffff) as u16)
+    }
 
     /// Set PACKET_IGNORE_OUTGOING (Linux 4.20+) on a packet socket.
     pub fn ignore_outgoing(fd: BorrowedFd<'_>) -> std::io::Result<()> {

@@ -65,6 +65,8 @@ pub mod bounds {
     pub const BUFFER_MAX: (usize, usize) = (1 << 10, 64 << 30);
     /// `--ring-size`: 1 MiB to 2 GiB.
     pub const RING_SIZE: (usize, usize) = (1 << 20, 1 << 31);
+    /// `--capture-threads`: 1 to 64 per device.
+    pub const CAPTURE_THREADS: (usize, usize) = (1, 64);
 }
 
 /// How records are captured.
@@ -120,6 +122,8 @@ pub struct Config {
     pub filter: Option<String>,
     /// Kernel capture ring size in bytes, packets mode.
     pub ring_size: usize,
+    /// Capture threads per device, packets mode.
+    pub capture_threads: usize,
     /// The backends, in order; names are unique and at least one weight is non-zero.
     pub backends: Vec<BackendConfig>,
     /// How long a record stays readable from its capture time.
@@ -271,6 +275,10 @@ impl Config {
             }
         }
         let ring_size = size(&l.ring_size()?, bounds::RING_SIZE)?;
+        let capture_threads = match l.capture_threads().ok() {
+            Some(n) => number(&n, bounds::CAPTURE_THREADS)?,
+            None => crate::capture::packets::default_threads(),
+        };
         let control = match l.control().ok() {
             Some(c) => {
                 if !(c.value.starts_with("redis://") || c.value.starts_with("rediss://")) {
@@ -301,6 +309,7 @@ impl Config {
             serve: serve.value,
             filter: filter.map(|f| f.value),
             ring_size,
+            capture_threads,
             backends,
             retention,
             admin,

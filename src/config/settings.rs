@@ -417,6 +417,10 @@ settings! {
         /// Packets mode: size of the kernel capture ring (1MiB to 2GiB).
         #[arg(long, value_name = "BYTES")]
         ring_size: String = Fallback::Value("64MiB"),
+        /// Packets mode: capture threads per device, each with its own ring of --ring-size,
+        /// sharing the flows (PACKET_FANOUT) (1 to 64).
+        #[arg(long, value_name = "N")]
+        capture_threads: usize = Fallback::Derived { shown: "1 below 4 cores, else cores/2 (at most 8)", example: "2" },
         /// Admin API listen address, or `off`.
         #[arg(long, value_name = "ADDR:PORT")]
         admin: String = Fallback::Value("127.0.0.1:9900"),

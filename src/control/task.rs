@@ -233,6 +233,9 @@ impl Io {
                 // The state file is written with fsync: off the async workers.
                 let applied =
                     tokio::task::spawn_blocking(move || store.apply_fleet(&f, &weights)).await;
+                // The status follows the weights at once: an API reader (and a PUT waiting
+                // for its version) sees the version as soon as it is served.
+                self.publish(follower);
                 match applied {
                     Ok(Ok(())) => info!(version = fleet.version, weights = ?fleet.weights,
                                         "fleet weights applied"),
