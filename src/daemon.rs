@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::balance::{Origin, WeightError, WeightStore};
 use crate::buffer::OnFull;
@@ -297,6 +297,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
 
 /// The one line that says what is running and with which weights.
 fn log_running(config: &Config, pipeline: &Pipeline, control: Option<&Control>) {
+    if let (Some(old), Some(new)) = (&config.state_file, &config.state_file_moved_to) {
+        warn!(
+            state_file = %old.display(),
+            "the state file is in the working directory, the default of earlier versions: \
+             weights are restored from and saved to it until it is moved to {}",
+            new.display()
+        );
+    }
     let in_force = pipeline.balance.weights_by_name();
     let restored = config
         .backends

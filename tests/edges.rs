@@ -1256,6 +1256,34 @@ fn the_default_state_file_lands_in_the_state_directory_made_0700() {
     );
     assert!(d.stop(Duration::from_secs(10)).success(), "{}", d.log());
 
+    // An upgrade from a version that kept the file in the working directory: a file found
+    // there (and none in the state directory) is still used, with a warning naming where it
+    // belongs now.
+    std::fs::rename(&file, d.dir.join("redtap-state-t.json")).unwrap();
+    std::fs::remove_dir(&state_dir).unwrap();
+    let spec = backend("A", &r, 1);
+    let mut old = Daemon::start_in(
+        &d.dir,
+        &format!("127.0.0.1:{}", free_port()),
+        &format!("127.0.0.1:{}", free_port()),
+        &[
+            "--capture",
+            "connections",
+            "--agent",
+            "t",
+            "--backend",
+            &spec,
+        ],
+    );
+    assert_eq!(old.backends()[0]["weight"], 7, "{}", old.log());
+    let log = old.log();
+    assert!(
+        log.contains("the state file is in the working directory")
+            && log.contains(&state_dir.join("redtap-state-t.json").display().to_string()),
+        "{log}"
+    );
+    assert!(old.stop(Duration::from_secs(10)).success(), "{}", old.log());
+
     // A state directory that cannot be made is refused at start, naming it and the way out.
     let (code, err) = refused_run(
         &[

@@ -158,6 +158,9 @@ pub struct Config {
     pub health: HealthConfig,
     /// Where API weight changes are kept across restarts; `None` when `off`.
     pub state_file: Option<PathBuf>,
+    /// Set when `state_file` is the old default in the working directory, found at start-up
+    /// (the default before the state directory): where it belongs now.
+    pub state_file_moved_to: Option<PathBuf>,
     /// Bearer token the admin API requires, if any.
     pub admin_token: Option<String>,
     /// The control Redis (`--control`), as a backend-like target named `control`.
@@ -173,10 +176,20 @@ impl Config {
             None => FileConfig::default(),
         };
         let state_given = args.state_file.is_some() || file.state_file.is_some();
-        let config = Config::resolve_with(file, args, &|var| std::env::var(var).ok())?;
+        let mut config = Config::resolve_with(file, args, &|var| std::env::var(var).ok())?;
         if !state_given {
-            if let Some(dir) = config.state_file.as_deref().and_then(Path::parent) {
-                create_state_dir(dir)?;
+            if let Some(new) = config.state_file.clone() {
+                // Before the state directory, the default was this name in the working
+                // directory: keep using a file found there, so an upgrade keeps its weights,
+                // and say where it belongs now.
+                let old = new.file_name().map(PathBuf::from);
+                if let Some(old) = old.filter(|o| o.is_file() && !new.exists()) {
+                    let old = std::env::current_dir().map_or(old.clone(), |d| d.join(old));
+                    config.state_file = Some(old);
+                    config.state_file_moved_to = Some(new);
+                } else if let Some(dir) = new.parent() {
+                    create_state_dir(dir)?;
+                }
             }
         }
         Ok(config)
@@ -303,6 +316,7 @@ impl Config {
             buffer_max,
             health,
             state_file,
+            state_file_moved_to: None,
             admin_token: admin_token.map(|t| t.value),
             listen,
             capture: capture.value,
