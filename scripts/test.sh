@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 need redis-server redis-server
+need python3 python3
 need cc gcc
 need openssl openssl
 need prlimit util-linux

@@ -28,7 +28,8 @@
 //! - [`health`]: each backend's up/down verdict and why; [`buffer`]: the bound on waiting records.
 //! - [`identity`]: one Redis, one writer — the start-up check of every backend, duplicate servers
 //!   refused by `run_id`, this agent's lease on each backend.
-//! - [`sink`]: per-backend Redis writers and the data layouts ([`sink::schema`]).
+//! - [`layout`]: the Redis data layouts (`stream`, `keys`), each writing and reading its format.
+//! - [`sink`]: per-backend Redis writers (the I/O loop and the pure exactly-once backlog).
 //! - [`admin`]: the HTTP API (`/v1/backends`, `/v1/weights`, `/metrics`, `/healthz`) and the
 //!   live page it serves ([`admin::page`]); [`state`]: the file that keeps run-time weights
 //!   across restarts.
@@ -61,6 +62,7 @@ pub mod control;
 pub mod daemon;
 pub mod health;
 pub mod identity;
+pub mod layout;
 pub mod metrics;
 pub mod pipeline;
 pub mod query;

@@ -23,10 +23,10 @@ use std::sync::Arc;
 
 use redtap::buffer::{Budget, OnFull, RECORD_COST};
 use redtap::config::Schema;
+use redtap::layout::{bucket_expire_at_ms, bucket_of, Answer, Layout, Slot};
 use redtap::metrics::DropReason;
 use redtap::record::{Kind, Record};
 use redtap::sink::backlog::{Backlog, Cmd, Fate, Plan};
-use redtap::sink::schema::{bucket_expire_at_ms, bucket_of, Answer, Layout, Slot};
 use redtap::sink::WINDOW;
 
 /// splitmix64: small, fast, and the same everywhere.

@@ -20,9 +20,9 @@ use crate::balance::{Balance, Router, WeightStore};
 use crate::buffer::{Budget, OnFull};
 use crate::config::{Config, ConfigError};
 use crate::health::Board;
+use crate::layout::Layout;
 use crate::metrics::{DropReason, KernelDrop, Metrics};
 use crate::record::Record;
-use crate::sink::schema::Layout;
 use crate::sink::{Writer, WriterContext};
 pub use dispatcher::Dispatcher;
 
@@ -101,7 +101,8 @@ impl Pipeline {
                 &config.prefix,
                 &config.agent,
                 config.retention.as_millis() as u64,
-            );
+            )
+            .with_listen(config.listen);
             let writer = Writer::new(i, b.name.clone(), b.client()?, layout, ctx.clone());
             let (tx, rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
             writer_txs.push(tx);

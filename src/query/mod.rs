@@ -3,7 +3,7 @@
 //! Owns: what a read-back [`Row`] is, the time window and filters a read applies, and the
 //! failure accounting every read command shares. It only reads; it never writes, trims or expires
 //! anything, and it shares nothing with the capture pipeline except the layouts in
-//! [`crate::sink::schema`].
+//! [`crate::layout`].
 //!
 //! Layout:
 //! - this module: the shared model — [`Row`], [`Sources`] (what to read), [`Window`],

@@ -1,12 +1,10 @@
-//! Reading one backend: connect, discover agents and keys by SCAN, page through ranges, parse.
+//! Reading one backend: connect, discover agents and keys by SCAN, page through ranges.
 //!
-//! Owns the Redis commands of the read side and the parsing of what the writer stored (see
-//! [`crate::sink::schema`]): stream entries `src dst sport dport ts kind [len]` and key values
-//! `{"src","dst","sport","dport","ts","kind"[,"len"]}`. Unknown `kind`s are passed through; an
-//! entry missing a field is skipped. It never writes to Redis.
+//! Owns the Redis I/O of the read side (SCAN, TYPE, XRANGE paging, XREAD, MGET). What the
+//! writer stored is decoded by its layout ([`crate::layout`]: key names, stream entries, key
+//! values); a record a layout does not recognise is skipped. It never writes to Redis.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +19,9 @@ use super::{
 };
 use crate::config::{BackendConfig, Schema};
 use crate::connect::{ConnectError, Timeouts};
+use crate::layout::stream::{entries, parse_bucket_rest, xread_streams, Listen};
+use crate::layout::{keys, stream, Decoded};
 use crate::record::now_us;
-use crate::sink::schema::{entry_fields, text};
 
 /// Time allowed to connect to a backend.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -126,7 +125,7 @@ pub async fn discover(
     match (&sel.agent, streams_on, keys_on) {
         (Some(a), _, _) => {
             if streams_on {
-                candidates.push(crate::sink::schema::stream_key(&sel.prefix, a));
+                candidates.push(stream::stream_key(&sel.prefix, a));
                 patterns.push(format!("{prefix}:events:{{{}}}:*", glob_escape(a)));
             }
             if keys_on {
@@ -179,7 +178,7 @@ pub async fn discover(
                     if !keys_on {
                         continue;
                     }
-                    let Some((agent, ts_us, seq)) = parse_key_rest(rest) else {
+                    let Some((agent, ts_us, seq)) = keys::parse_key_rest(rest) else {
                         continue;
                     };
                     if window.is_some_and(|w| !w.contains(ts_us)) {
@@ -229,22 +228,6 @@ pub async fn discover(
     }
     h.streams = per_agent.into_iter().collect();
     Ok(h)
-}
-
-/// `{<agent>}:<second>` (a bucket stream's key after `<prefix>:events:`) → its parts.
-fn parse_bucket_rest(rest: &str) -> Option<(&str, u64)> {
-    let (agent, sec) = rest.strip_prefix('{')?.rsplit_once("}:")?;
-    let sec = sec.parse().ok()?;
-    (!agent.is_empty() && !agent.contains(':') && !agent.contains('}')).then_some((agent, sec))
-}
-
-/// `<agent>:<ts_us>:<seq>` → its parts.
-fn parse_key_rest(rest: &str) -> Option<(&str, u64, u64)> {
-    let mut it = rest.rsplitn(3, ':');
-    let seq = it.next()?.parse().ok()?;
-    let ts = it.next()?.parse().ok()?;
-    let agent = it.next()?;
-    (!agent.is_empty() && !agent.contains(':')).then_some((agent, ts, seq))
 }
 
 /// Start one reader task per stream and one for all of the keys; each sends pages of rows that
@@ -322,6 +305,13 @@ impl Reader {
     /// Page through one stream with XRANGE over the window's entry IDs (IDs are capture ms).
     /// `false` when reading should stop (an error was sent, or nobody listens).
     async fn stream(&mut self, key: String, agent: &Arc<str>) -> bool {
+        let listen = match bucket_listen(&mut self.conn, &key).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.tx.send(Err(BackendError::Read(e))).await;
+                return false;
+            }
+        };
         let mut start = (self.window.from_us / 1000).to_string();
         let end = (self.window.to_us / 1000).to_string();
         loop {
@@ -349,7 +339,7 @@ impl Reader {
             start = format!("({last}");
             let rows: Vec<Row> = entries
                 .into_iter()
-                .filter_map(|(_, fields)| row_from_fields(fields, &self.backend, agent))
+                .filter_map(|(id, fields)| row_from_entry(id, fields, listen, &self.backend, agent))
                 .filter(|r| self.window.contains(r.ts_us) && self.filter.matches(r))
                 .collect();
             if !rows.is_empty() && self.tx.send(Ok(rows)).await.is_err() {
@@ -392,77 +382,51 @@ impl Reader {
     }
 }
 
-/// The entries of an XRANGE / XREVRANGE answer: (ID, field list).
-fn entries(v: &Value) -> Vec<(&str, &Value)> {
-    let Value::Array(items) = v else {
-        return Vec::new();
-    };
-    items
-        .iter()
-        .filter_map(|e| match e {
-            Value::Array(pair) if pair.len() == 2 => Some((text(&pair[0])?, &pair[1])),
-            _ => None,
-        })
-        .collect()
-}
-
-/// A stream entry's fields → a row; `None` if a required field is missing or malformed.
-pub fn row_from_fields(fields: &Value, backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
-    let pairs = entry_fields(fields)?;
-    let (mut src, mut dst, mut sport, mut dport, mut ts, mut kind, mut len) =
-        (None, None, None, None, None, None, None);
-    for (k, v) in pairs {
-        match k {
-            "src" => src = v.parse::<IpAddr>().ok(),
-            "dst" => dst = v.parse::<IpAddr>().ok(),
-            "sport" => sport = v.parse::<u16>().ok(),
-            "dport" => dport = v.parse::<u16>().ok(),
-            "ts" => ts = v.parse::<u64>().ok(),
-            "kind" => kind = Some(v),
-            "len" => len = v.parse::<u32>().ok(),
-            _ => {}
-        }
+/// A decoded record → a row of `backend` and `agent`.
+pub fn row(d: Decoded, backend: &Arc<str>, agent: &Arc<str>) -> Row {
+    Row {
+        ts_us: d.ts_us,
+        src: d.src,
+        sport: d.sport,
+        dst: d.dst,
+        dport: d.dport,
+        kind: d.kind,
+        len: d.len,
+        backend: backend.clone(),
+        agent: agent.clone(),
     }
-    Some(Row {
-        ts_us: ts?,
-        src: src?,
-        sport: sport?,
-        dst: dst?,
-        dport: dport?,
-        kind: kind?.to_string(),
-        len,
-        backend: backend.clone(),
-        agent: agent.clone(),
-    })
 }
 
-/// The value the keys schema stores.
-#[derive(serde::Deserialize)]
-struct KeyValue {
-    src: IpAddr,
-    dst: IpAddr,
-    sport: u16,
-    dport: u16,
-    ts: u64,
-    kind: String,
-    #[serde(default)]
-    len: Option<u32>,
+/// A stream entry in a bucket sent to `listen` → a row; `None` if it is not one of ours.
+fn row_from_entry(
+    id: &str,
+    fields: &Value,
+    listen: Option<Listen>,
+    backend: &Arc<str>,
+    agent: &Arc<str>,
+) -> Option<Row> {
+    stream::decode(id, fields, listen).map(|d| row(d, backend, agent))
 }
 
-/// A keys-schema value → a row; `None` if it is not the JSON the writer stores.
-pub fn row_from_json(v: &[u8], backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
-    let k: KeyValue = serde_json::from_slice(v).ok()?;
-    Some(Row {
-        ts_us: k.ts,
-        src: k.src,
-        sport: k.sport,
-        dst: k.dst,
-        dport: k.dport,
-        kind: k.kind,
-        len: k.len,
-        backend: backend.clone(),
-        agent: agent.clone(),
-    })
+/// The listen address a bucket's first entry names, which its other entries may leave out.
+async fn bucket_listen(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+) -> Result<Option<Listen>, redis::RedisError> {
+    let first: Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(stream::bucket_listen(&first))
+}
+
+/// A keys-layout value → a row; `None` if it is not one of ours.
+fn row_from_json(v: &[u8], backend: &Arc<str>, agent: &Arc<str>) -> Option<Row> {
+    keys::decode(v).map(|d| row(d, backend, agent))
 }
 
 /// What `stats` learns from one backend.
@@ -494,13 +458,7 @@ pub async fn backend_stats(
     let h = discover(conn, sel, Some(window), progress).await?;
     let mut s = HeldStats::default();
     let floor_ms = floor_us / 1000;
-    let none: Arc<str> = "".into();
-    let first_ts = |v: &Value| {
-        entries(v)
-            .first()
-            .and_then(|(_, f)| row_from_fields(f, &none, &none))
-            .map(|r| r.ts_us)
-    };
+    let first_ts = |v: &Value| entries(v).first().and_then(|(id, f)| stream::ts_of(id, f));
     for key in &h.buckets_outside {
         s.held += q::<u64>(conn, redis::cmd("XLEN").arg(key)).await?;
     }
@@ -618,6 +576,7 @@ pub async fn follow(
         start_us,
         keys_lag_us: keys_lag.as_micros() as u64,
         streams: HashMap::new(),
+        listens: HashMap::new(),
         seen_keys: HashSet::new(),
         first_look: true,
         tx,
@@ -638,6 +597,8 @@ struct Follower {
     keys_lag_us: u64,
     /// Stream key → (agent, last ID read).
     streams: HashMap<String, (Arc<str>, String)>,
+    /// Stream key → the listen address its first entry names, once looked up.
+    listens: HashMap<String, Option<Listen>>,
     /// Keys-schema records already shown, inside the lag window: (agent, ts µs, seq).
     seen_keys: HashSet<(Arc<str>, u64, u64)>,
     /// Whether no discovery has succeeded yet.
@@ -709,6 +670,7 @@ impl Follower {
                 let found: HashSet<&String> =
                     h.streams.iter().flat_map(|(_, keys)| keys.iter()).collect();
                 self.streams.retain(|k, _| found.contains(k));
+                self.listens.retain(|k, _| found.contains(k));
                 for (agent, keys) in std::mem::take(&mut h.streams) {
                     for key in keys {
                         self.streams
@@ -745,16 +707,26 @@ impl Follower {
             };
             let mut rows = Vec::new();
             for (key, entries_v) in xread_streams(&reply) {
+                let es = entries(entries_v);
+                if es.is_empty() {
+                    continue;
+                }
+                let listen = match self.listens.get(key) {
+                    Some(l) => *l,
+                    None => match bucket_listen(conn, key).await {
+                        Ok(l) => *self.listens.entry(key.to_string()).or_insert(l),
+                        Err(e) => return Some(BackendError::Read(e)),
+                    },
+                };
                 let Some((agent, last)) = self.streams.get_mut(key) else {
                     continue;
                 };
-                let es = entries(entries_v);
                 if let Some((id, _)) = es.last() {
                     *last = id.to_string();
                 }
                 rows.extend(
                     es.into_iter()
-                        .filter_map(|(_, f)| row_from_fields(f, &self.backend, agent)),
+                        .filter_map(|(id, f)| row_from_entry(id, f, listen, &self.backend, agent)),
                 );
             }
             if !self.send_rows(rows).await {
@@ -817,24 +789,11 @@ impl Follower {
     }
 }
 
-/// The (stream key, entries) pairs of an XREAD answer (RESP2 array or RESP3 map).
-fn xread_streams(v: &Value) -> Vec<(&str, &Value)> {
-    match v {
-        Value::Array(items) => items
-            .iter()
-            .filter_map(|s| match s {
-                Value::Array(p) if p.len() == 2 => Some((text(&p[0])?, &p[1])),
-                _ => None,
-            })
-            .collect(),
-        Value::Map(m) => m.iter().filter_map(|(k, e)| Some((text(k)?, e))).collect(),
-        _ => Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::layout::keys::parse_key_rest;
 
     #[test]
     fn key_names_parse() {
@@ -882,7 +841,7 @@ mod tests {
             .map(|s| Value::BulkString(s.as_bytes().to_vec()))
             .collect(),
         );
-        let r = row_from_fields(&fields, &b, &a).unwrap();
+        let r = row_from_entry("3-0", &fields, None, &b, &a).unwrap();
         assert_eq!((r.kind.as_str(), r.len, r.ts_us), ("conn", None, 3));
     }
 }

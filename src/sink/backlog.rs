@@ -34,10 +34,10 @@ use std::sync::Arc;
 
 use redis::Pipeline;
 
-use super::schema::{bucket_of, Answer, Ask, Layout, Slot};
 use super::WINDOW;
 use crate::buffer::{Budget, OnFull};
 use crate::config::Schema;
+use crate::layout::{bucket_of, Answer, Ask, Layout, Slot};
 use crate::metrics::DropReason;
 use crate::record::Record;
 

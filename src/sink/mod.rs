@@ -25,7 +25,6 @@
 //! A writer never calls back into capture or the dispatcher.
 
 pub mod backlog;
-pub mod schema;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -43,10 +42,10 @@ use tracing::{debug, error, info, warn};
 use crate::buffer::{Budget, OnFull};
 use crate::connect::{connect_client, ConnectError, Timeouts};
 use crate::health::{self, Board, Cause, Transition};
+use crate::layout::{Answer, Layout};
 use crate::metrics::{BackendMetrics, DropReason, Metrics};
 use crate::record::{now_us, Record};
 use backlog::{Backlog, Plan};
-use schema::{Answer, Layout};
 
 /// How often upkeep runs: evicting expired records, probing. Retention is promised to ±1 s, so
 /// this leaves margin for a round trip.

@@ -202,18 +202,45 @@ impl RedisServer {
     }
 
     /// Every entry of a stream as (id, fields), in ID order; an agent's stream name reads its
-    /// buckets too.
+    /// buckets too. A record reads as the complete field set of earlier versions (`src dst sport
+    /// dport ts kind [len]`), whichever version wrote it (decoded by `redtap::layout::stream`);
+    /// [`xrange_raw`](Self::xrange_raw) shows the fields as stored.
     pub fn xrange(&self, key: &str) -> Vec<(String, Vec<(String, String)>)> {
+        use redtap::layout::stream;
         let mut c = self.conn().unwrap();
         let mut out = Vec::new();
         for k in self.stream_keys(key) {
-            let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            let v: redis::Value = redis::cmd("XRANGE")
                 .arg(&k)
                 .arg("-")
                 .arg("+")
                 .query(&mut c)
                 .unwrap();
-            out.extend(v);
+            let listen = stream::bucket_listen(&v);
+            for (id, fields) in stream::entries(&v) {
+                let f = match stream::decode(id, fields, listen) {
+                    Some(d) => {
+                        let mut f = vec![
+                            ("src".to_string(), d.src.to_string()),
+                            ("dst".to_string(), d.dst.to_string()),
+                            ("sport".to_string(), d.sport.to_string()),
+                            ("dport".to_string(), d.dport.to_string()),
+                            ("ts".to_string(), d.ts_us.to_string()),
+                            ("kind".to_string(), d.kind),
+                        ];
+                        if let Some(len) = d.len {
+                            f.push(("len".to_string(), len.to_string()));
+                        }
+                        f
+                    }
+                    None => stream::entry_fields(fields)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                };
+                out.push((id.to_string(), f));
+            }
         }
         let id = |s: &str| -> (u64, u64) {
             let (a, b) = s.split_once('-').unwrap_or((s, "0"));
@@ -221,6 +248,17 @@ impl RedisServer {
         };
         out.sort_by_key(|e| id(&e.0));
         out
+    }
+
+    /// Every entry of one stream key as (id, fields) as stored, in ID order.
+    pub fn xrange_raw(&self, key: &str) -> Vec<(String, Vec<(String, String)>)> {
+        let mut c = self.conn().unwrap();
+        redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query(&mut c)
+            .unwrap()
     }
 
     /// Keys matching a pattern, by SCAN (which skips keys already expired).

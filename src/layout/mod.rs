@@ -1,14 +1,23 @@
-//! The Redis data layouts (documented for users in docs/redis-schema.md — keep the two in step).
+//! The Redis data layouts, one file each, each both writing and reading its format (documented
+//! for users in docs/redis-schema.md — keep the two in step).
 //!
-//! Owns key names, entry IDs, bucket expiries, the commands that store and read back records,
-//! and how their answers read ([`Answer`]). It builds commands only; it never talks to Redis.
+//! Owns what every layout shares: the [`Layout`] handle (the dispatch on [`Schema`]), slots and
+//! entry IDs, bucket naming and expiry, how the writer's answers read ([`Answer`]) and what a
+//! stored record reads back as ([`Decoded`]). [`stream`] and [`keys`] own their commands and the
+//! parsing of what Redis returns for them. It builds commands and parses replies; it never
+//! talks to Redis (the writer in `sink` and the readers in `query::read` do the I/O).
+
+pub mod keys;
+pub mod packed;
+pub mod stream;
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use redis::Pipeline;
 
 use crate::config::Schema;
-use crate::record::{Kind, Record};
+use crate::record::Record;
 
 /// Where a record goes inside one backend: a stream entry ID, or a key name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -32,34 +41,50 @@ pub struct Layout {
     pub probe_key: String,
     /// Retention in milliseconds.
     pub retention_ms: u64,
+    /// The agent's listen address when it names one (not `0.0.0.0` / `[::]`): the destination
+    /// of (nearly) every record, which the stream layout then stores once per bucket instead
+    /// of once per record ([`Layout::with_listen`]).
+    pub listen: Option<std::net::SocketAddr>,
     /// The last slot handed out; slots only grow, so a retried write reuses its slot and a new
     /// record never takes an old one.
     last: Slot,
 }
 
-/// Creates a bucket stream and fixes its expiry in one atomic step, so that a bucket key never
-/// exists without its expiry even if redtap dies between two commands. `KEYS[1]` the bucket,
-/// `ARGV[1]` its expiry (ms since the epoch), `ARGV[2]` the entry ID, then the fields. An XADD
-/// error (ID not above the top, OOM) aborts the script before anything is written.
-pub const CREATE_BUCKET_LUA: &str = "local id = redis.call('XADD', KEYS[1], unpack(ARGV, 2)) \
-redis.call('PEXPIREAT', KEYS[1], ARGV[1]) return id";
-
-/// The stream key of an agent in the single-stream layout of earlier versions:
-/// `<prefix>:events:<agent>`. Still read by `redtap query`; no longer written.
-pub fn stream_key(prefix: &str, agent: &str) -> String {
-    format!("{prefix}:events:{agent}")
+/// A stored record as the readers see it, whatever the layout (and whichever version wrote it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    /// Capture time, µs since the Unix epoch.
+    pub ts_us: u64,
+    /// The sender's IP.
+    pub src: IpAddr,
+    /// The sender's port.
+    pub sport: u16,
+    /// The address the sender reached.
+    pub dst: IpAddr,
+    /// The port the sender reached.
+    pub dport: u16,
+    /// `conn`, or TCP flags such as `S`, `PA`; an unknown kind is passed through as written.
+    pub kind: String,
+    /// TCP payload length, for packet records.
+    pub len: Option<u32>,
 }
 
-/// The prefix of an agent's bucket streams: `<prefix>:events:{<agent>}:`. The braces are a
-/// Redis Cluster hash tag: every bucket of one agent maps to one slot, so a pipeline (which
-/// may span a second boundary) stays on one node.
-pub fn bucket_prefix(prefix: &str, agent: &str) -> String {
-    format!("{prefix}:events:{{{agent}}}:")
-}
-
-/// The key-name prefix of an agent in the keys schema: `<prefix>:ev:<agent>:`.
-pub fn keys_prefix(prefix: &str, agent: &str) -> String {
-    format!("{prefix}:ev:{agent}:")
+impl Decoded {
+    /// What `rec` reads back as once stored.
+    pub fn of(rec: &Record) -> Decoded {
+        Decoded {
+            ts_us: rec.ts_us,
+            src: rec.src.ip(),
+            sport: rec.src.port(),
+            dst: rec.dst.ip(),
+            dport: rec.dst.port(),
+            kind: rec.kind_str().into_owned(),
+            len: match rec.kind {
+                crate::record::Kind::Conn => None,
+                crate::record::Kind::Segment { len, .. } => Some(u32::from(len)),
+            },
+        }
+    }
 }
 
 /// The bucket (capture second, Unix time) a record goes to.
@@ -128,26 +153,13 @@ impl Answer {
             },
             Ask::Check => Answer::Found(match v {
                 // Keys schema: GET → the JSON value.
-                Value::BulkString(json) => Some(json_ts_sport(json)),
+                Value::BulkString(json) => Some(keys::check_answer(json)),
                 Value::Nil => None,
-                _ => entry_ts_sport(v),
+                _ => stream::check_answer(v),
             }),
-            Ask::Top => Answer::Top(newest_stream_id(v)),
+            Ask::Top => Answer::Top(stream::newest_id(v)),
         }
     }
-}
-
-/// The `ts` and `sport` of a keys-schema value; (0, 0), which matches no record, if it is not
-/// one of ours.
-fn json_ts_sport(json: &[u8]) -> (u64, u16) {
-    #[derive(serde::Deserialize)]
-    struct TsSport {
-        ts: u64,
-        sport: u16,
-    }
-    serde_json::from_slice::<TsSport>(json)
-        .map(|v| (v.ts, v.sport))
-        .unwrap_or((0, 0))
 }
 
 /// A Redis string reply as text (RESP2 bulk or RESP3 simple string).
@@ -159,71 +171,28 @@ pub fn text(v: &redis::Value) -> Option<&str> {
     }
 }
 
-/// A stream entry's fields as (name, value) pairs, from a flat array (RESP2) or a map (RESP3);
-/// `None` if it is neither. Fields that are not text are skipped.
-pub fn entry_fields(fields: &redis::Value) -> Option<Vec<(&str, &str)>> {
-    use redis::Value;
-    Some(match fields {
-        Value::Array(flat) => flat
-            .chunks_exact(2)
-            .filter_map(|p| Some((text(&p[0])?, text(&p[1])?)))
-            .collect(),
-        Value::Map(m) => m
-            .iter()
-            .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
-            .collect(),
-        _ => return None,
-    })
-}
-
-/// The `ts` and `sport` fields of the first entry of an XRANGE answer.
-fn entry_ts_sport(v: &redis::Value) -> Option<(u64, u16)> {
-    use redis::Value;
-    let Value::Array(entries) = v else {
-        return None;
-    };
-    let Value::Array(entry) = entries.first()? else {
-        return None;
-    };
-    let pairs = entry_fields(entry.get(1)?)?;
-    let field = |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-    // An entry without these fields is not one of ours: (0, 0) matches no record.
-    Some((
-        field("ts").and_then(|t| t.parse().ok()).unwrap_or(0),
-        field("sport").and_then(|p| p.parse().ok()).unwrap_or(0),
-    ))
-}
-
-/// The ID of the single entry in an `XREVRANGE … COUNT 1` answer.
-fn newest_stream_id(v: &redis::Value) -> Option<Slot> {
-    use redis::Value;
-    let Value::Array(entries) = v else {
-        return None;
-    };
-    let Value::Array(entry) = entries.first()? else {
-        return None;
-    };
-    match entry.first()? {
-        Value::BulkString(id) => parse_stream_id(std::str::from_utf8(id).ok()?),
-        Value::SimpleString(id) => parse_stream_id(id),
-        _ => None,
-    }
-}
-
 impl Layout {
     /// The layout for `agent` under `prefix`.
     pub fn new(schema: Schema, prefix: &str, agent: &str, retention_ms: u64) -> Self {
         let key = match schema {
-            Schema::Stream => bucket_prefix(prefix, agent),
-            Schema::Keys => keys_prefix(prefix, agent),
+            Schema::Stream => stream::bucket_prefix(prefix, agent),
+            Schema::Keys => keys::keys_prefix(prefix, agent),
         };
         Layout {
             schema,
             key,
             probe_key: format!("{prefix}:probe:{agent}"),
             retention_ms,
+            listen: None,
             last: Slot { major: 0, seq: 0 },
         }
+    }
+
+    /// The same, for an agent listening on `listen`: an unspecified address (any of the host's)
+    /// is no help, since records then reach several destinations.
+    pub fn with_listen(mut self, listen: std::net::SocketAddr) -> Self {
+        self.listen = (!listen.ip().is_unspecified()).then_some(listen);
+        self
     }
 
     /// Continue numbering after `slot` (e.g. the newest entry already in a bucket).
@@ -267,87 +236,6 @@ impl Layout {
         key
     }
 
-    /// Queue the command that stores `rec` at `slot`. Stream schema: `create` sends the
-    /// bucket-creating script ([`CREATE_BUCKET_LUA`]), else `XADD … NOMKSTREAM`, which never
-    /// makes a key without an expiry (a nil answer: the bucket is missing). A second copy at the
-    /// same slot is never stored: XADD refuses an ID not above the stream's top, and SET … NX
-    /// keeps the first value.
-    pub fn push_store(&self, pipe: &mut Pipeline, rec: &Record, slot: Slot, create: bool) {
-        // Formatted on the stack: this runs once per record, and heap strings were the largest
-        // cost of building a batch (see BENCHMARKS.md).
-        let mut src = StackBuf::new();
-        let mut dst = StackBuf::new();
-        let _ = write!(src, "{}", rec.src.ip());
-        let _ = write!(dst, "{}", rec.dst.ip());
-        let mut flags = StackBuf::new();
-        let kind: &str = match rec.kind {
-            Kind::Conn => "conn",
-            Kind::Segment { flags: f, .. } => {
-                crate::record::write_flags(&mut flags, f);
-                flags.as_str()
-            }
-        };
-        match self.schema {
-            Schema::Stream => {
-                let mut id = StackBuf::new();
-                let _ = write!(id, "{}-{}", slot.major, slot.seq);
-                let bucket = bucket_of(rec);
-                // Sized up front: one allocation per command instead of a string of reallocs.
-                let mut cmd = redis::Cmd::with_capacity(20, self.key.len() + 160);
-                if create {
-                    cmd.arg("EVAL")
-                        .arg(CREATE_BUCKET_LUA)
-                        .arg(1)
-                        .arg(self.bucket_key(bucket))
-                        .arg(bucket_expire_at_ms(bucket, self.retention_ms));
-                } else {
-                    cmd.arg("XADD")
-                        .arg(self.bucket_key(bucket))
-                        .arg("NOMKSTREAM");
-                }
-                cmd.arg(id.as_str())
-                    .arg("src")
-                    .arg(src.as_str())
-                    .arg("dst")
-                    .arg(dst.as_str())
-                    .arg("sport")
-                    .arg(rec.src.port())
-                    .arg("dport")
-                    .arg(rec.dst.port())
-                    .arg("ts")
-                    .arg(rec.ts_us)
-                    .arg("kind")
-                    .arg(kind);
-                if let Kind::Segment { len, .. } = rec.kind {
-                    cmd.arg("len").arg(len);
-                }
-                pipe.add_command(cmd);
-            }
-            Schema::Keys => {
-                let mut value = String::with_capacity(128);
-                let _ = write!(
-                    value,
-                    r#"{{"src":"{}","dst":"{}","sport":{},"dport":{},"ts":{},"kind":"{kind}""#,
-                    src.as_str(),
-                    dst.as_str(),
-                    rec.src.port(),
-                    rec.dst.port(),
-                    rec.ts_us,
-                );
-                if let Kind::Segment { len, .. } = rec.kind {
-                    let _ = write!(value, r#","len":{len}"#);
-                }
-                value.push('}');
-                pipe.cmd("SET")
-                    .arg(self.key_name(slot))
-                    .arg(value)
-                    .arg("PXAT")
-                    .arg(self.expire_at_ms(rec))
-                    .arg("NX");
-            }
-        }
-    }
-
     /// The key name of `slot` (keys schema).
     pub fn key_name(&self, slot: Slot) -> String {
         let mut key = String::with_capacity(self.key.len() + 24);
@@ -355,17 +243,22 @@ impl Layout {
         key
     }
 
+    /// Queue the command that stores `rec` at `slot` ([`stream::push_store`],
+    /// [`keys::push_store`]). `create`: stream schema, the first of its bucket in this pipeline.
+    /// A second copy at the same slot is never stored: XADD refuses an ID not above the
+    /// stream's top, and SET … NX keeps the first value.
+    pub fn push_store(&self, pipe: &mut Pipeline, rec: &Record, slot: Slot, create: bool) {
+        match self.schema {
+            Schema::Stream => stream::push_store(self, pipe, rec, slot, create),
+            Schema::Keys => keys::push_store(self, pipe, rec, slot),
+        }
+    }
+
     /// Queue a read of what is stored at `rec`'s `slot`: `XRANGE key id id` (stream schema),
     /// `GET key` (keys schema).
     pub fn push_check(&self, pipe: &mut Pipeline, rec: &Record, slot: Slot) {
         match self.schema {
-            Schema::Stream => {
-                let id = format!("{}-{}", slot.major, slot.seq);
-                pipe.cmd("XRANGE")
-                    .arg(self.bucket_key(bucket_of(rec)))
-                    .arg(&id)
-                    .arg(&id);
-            }
+            Schema::Stream => stream::push_check(self, pipe, rec, slot),
             Schema::Keys => {
                 pipe.cmd("GET").arg(self.key_name(slot));
             }
@@ -374,12 +267,7 @@ impl Layout {
 
     /// Queue a read of bucket `bucket`'s newest entry (stream schema).
     pub fn push_top(&self, pipe: &mut Pipeline, bucket: u64) {
-        pipe.cmd("XREVRANGE")
-            .arg(self.bucket_key(bucket))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1);
+        stream::push_top(self, pipe, bucket)
     }
 
     /// When `rec` must stop being readable, in ms since the epoch.
@@ -433,18 +321,21 @@ impl std::fmt::Write for StackBuf {
     }
 }
 
-/// Parse a stream entry ID `ms-seq`.
-pub fn parse_stream_id(id: &str) -> Option<Slot> {
-    let (ms, seq) = id.split_once('-')?;
-    Some(Slot {
-        major: ms.parse().ok()?,
-        seq: seq.parse().ok()?,
-    })
+/// The kind text of `rec` (`conn`, or the TCP flag letters) formatted into `buf`.
+fn kind_text<'a>(rec: &Record, buf: &'a mut StackBuf) -> &'a str {
+    match rec.kind {
+        crate::record::Kind::Conn => "conn",
+        crate::record::Kind::Segment { flags, .. } => {
+            crate::record::write_flags(buf, flags);
+            buf.as_str()
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Kind;
 
     fn rec(ts_us: u64) -> Record {
         Record {
@@ -452,6 +343,125 @@ mod tests {
             src: "10.0.0.1:5000".parse().unwrap(),
             dst: "10.0.0.2:9000".parse().unwrap(),
             kind: Kind::Conn,
+        }
+    }
+
+    /// Records of both families and every kind, with and without a payload length.
+    pub(crate) fn samples() -> Vec<Record> {
+        let mut out = Vec::new();
+        let pairs = [
+            ("10.0.0.1:5000", "10.0.0.2:9000"),
+            ("[2001:db8::7]:65535", "[2001:db8::1]:443"),
+            ("[::ffff:10.1.2.3]:1", "127.0.0.1:80"),
+        ];
+        let kinds = [
+            Kind::Conn,
+            Kind::Segment {
+                flags: 0x02,
+                len: 0,
+            },
+            Kind::Segment {
+                flags: 0x18,
+                len: 1460,
+            },
+            Kind::Segment {
+                flags: 0x00,
+                len: u16::MAX,
+            },
+            Kind::Segment {
+                flags: 0xff,
+                len: 1,
+            },
+        ];
+        let mut ts_us = 1_700_000_000_123_456;
+        for (src, dst) in pairs {
+            for kind in kinds {
+                out.push(Record {
+                    ts_us,
+                    src: src.parse().unwrap(),
+                    dst: dst.parse().unwrap(),
+                    kind,
+                });
+                ts_us += 333_331;
+            }
+        }
+        out
+    }
+
+    /// The arguments of every command in `pipe`.
+    pub(crate) fn args(pipe: &Pipeline) -> Vec<Vec<Vec<u8>>> {
+        pipe.cmd_iter()
+            .map(|c| {
+                c.args_iter()
+                    .map(|a| match a {
+                        redis::Arg::Simple(b) => b.to_vec(),
+                        redis::Arg::Cursor => b"0".to_vec(),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn bulk(b: &[u8]) -> redis::Value {
+        redis::Value::BulkString(b.to_vec())
+    }
+
+    /// Store `recs` with `schema` as the writer would (a slot each, the first of a bucket
+    /// creating it), then decode what the commands would leave in Redis.
+    fn round_trip(mut l: Layout, recs: &[Record]) -> Vec<Decoded> {
+        let mut listen = None;
+        let mut pipe = Pipeline::new();
+        let mut created = Vec::new();
+        for r in recs {
+            let slot = l.next_slot(r);
+            let create = !created.contains(&bucket_of(r));
+            created.push(bucket_of(r));
+            l.push_store(&mut pipe, r, slot, create);
+        }
+        args(&pipe)
+            .into_iter()
+            .map(|a| match a[0].as_slice() {
+                b"EVAL" | b"XADD" => {
+                    let at = if a[0] == b"EVAL" { 5 } else { 3 };
+                    let id = std::str::from_utf8(&a[at]).unwrap();
+                    let fields = redis::Value::Array(a[at + 1..].iter().map(|f| bulk(f)).collect());
+                    // A bucket's creating entries carry the listen address for the others.
+                    if let Some(l) = stream::listen_of(&fields) {
+                        listen = Some(l);
+                    }
+                    let d = stream::decode(id, &fields, listen).expect("a stream entry decodes");
+                    // A read-back sees the same capture time and source port.
+                    let one = redis::Value::Array(vec![redis::Value::Array(vec![
+                        bulk(id.as_bytes()),
+                        fields,
+                    ])]);
+                    assert_eq!(stream::check_answer(&one), Some((d.ts_us, d.sport)));
+                    d
+                }
+                b"SET" => {
+                    let d = keys::decode(&a[2]).expect("a key value decodes");
+                    assert_eq!(keys::check_answer(&a[2]), (d.ts_us, d.sport));
+                    d
+                }
+                other => panic!("unexpected command {}", String::from_utf8_lossy(other)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_layout_reads_back_what_it_wrote() {
+        let recs = samples();
+        let want: Vec<Decoded> = recs.iter().map(Decoded::of).collect();
+        for schema in [Schema::Stream, Schema::Keys] {
+            let l = Layout::new(schema, "rt", "agent-1", 60_000);
+            assert_eq!(round_trip(l.clone(), &recs), want, "{schema:?}");
+            // Listening on the address most records reach: those store no destination.
+            let l = l.with_listen("10.0.0.2:9000".parse().unwrap());
+            assert_eq!(
+                round_trip(l, &recs),
+                want,
+                "{schema:?} with a listen address"
+            );
         }
     }
 
@@ -575,12 +585,12 @@ mod tests {
     #[test]
     fn stream_ids_parse() {
         assert_eq!(
-            parse_stream_id("1700000000000-3"),
+            stream::parse_stream_id("1700000000000-3"),
             Some(Slot {
                 major: 1_700_000_000_000,
                 seq: 3
             })
         );
-        assert_eq!(parse_stream_id("junk"), None);
+        assert_eq!(stream::parse_stream_id("junk"), None);
     }
 }
