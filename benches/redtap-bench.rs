@@ -2,7 +2,7 @@
 //! and prints a table with the reference measured side by side in the same run.
 //!
 //! ```text
-//! cargo bench --bench redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|packets|balance]...
+//! cargo bench --bench redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|packets|balance|fleet]...
 //!     [--count=N] [--capture-threads=1,2]     (packets)
 //! ```
 //!
@@ -19,6 +19,9 @@
 //!   reference: sent, captured by each, kernel and queue drops, written, shares, per-thread CPU
 //!   (needs root; falls back to hping3 without netsniff-ng).
 //! - `balance` — share error after 1,000,000 records with the weights changed 100 times.
+//! - `fleet` — three agents following one control Redis (`--control`): the time from a
+//!   `weights set --control` (the same call, in-process) until every agent serves the new
+//!   version (`GET /v1/control`), median and max over 100 changes.
 //!
 //! `--smoke` runs everything small and fast, to prove the harness works (CI runs it).
 //! Timing never appears in the test suite; it lives here.
@@ -48,7 +51,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     if scenarios.is_empty() {
-        scenarios = vec!["sink", "connections", "packets", "balance"];
+        scenarios = vec!["sink", "connections", "packets", "balance", "fleet"];
     }
     println!(
         "redtap-bench {} on {} cores ({})",
@@ -68,8 +71,11 @@ fn main() {
             "connections" => connections(smoke),
             "packets" => packets(&PacketsOpts::from_args(&args, smoke)),
             "balance" => balance(smoke),
+            "fleet" => fleet(smoke),
             other => {
-                eprintln!("unknown scenario {other:?}: use sink, connections, packets or balance");
+                eprintln!(
+                    "unknown scenario {other:?}: use sink, connections, packets, balance or fleet"
+                );
                 std::process::exit(64);
             }
         }
@@ -945,4 +951,83 @@ fn balance(smoke: bool) {
         "Swrr::pick",
     );
     let _ = elapsed;
+}
+
+/// Three agents, one control Redis: `weights set --control` → applied on every agent.
+fn fleet(smoke: bool) {
+    let changes: u64 = if smoke { 5 } else { 100 };
+    let (a, b, ctl) = (Redis::start(), Redis::start(), Redis::start());
+    let (spec_a, spec_b) = (format!("A={}@30", a.url()), format!("B={}@70", b.url()));
+    let agents: Vec<Daemon> = ["f1", "f2", "f3"]
+        .iter()
+        .map(|name| {
+            Daemon::start(&[
+                "--capture",
+                "connections",
+                "--agent",
+                name,
+                "--backend",
+                &spec_a,
+                "--backend",
+                &spec_b,
+                "--control",
+                &ctl.url(),
+            ])
+        })
+        .collect();
+    let version_of = |d: &Daemon| -> u64 {
+        common::http_get(&format!("{}/v1/control", d.admin))
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|v| v["version"].as_u64())
+            .unwrap_or(0)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = redis::Client::open(ctl.url()).unwrap();
+    let mut conn = rt
+        .block_on(client.get_multiplexed_async_connection())
+        .unwrap();
+    let keys = redtap::control::Keys::new("redtap");
+    let mut took: Vec<Duration> = Vec::new();
+    for i in 0..changes {
+        let weights = BTreeMap::from([("A".to_string(), (i % 10 + 1) as u32), ("B".into(), 5)]);
+        let t0 = Instant::now();
+        let fleet = rt
+            .block_on(redtap::control::set(
+                &mut conn,
+                &keys,
+                &weights,
+                &BTreeMap::new(),
+                "bench",
+                |_| Ok(()),
+            ))
+            .unwrap();
+        // Bounded: a change not applied everywhere within 10 s fails the run.
+        for d in &agents {
+            while version_of(d) < fleet.version {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "change {i} not applied"
+                );
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        took.push(t0.elapsed());
+    }
+    took.sort();
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    println!("\nfleet: 3 agents, one control Redis, {changes} changes of the fleet weights");
+    row(
+        "set → applied on every agent, median",
+        ms(took[took.len() / 2]),
+        "CAS + nudge; polled through GET /v1/control",
+    );
+    row(
+        "set → applied on every agent, max",
+        ms(*took.last().unwrap()),
+        "bound promised: 1 s (the poll if a nudge is lost)",
+    );
 }

@@ -2,8 +2,9 @@
 //!
 //! Owns the order of start-up and shutdown: open the capture once (a missing privilege or a
 //! bad filter is found before anything binds) → check every backend → bind the listeners →
-//! start the pipeline → admin API and SIGHUP reloads → wait for the shutdown token → stop
-//! capture, drain, release the leases. Start-up failures are a typed [`StartError`] that knows
+//! start the pipeline → with `--control`, read the fleet's weights once and start following them
+//! (a control Redis that does not answer never stops the start) → admin API and SIGHUP reloads
+//! → wait for the shutdown token → stop capture, drain, release the leases. Start-up failures are a typed [`StartError`] that knows
 //! its exit code.
 //!
 //! Never: parses arguments or installs the SIGTERM/SIGINT handlers (the binary does), or
@@ -23,6 +24,7 @@ use crate::buffer::OnFull;
 use crate::capture::connections::{self, ConnCapture};
 use crate::capture::packets::{OpenError, PacketCapture};
 use crate::config::{self, CaptureMode, Config, ConfigError, ServeMode};
+use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Summary};
 use crate::record::Record;
@@ -202,6 +204,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         guard_stop.clone(),
     );
 
+    // Before the first record: the control Redis's weights win when it answers.
+    let control = match &config.control {
+        Some(target) => Some(Control::new(target, &config.prefix, &config.agent)?),
+        None => None,
+    };
+    let control_task = match &control {
+        Some(c) => Some(
+            c.clone()
+                .start(
+                    pipeline.weights.clone(),
+                    pipeline.board.clone(),
+                    pipeline.metrics.clone(),
+                    shutdown.child_token(),
+                )
+                .await,
+        ),
+        None => None,
+    };
+
     let conns = ConnCapture {
         max_connections: config.max_connections,
         idle_timeout: config.idle_timeout,
@@ -224,6 +245,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             budget: pipeline.budget.clone(),
             backends: config.backends.clone(),
             token: config.admin_token.clone(),
+            control: control.clone(),
         };
         tokio::spawn(admin::serve(l, state, shutdown.clone()))
     });
@@ -231,10 +253,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         hup,
         config.config_path.clone(),
         pipeline.weights.clone(),
+        control.is_some(),
         shutdown.clone(),
     ));
 
-    log_running(&config, &pipeline);
+    log_running(&config, &pipeline, control.as_deref());
 
     shutdown.cancelled().await;
     info!(grace = ?config.grace, "shutting down: capture stopped, writing out queued records");
@@ -248,6 +271,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         .await;
     if let Some(t) = admin_task {
         let _ = t.await;
+    }
+    if let Some(t) = control_task {
+        // It stops at its next step; one stuck on an unreachable control Redis is not waited
+        // for beyond its command bound.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
     }
     // The leases go last: until the writers are done, this agent still writes.
     guard_stop.cancel();
@@ -268,7 +296,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
 }
 
 /// The one line that says what is running and with which weights.
-fn log_running(config: &Config, pipeline: &Pipeline) {
+fn log_running(config: &Config, pipeline: &Pipeline, control: Option<&Control>) {
     if let (Some(old), Some(new)) = (&config.state_file, &config.state_file_moved_to) {
         warn!(
             state_file = %old.display(),
@@ -293,7 +321,15 @@ fn log_running(config: &Config, pipeline: &Pipeline) {
         backends = %config.backends.iter()
             .map(|b| format!("{}={}@{}", b.name, b.redacted_url(), in_force[&b.name]))
             .collect::<Vec<_>>().join(" "),
-        weights = %if restored { "restored from the state file" } else { "as configured" },
+        weights = %match control.map(|c| c.status()).and_then(|s| Some((s.version?, s.stale))) {
+            Some((v, stale)) => format!(
+                "fleet version {v}{}",
+                if stale { " (stale: control Redis not answering)" } else { "" }
+            ),
+            None if restored => "restored from the state file".to_string(),
+            None => "as configured".to_string(),
+        },
+        control = %config.control.as_ref().map_or_else(|| "off".to_string(), |c| c.redacted_url()),
         "redtap running"
     );
 }
@@ -313,17 +349,26 @@ enum ReloadError {
 }
 
 /// Re-read the config file on every SIGHUP and apply its weights; a bad file changes nothing.
-/// Without a config file, a SIGHUP is logged and changes nothing.
+/// Without a config file, or with `--control` (the fleet's weights rule), a SIGHUP is logged
+/// and changes nothing.
 async fn reload_on_sighup(
     mut hup: tokio::signal::unix::Signal,
     path: Option<std::path::PathBuf>,
     weights: Arc<WeightStore>,
+    controlled: bool,
     shutdown: CancellationToken,
 ) {
     loop {
         tokio::select! {
             _ = hup.recv() => {}
             _ = shutdown.cancelled() => return,
+        }
+        if controlled {
+            info!(
+                "SIGHUP: weights come from the control Redis (--control); use `redtap weights \
+                   set --control URL` to change them"
+            );
+            continue;
         }
         let Some(path) = &path else {
             info!("SIGHUP: started without --config, nothing to reload");

@@ -7,7 +7,8 @@
 //!   connections)                   routes each record by       batched, pipelined
 //!                                  balance::Router
 //!                                    ▲        ▲
-//!  admin (HTTP API), SIGHUP ─weights─┘        └── health (writers report up/down)
+//!  admin (HTTP API), SIGHUP, ─weights─┘        └── health (writers report up/down)
+//!  control (fleet weights in a control Redis)
 //! ```
 //!
 //! Layout (the daemon first, then the stages in the order a record meets them):
@@ -35,6 +36,8 @@
 //! - [`metrics`]: every metric, in one place.
 //! - [`recent`]: the last minute the live page shows (one-second samples, top sources).
 //! - [`check`]: `redtap check` — will `run` work here (every backend, capture, ports)?
+//! - [`control`]: the fleet's weights in a control Redis (`--control`): one versioned record
+//!   changed by compare-and-set, followed by every agent, with heartbeats and an audit stream.
 //! - [`client`]: `redtap weights`; [`query`]: `redtap query/top/tail/stats`.
 //! - `util`: small helpers with no home of their own (`poll_once`).
 //!
@@ -55,6 +58,7 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod connect;
+pub mod control;
 pub mod daemon;
 pub mod health;
 pub mod identity;

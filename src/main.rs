@@ -49,6 +49,8 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
+        #[command(flatten)]
+        fleet: Box<redtap::client::ControlArgs>,
         #[command(subcommand)]
         action: Option<WeightsAction>,
     },
@@ -77,6 +79,12 @@ enum WeightsAction {
         /// NAME=WEIGHT pairs (integers 0..=10000).
         #[arg(required = true)]
         pairs: Vec<String>,
+    },
+    /// With --control: every change of the fleet's weights, oldest first.
+    History {
+        /// How many of the latest changes.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
     },
 }
 
@@ -141,6 +149,7 @@ fn main() -> ExitCode {
             config,
             token,
             json,
+            fleet,
             action,
         } => rt.block_on(async {
             let file = match config.as_deref().map(redtap::config::read_file).transpose() {
@@ -150,6 +159,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
+            if let Some(url) = fleet.control.clone().or(file.control.clone()) {
+                return fleet_weights(&fleet, &url, file.prefix.clone(), action, json).await;
+            }
             let admin = match admin.or(file.admin) {
                 Some(a) if a == "off" => {
                     eprintln!("redtap: the agent's admin API is off (admin = \"off\")");
@@ -172,6 +184,10 @@ fn main() -> ExitCode {
                         return ExitCode::from(EX_USAGE);
                     }
                 },
+                Some(WeightsAction::History { .. }) => {
+                    eprintln!("redtap: weights history needs --control URL (the control Redis)");
+                    return ExitCode::from(EX_USAGE);
+                }
             };
             if let Some(w) = result
                 .as_deref()
@@ -219,6 +235,43 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `redtap weights … --control URL`: the fleet's weights, straight from the control Redis.
+async fn fleet_weights(
+    args: &redtap::client::ControlArgs,
+    url: &str,
+    file_prefix: Option<String>,
+    action: Option<WeightsAction>,
+    json: bool,
+) -> ExitCode {
+    use redtap::client::FleetAction;
+    let prefix = args
+        .prefix
+        .clone()
+        .or(file_prefix)
+        .unwrap_or_else(|| "redtap".into());
+    let action = match action {
+        None => FleetAction::List,
+        Some(WeightsAction::Set { pairs }) => match redtap::client::parse_pairs(&pairs) {
+            Ok(w) => FleetAction::Set(w),
+            Err(e) => {
+                eprintln!("redtap: {e:#}");
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+        Some(WeightsAction::History { count }) => FleetAction::History(count),
+    };
+    match redtap::client::fleet(args, url, &prefix, action, json).await {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("redtap: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

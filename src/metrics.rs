@@ -111,6 +111,10 @@ pub struct Metrics {
     capture_reopens: Counter,
     /// Admin API connections closed at once because the cap was reached.
     admin_refused: Counter,
+    /// 1 while the weights served may be behind the fleet's (control Redis not answering).
+    control_stale: Gauge,
+    /// The fleet version served (0: none).
+    control_version: Gauge,
     /// Failed Redis commands redtap relies on (expiry, probe, lease…), by backend, command and
     /// cause. Touched only on failures.
     command_errors: Family<CommandErrorLabels, Counter>,
@@ -277,6 +281,19 @@ impl Metrics {
             "Admin API connections closed at once because the connection cap was reached",
             admin_refused.clone(),
         );
+        let control_stale = Gauge::default();
+        registry.register(
+            "control_stale",
+            "With --control: 1 while the control Redis has not answered since start or since it \
+             was lost, so the weights served may be behind the fleet's",
+            control_stale.clone(),
+        );
+        let control_version = Gauge::default();
+        registry.register(
+            "control_version",
+            "With --control: the fleet weights version served (0: none yet)",
+            control_version.clone(),
+        );
 
         let command_errors = Family::<CommandErrorLabels, Counter>::default();
         registry.register(
@@ -331,6 +348,8 @@ impl Metrics {
             capture_up,
             capture_reopens,
             admin_refused,
+            control_stale,
+            control_version,
             command_errors,
             down_cause,
             backend_names: backend_names.to_vec(),
@@ -434,6 +453,13 @@ impl Metrics {
     /// Count one admin API connection refused at the cap.
     pub fn admin_refused(&self) {
         self.admin_refused.inc();
+    }
+
+    /// The control plane's state: stale or not, and the fleet version served.
+    pub fn set_control(&self, stale: bool, version: u64) {
+        self.control_stale.set(i64::from(stale));
+        self.control_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
     }
 
     /// Set the number of records waiting in the capture queue.

@@ -6,6 +6,12 @@
 //! configured weights, delete the file or send SIGHUP (which applies the file's weights and
 //! records them here).
 //!
+//! With `--control`, the file also keeps the fleet record this agent last applied (`control`:
+//! version and weights). It is the stale marker's source: an agent that starts while the control
+//! Redis is unreachable serves that version, reported stale (API, metrics, logs) until the
+//! control Redis answers; the file is what lets it start from the fleet's last known weights
+//! rather than the configured ones.
+//!
 //! Writing is safe against a hostile or careless directory: the new content goes to a fresh
 //! temp file created exclusively (`O_EXCL`, random name, mode 0600) in the same directory, is
 //! fsynced, renamed over the state file, and the directory is fsynced. A state path that is a
@@ -21,6 +27,10 @@ use serde::{Deserialize, Serialize};
 pub struct SavedState {
     /// Weight per backend name.
     pub weights: BTreeMap<String, u32>,
+    /// With `--control`: the fleet record (version and weights) these weights came from.
+    /// Absent in files written without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<crate::control::FleetWeights>,
 }
 
 /// Why the state file could not be read. The caller keeps the configured weights.
@@ -73,6 +83,17 @@ fn is_symlink(path: &Path) -> bool {
 
 /// Save `weights`, replacing the file atomically (see the module doc). The file is mode 0600.
 pub fn save(path: &Path, weights: BTreeMap<String, u32>) -> std::io::Result<()> {
+    save_state(
+        path,
+        &SavedState {
+            weights,
+            control: None,
+        },
+    )
+}
+
+/// Save `state` (weights and, with `--control`, the fleet record), as [`save`] does.
+pub fn save_state(path: &Path, state: &SavedState) -> std::io::Result<()> {
     use std::io::Write as _;
     if is_symlink(path) {
         return Err(std::io::Error::other(format!(
@@ -88,7 +109,7 @@ pub fn save(path: &Path, weights: BTreeMap<String, u32>) -> std::io::Result<()> 
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let text = serde_json::to_string_pretty(&SavedState { weights }).expect("serializable");
+    let text = serde_json::to_string_pretty(state).expect("serializable");
     // O_EXCL with a random name: an existing file or link at the temp path is never opened.
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))

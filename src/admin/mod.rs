@@ -9,6 +9,11 @@
 //!   nothing. A change that could not be written to the state file still applies; each backend's
 //!   `unsaved` then says why. Once the body is in, the change is not cut off by
 //!   [`REQUEST_TIMEOUT`]: a caller is never told 408 for a change that took effect.
+//!   With `--control`, the change is written to the fleet record in the control Redis
+//!   (compare-and-set, audited) and every agent follows it; the answer comes once this agent
+//!   serves it (or after 2 s), 503 if the control Redis does not answer (nothing changes).
+//! - `GET /v1/control` — with `--control`: the fleet version served, whether it is stale (the
+//!   control Redis not answering), and the newest version refused and why; 404 without.
 //! - `GET /metrics` — Prometheus text format.
 //! - `GET /healthz` — `ok` while the daemon runs; 503 while a failed packet capture is being
 //!   reopened.
@@ -96,6 +101,8 @@ pub struct AdminState {
     pub backends: Vec<BackendConfig>,
     /// Bearer token every endpoint but `/healthz` requires, if set.
     pub token: Option<String>,
+    /// The control Redis (`--control`), where weight changes go instead, if set.
+    pub control: Option<Arc<crate::control::Control>>,
 }
 
 /// One backend in `GET /v1/backends` and `PUT /v1/weights` answers.
@@ -145,6 +152,7 @@ pub fn router(state: AdminState) -> Router {
     let guarded = Router::new()
         .route("/v1/backends", get(backends))
         .route(WEIGHTS_PATH, put(set_weights))
+        .route("/v1/control", get(control_status))
         .route("/metrics", get(metrics))
         .merge(page::guarded())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -360,6 +368,33 @@ async fn set_weights(State(state): State<AdminState>, req: Request) -> Response 
         Ok(c) => c,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
+    if let Some(control) = &state.control {
+        // In its own task, like a local change: a client that hangs up does not cut a change
+        // from its outcome.
+        let (control, store, c) = (control.clone(), state.weights.clone(), changes.clone());
+        let changed = tokio::spawn(async move { control.change(&store, &c).await }).await;
+        let changed = match changed {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        return match changed {
+            Ok(fleet) => {
+                info!(
+                    version = fleet.version,
+                    ?changes,
+                    "fleet weights changed through the admin API"
+                );
+                Json(view(&state)).into_response()
+            }
+            Err(e @ crate::control::ControlError::Invalid(_)) => {
+                error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+            }
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e}; weights unchanged"),
+            ),
+        };
+    }
     // The state file is written with fsync: off the async workers, which carry the records.
     // Awaited to the end, and in its own task, so that neither a timeout nor a client that
     // hangs up can separate a change from its answer.
@@ -381,6 +416,16 @@ async fn set_weights(State(state): State<AdminState>, req: Request) -> Response 
             Json(view(&state)).into_response()
         }
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    }
+}
+
+async fn control_status(State(state): State<AdminState>) -> Response {
+    match &state.control {
+        Some(c) => Json(c.status()).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no control Redis: this agent was started without --control".into(),
+        ),
     }
 }
 

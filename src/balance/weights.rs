@@ -140,22 +140,7 @@ impl Balance {
         }
         let _guard = self.change.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.snapshot.load();
-        let mut weights = old.weights.clone();
-        for (name, &w) in changes {
-            let Some(i) = self.names.iter().position(|n| n == name) else {
-                return Err(WeightError::UnknownBackend(
-                    name.clone(),
-                    self.names.join(", "),
-                ));
-            };
-            if w > MAX_WEIGHT {
-                return Err(WeightError::OutOfRange(name.clone(), w.to_string()));
-            }
-            weights[i] = w;
-        }
-        if weights.iter().all(|&w| w == 0) {
-            return Err(WeightError::AllZero);
-        }
+        let weights = merged(&self.names, &old.weights, changes)?;
         self.snapshot.store(Arc::new(WeightSnapshot {
             generation: old.generation + 1,
             weights,
@@ -205,6 +190,33 @@ impl Balance {
     }
 }
 
+/// `changes` applied over `weights` (one per name in `names`), validated by the one rule every
+/// change follows: known names, weights in 0..=[`MAX_WEIGHT`], not all zero. Pure, so the
+/// control plane's bookkeeping checks a fleet version with exactly the rule that applies it.
+pub fn merged(
+    names: &[String],
+    weights: &[u32],
+    changes: &BTreeMap<String, u32>,
+) -> Result<Vec<u32>, WeightError> {
+    if changes.is_empty() {
+        return Err(WeightError::Empty);
+    }
+    let mut weights = weights.to_vec();
+    for (name, &w) in changes {
+        let Some(i) = names.iter().position(|n| n == name) else {
+            return Err(WeightError::UnknownBackend(name.clone(), names.join(", ")));
+        };
+        if w > MAX_WEIGHT {
+            return Err(WeightError::OutOfRange(name.clone(), w.to_string()));
+        }
+        weights[i] = w;
+    }
+    if weights.iter().all(|&w| w == 0) {
+        return Err(WeightError::AllZero);
+    }
+    Ok(weights)
+}
+
 /// Who asked for a weight change, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -212,6 +224,8 @@ pub enum Origin {
     AdminApi,
     /// A SIGHUP reload of the config file.
     Sighup,
+    /// A fleet version read from the control Redis.
+    Control,
 }
 
 impl std::fmt::Display for Origin {
@@ -219,6 +233,7 @@ impl std::fmt::Display for Origin {
         f.write_str(match self {
             Origin::AdminApi => "admin API",
             Origin::Sighup => "SIGHUP",
+            Origin::Control => "control Redis",
         })
     }
 }
@@ -285,6 +300,55 @@ impl WeightStore {
     /// Why the weights in force are not in the state file, if the last save failed.
     pub fn unsaved(&self) -> Option<Unsaved> {
         self.unsaved.load_full().map(|u| (*u).clone())
+    }
+
+    /// Serve fleet version `fleet` as `weights` (one per backend, already checked by the
+    /// control plane's bookkeeping), and keep both in the state file so a restart without the
+    /// control Redis starts from this version (marked stale). The change stands even if the file
+    /// cannot be written (that is logged).
+    pub fn apply_fleet(
+        &self,
+        fleet: &crate::control::FleetWeights,
+        weights: &[u32],
+    ) -> Result<(), WeightError> {
+        let _one_at_a_time = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let changes: BTreeMap<String, u32> = self
+            .balance
+            .names()
+            .iter()
+            .cloned()
+            .zip(weights.iter().copied())
+            .collect();
+        self.balance.set_weights(&changes)?;
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let saved = state::SavedState {
+            weights: self.balance.weights_by_name(),
+            control: Some(fleet.clone()),
+        };
+        // Reported like any other change that could not be saved (`unsaved`).
+        let unsaved = match state::save_state(path, &saved) {
+            Ok(()) => None,
+            Err(e) => {
+                error!(path = %path.display(), error = %e, origin = %Origin::Control,
+                       "cannot write the state file; the new weights apply but will not \
+                        survive a restart");
+                Some(Unsaved {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
+            }
+        };
+        self.unsaved.store(unsaved.map(Arc::new));
+        Ok(())
+    }
+
+    /// The fleet version last applied, as kept in the state file (none without a file, or if
+    /// it cannot be read: [`restore`](Self::restore) logs that).
+    pub fn saved_fleet(&self) -> Option<crate::control::FleetWeights> {
+        let path = self.state_file.as_ref()?;
+        state::load(path).ok().flatten()?.control
     }
 
     /// At start, apply the weights of the state file for every backend it names that is

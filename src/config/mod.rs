@@ -163,6 +163,8 @@ pub struct Config {
     pub state_file_moved_to: Option<PathBuf>,
     /// Bearer token the admin API requires, if any.
     pub admin_token: Option<String>,
+    /// The control Redis (`--control`), as a backend-like target named `control`.
+    pub control: Option<BackendConfig>,
 }
 
 impl Config {
@@ -290,8 +292,26 @@ impl Config {
             Some(n) => number(&n, bounds::CAPTURE_THREADS)?,
             None => crate::capture::packets::default_threads(),
         };
+        let control = match l.control().ok() {
+            Some(c) => {
+                if !(c.value.starts_with("redis://") || c.value.starts_with("rediss://")) {
+                    return Err(c.invalid("must be a redis:// or rediss:// URL"));
+                }
+                let tls = (
+                    args.tls_ca.clone(),
+                    args.tls_cert.clone(),
+                    args.tls_key.clone(),
+                );
+                let target = control_target(&c.value, tls, c.origin.clone());
+                // Checked now (URL, TLS files), so a bad one stops the start with exit 64.
+                target.client()?;
+                Some(target)
+            }
+            None => None,
+        };
 
         Ok(Config {
+            control,
             on_backend_down: l.on_backend_down()?.value,
             buffer_max,
             health,
@@ -460,6 +480,31 @@ fn create_state_dir(dir: &Path) -> Result<(), ConfigError> {
             path: dir.to_path_buf(),
             source,
         })
+}
+
+/// A control Redis URL (`--control`) as a backend-like target named `control`: the `--tls-*`
+/// files `tls` apply to a `rediss://` URL, as they do to backends.
+pub fn control_target(
+    url: &str,
+    tls: (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>),
+    origin: Origin,
+) -> BackendConfig {
+    let on = url.starts_with("rediss://");
+    let (ca, cert, key) = tls;
+    BackendConfig {
+        name: "control".into(),
+        url: url.to_string(),
+        weight: 0,
+        tls_from_flags: backend::TlsFromFlags {
+            ca: on && ca.is_some(),
+            cert: on && cert.is_some(),
+            key: on && key.is_some(),
+        },
+        tls_ca: ca.filter(|_| on),
+        tls_cert: cert.filter(|_| on),
+        tls_key: key.filter(|_| on),
+        origin,
+    }
 }
 
 /// Read and parse a TOML configuration file. A type error names the key, the file and the

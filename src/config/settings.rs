@@ -477,6 +477,10 @@ settings! {
         #[arg(long, value_name = "TOKEN")]
         admin_token: String = Fallback::Unset { example: "a-secret-of-16-or-more-characters" };
             env = "REDTAP_ADMIN_TOKEN"; secret = true,
+        /// Control Redis holding the fleet's weights (redis:// or rediss:// URL, as for a
+        /// backend; --tls-* apply to it): every agent started with it follows one record.
+        #[arg(long, value_name = "URL")]
+        control: String = Fallback::Unset { example: "redis://10.0.0.5:6379" }; secret = true,
         @after {
             /// CA certificate (PEM) for rediss:// backends that have none of their own.
             #[arg(long)]
