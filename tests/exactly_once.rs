@@ -1,5 +1,6 @@
 //! The writer's exactly-once bookkeeping ([`redtap::sink::backlog::Backlog`]) against a seeded
-//! model of Redis with faults, over many tiny random schedules.
+//! model of Redis with faults, over many tiny random schedules, in every layout (packed: an
+//! entry of several records is stored, refused or lost as one).
 //!
 //! The model executes what the backlog's pipelines carry — the same commands redtap sends (a
 //! sample of pipelines is checked against the real RESP bytes redtap builds) — on per-second
@@ -50,15 +51,15 @@ impl Rng {
 
 /// A command as Redis sees it, taken from a plan when it is sent (the record may be gone from
 /// the backlog by the time a late pipeline executes).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Op {
-    /// `EVAL <create bucket> …` (create) or `XADD key NOMKSTREAM id …`.
+    /// `EVAL <create bucket> …` (create) or `XADD key NOMKSTREAM id …`: an entry of one record
+    /// (stream) or several (packed), each (record, capture µs).
     Xadd {
         bucket: u64,
         id: Slot,
         create: bool,
-        rec: u16,
-        ts: u64,
+        recs: Vec<(u16, u64)>,
         expire_at: u64,
     },
     /// `XRANGE key id id`.
@@ -87,12 +88,11 @@ fn ops(b: &Backlog, plan: &Plan) -> Vec<Op> {
             } => {
                 let r = b.record(h);
                 match layout.schema {
-                    Schema::Stream => Op::Xadd {
+                    Schema::Stream | Schema::Packed => Op::Xadd {
                         bucket: bucket_of(r),
                         id: slot,
                         create,
-                        rec: r.src.port(),
-                        ts: r.ts_us,
+                        recs: b.entry(h).iter().map(|r| (r.src.port(), r.ts_us)).collect(),
                         expire_at: bucket_expire_at_ms(bucket_of(r), layout.retention_ms),
                     },
                     Schema::Keys => Op::Set {
@@ -104,7 +104,7 @@ fn ops(b: &Backlog, plan: &Plan) -> Vec<Op> {
                 }
             }
             Cmd::Check { h, slot } => match layout.schema {
-                Schema::Stream => Op::Xrange {
+                Schema::Stream | Schema::Packed => Op::Xrange {
                     bucket: bucket_of(b.record(h)),
                     id: slot,
                 },
@@ -115,13 +115,19 @@ fn ops(b: &Backlog, plan: &Plan) -> Vec<Op> {
         .collect()
 }
 
-/// A stored entry: which record, and when it was written (for a restart that loses the last
-/// second).
-#[derive(Debug, Clone, Copy)]
+/// A stored entry: which records (with their capture µs; packed: several), and when it was
+/// written (for a restart that loses the last second).
+#[derive(Debug, Clone)]
 struct Entry {
-    rec: u16,
-    ts: u64,
+    recs: Vec<(u16, u64)>,
     at: u64,
+}
+
+impl Entry {
+    /// What a read-back identifies it by: its first record's capture time and source port.
+    fn id(&self) -> (u64, u16) {
+        (self.recs[0].1, self.recs[0].0)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -162,7 +168,9 @@ impl Model {
             let keep = b.expire_at > now;
             if !keep {
                 for e in b.entries.values() {
-                    present[e.rec as usize] = present[e.rec as usize].saturating_sub(1);
+                    for &(r, _) in &e.recs {
+                        present[r as usize] = present[r as usize].saturating_sub(1);
+                    }
                 }
             }
             keep
@@ -170,7 +178,9 @@ impl Model {
         self.keys.retain(|_, (e, exp)| {
             let keep = *exp > now;
             if !keep {
-                present[e.rec as usize] = present[e.rec as usize].saturating_sub(1);
+                for &(r, _) in &e.recs {
+                    present[r as usize] = present[r as usize].saturating_sub(1);
+                }
             }
             keep
         });
@@ -198,8 +208,7 @@ impl Model {
                 bucket,
                 id,
                 create,
-                rec,
-                ts,
+                recs,
                 expire_at,
             } => {
                 let b = match self.buckets.get_mut(&bucket) {
@@ -217,11 +226,21 @@ impl Model {
                     }
                     return Answer::NotAbove;
                 }
-                b.entries.insert(id, Entry { rec, ts, at: now });
-                self.executed[rec as usize] += 1;
-                if b.expire_at > now {
-                    self.appear(rec);
-                } else {
+                let alive = b.expire_at > now;
+                b.entries.insert(
+                    id,
+                    Entry {
+                        recs: recs.clone(),
+                        at: now,
+                    },
+                );
+                for &(rec, _) in &recs {
+                    self.executed[rec as usize] += 1;
+                    if alive {
+                        self.appear(rec);
+                    }
+                }
+                if !alive {
                     // PEXPIREAT in the past: the key is deleted at once, never readable.
                     self.buckets.remove(&bucket);
                 }
@@ -231,14 +250,14 @@ impl Model {
                 self.buckets
                     .get(&bucket)
                     .and_then(|b| b.entries.get(&id))
-                    .map(|e| (e.ts, e.rec)),
+                    .map(Entry::id),
             ),
             Op::Xrevrange { bucket } => Answer::Top(
                 self.buckets
                     .get(&bucket)
                     .and_then(|b| b.entries.keys().next_back().copied()),
             ),
-            Op::Get { key } => Answer::Found(self.keys.get(&key).map(|(e, _)| (e.ts, e.rec))),
+            Op::Get { key } => Answer::Found(self.keys.get(&key).map(|(e, _)| e.id())),
             Op::Set {
                 key,
                 rec,
@@ -247,8 +266,7 @@ impl Model {
             } => {
                 if self.touched.insert(key) && rng.chance(self.foreign) {
                     let theirs = Entry {
-                        rec: 0,
-                        ts: 0,
+                        recs: vec![(0, 0)],
                         at: 0,
                     };
                     self.keys.insert(key, (theirs, u64::MAX));
@@ -259,8 +277,11 @@ impl Model {
                 self.executed[rec as usize] += 1;
                 if expire_at > now {
                     self.appear(rec);
-                    self.keys
-                        .insert(key, (Entry { rec, ts, at: now }, expire_at));
+                    let e = Entry {
+                        recs: vec![(rec, ts)],
+                        at: now,
+                    };
+                    self.keys.insert(key, (e, expire_at));
                 }
                 Answer::Done
             }
@@ -271,8 +292,10 @@ impl Model {
     fn restart(&mut self, since: u64) {
         let (lost, present) = (&mut self.lost, &mut self.present);
         let mut gone = |e: &Entry| {
-            lost[e.rec as usize] += 1;
-            present[e.rec as usize] = present[e.rec as usize].saturating_sub(1);
+            for &(r, _) in &e.recs {
+                lost[r as usize] += 1;
+                present[r as usize] = present[r as usize].saturating_sub(1);
+            }
         };
         self.buckets.retain(|_, b| {
             // Entries of a bucket created since then are gone with their key.
@@ -298,11 +321,13 @@ impl Model {
     /// Records readable now.
     fn held(&mut self, now: u64) -> u64 {
         self.expire(now);
+        let recs = |e: &Entry| e.recs.len() as u64;
         self.buckets
             .values()
-            .map(|b| b.entries.len() as u64)
+            .flat_map(|b| b.entries.values())
+            .map(recs)
             .sum::<u64>()
-            + self.keys.len() as u64
+            + self.keys.values().map(|(e, _)| recs(e)).sum::<u64>()
     }
 }
 
@@ -319,6 +344,8 @@ struct Stats {
     restarts: u64,
     read_backs: u64,
     tops: u64,
+    /// Packed: stores of an entry of more than one record.
+    multi_record_stores: u64,
 }
 
 impl Stats {
@@ -333,6 +360,7 @@ impl Stats {
         self.restarts += o.restarts;
         self.read_backs += o.read_backs;
         self.tops += o.tops;
+        self.multi_record_stores += o.multi_record_stores;
     }
 }
 
@@ -355,14 +383,12 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
         ($($t:tt)*) => { if trace { eprintln!($($t)*); } };
     }
     let mut rng = Rng(seed);
-    let schema = if rng.chance(50) {
-        Schema::Stream
-    } else {
-        Schema::Keys
-    };
+    let schema = [Schema::Stream, Schema::Keys, Schema::Packed][rng.below(3) as usize];
+    let stream = schema != Schema::Keys;
     let retention = 2000 + rng.below(3) * 1000;
     let mut now: u64 = 1_700_000_000_000 + rng.below(1000);
-    let batch = 1 + rng.below(3) as usize;
+    // Packed: entries of up to a batch of records.
+    let batch = 1 + rng.below(if schema == Schema::Packed { 4 } else { 3 }) as usize;
     let on_full = if rng.chance(50) {
         OnFull::DropOldest
     } else {
@@ -372,7 +398,7 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
     let layout = Layout::new(schema, "sim", "a", retention);
     let mut b = Backlog::new(layout, batch, on_full, budget.clone());
     b.keep_journal();
-    let total = 2 + rng.below(5) as u16;
+    let total = 2 + rng.below(if schema == Schema::Packed { 7 } else { 5 }) as u16;
     let mut model = Model {
         readable: vec![0; total as usize + 1],
         lost: vec![0; total as usize + 1],
@@ -383,7 +409,7 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
         ..Default::default()
     };
     // A previous run's entries at or above where this run's IDs start.
-    if schema == Schema::Stream && rng.chance(20) {
+    if stream && rng.chance(20) {
         let bucket = now / 1000;
         model.buckets.insert(
             bucket,
@@ -394,8 +420,7 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
                         seq: rng.below(3),
                     },
                     Entry {
-                        rec: 0,
-                        ts: 0,
+                        recs: vec![(0, 0)],
                         at: 0,
                     },
                 )]
@@ -441,7 +466,8 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
         match rng.below(10) {
             // Capture.
             0 | 1 if captured < total && (b.has_room() || aborting) => {
-                let n = (1 + rng.below(2) as u16).min(total - captured);
+                let most = if schema == Schema::Packed { 3 } else { 2 };
+                let n = (1 + rng.below(most) as u16).min(total - captured);
                 let recs: Vec<Record> = (0..n)
                     .map(|i| {
                         // Now and then the clock steps back.
@@ -481,7 +507,9 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
                     match c {
                         Cmd::Check { .. } => st.read_backs += 1,
                         Cmd::Top { .. } => st.tops += 1,
-                        Cmd::Store { .. } => {}
+                        Cmd::Store { h, .. } => {
+                            st.multi_record_stores += u64::from(b.entry(*h).len() > 1);
+                        }
                     }
                 }
                 trace!(
@@ -517,7 +545,7 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
                     .ops
                     .iter()
                     .take(upto)
-                    .map(|&op| model.exec(op, now, &mut rng))
+                    .map(|op| model.exec(op.clone(), now, &mut rng))
                     .collect();
                 trace!("t={now} conn {c} runs plan {} ({upto} of {} ops, fate {fate}, abandoned {}): {answers:?}", q.plan, q.ops.len(), q.abandoned);
                 if q.abandoned {
@@ -599,7 +627,7 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
             if rng.chance(50) {
                 st.late_runs += 1;
                 for op in q.ops {
-                    let a = model.exec(op, now, &mut rng);
+                    let a = model.exec(op.clone(), now, &mut rng);
                     trace!("t={now} late plan {}: {op:?} → {a:?}", q.plan);
                 }
             }
@@ -698,8 +726,21 @@ fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
         return Err(format!("{} commands for {} ops", cmds.len(), ops.len()));
     }
     let key_of = |bucket: u64| format!("sim:events:{{a}}:{bucket}");
-    for (args, op) in cmds.iter().zip(&ops) {
+    for (raw, op) in cmds.iter().zip(&ops) {
+        let args: Vec<String> = raw
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
         let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        // Packed: the fields are `p` and a value that decodes to the entry's records.
+        let packed_ok = |at: usize, i: Slot, recs: &[(u16, u64)]| {
+            b.layout().schema != Schema::Packed
+                || (raw.len() == at + 2
+                    && a[at] == "p"
+                    && redtap::layout::packed::decode(&raw[at + 1], i.major).is_ok_and(|d| {
+                        d.iter().map(|d| (d.sport, d.ts_us)).collect::<Vec<_>>() == recs
+                    }))
+        };
         let id = |s: Slot| format!("{}-{}", s.major, s.seq);
         let ok = match *op {
             Op::Xadd {
@@ -707,15 +748,21 @@ fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
                 id: i,
                 create: true,
                 expire_at,
-                ..
+                ref recs,
             } => {
                 a[0] == "EVAL"
                     && a[2] == "1"
                     && a[3] == key_of(bucket)
                     && a[4] == expire_at.to_string()
                     && a[5] == id(i)
+                    && packed_ok(6, i, recs)
             }
-            Op::Xadd { bucket, id: i, .. } => {
+            Op::Xadd {
+                bucket,
+                id: i,
+                ref recs,
+                ..
+            } => {
                 a[..4]
                     == [
                         "XADD",
@@ -723,6 +770,7 @@ fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
                         "NOMKSTREAM",
                         id(i).as_str(),
                     ]
+                    && packed_ok(4, i, recs)
             }
             Op::Xrange { bucket, id: i } => {
                 a == [
@@ -755,7 +803,7 @@ fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
 }
 
 /// Arrays of bulk strings, as redis-rs packs commands.
-fn parse_resp(mut b: &[u8]) -> Option<Vec<Vec<String>>> {
+fn parse_resp(mut b: &[u8]) -> Option<Vec<Vec<Vec<u8>>>> {
     fn line(b: &mut &[u8]) -> Option<String> {
         let end = b.windows(2).position(|w| w == b"\r\n")?;
         let s = String::from_utf8(b[..end].to_vec()).ok()?;
@@ -768,7 +816,7 @@ fn parse_resp(mut b: &[u8]) -> Option<Vec<Vec<String>>> {
         let mut args = Vec::new();
         for _ in 0..n {
             let len: usize = line(&mut b)?.strip_prefix('$')?.parse().ok()?;
-            args.push(String::from_utf8(b[..len].to_vec()).ok()?);
+            args.push(b.get(..len)?.to_vec());
             b = &b[len + 2..];
         }
         out.push(args);

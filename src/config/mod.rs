@@ -97,6 +97,9 @@ pub enum Schema {
     Stream,
     /// One string key per record with an absolute expiry.
     Keys,
+    /// The stream layout's buckets, each entry a batch of records in one binary value
+    /// (docs/redis-schema.md, "Packed format").
+    Packed,
 }
 
 /// Log line format.

@@ -175,7 +175,7 @@ impl Layout {
     /// The layout for `agent` under `prefix`.
     pub fn new(schema: Schema, prefix: &str, agent: &str, retention_ms: u64) -> Self {
         let key = match schema {
-            Schema::Stream => stream::bucket_prefix(prefix, agent),
+            Schema::Stream | Schema::Packed => stream::bucket_prefix(prefix, agent),
             Schema::Keys => keys::keys_prefix(prefix, agent),
         };
         Layout {
@@ -206,7 +206,7 @@ impl Layout {
     /// went back or several records share it — the last slot's time with the next sequence.
     pub fn next_slot(&mut self, rec: &Record) -> Slot {
         let major = match self.schema {
-            Schema::Stream => rec.ts_ms(),
+            Schema::Stream | Schema::Packed => rec.ts_ms(),
             Schema::Keys => rec.ts_us,
         };
         let slot = if major > self.last.major {
@@ -243,14 +243,41 @@ impl Layout {
         key
     }
 
-    /// Queue the command that stores `rec` at `slot` ([`stream::push_store`],
-    /// [`keys::push_store`]). `create`: stream schema, the first of its bucket in this pipeline.
-    /// A second copy at the same slot is never stored: XADD refuses an ID not above the
-    /// stream's top, and SET … NX keeps the first value.
-    pub fn push_store(&self, pipe: &mut Pipeline, rec: &Record, slot: Slot, create: bool) {
+    /// Whether stores go to bucket streams (stream and packed layouts), with their rules for
+    /// XADD's answers, rather than to NX keys.
+    pub fn is_stream(&self) -> bool {
+        self.schema != Schema::Keys
+    }
+
+    /// Queue the command that stores the entry `recs` (one record, except in the packed
+    /// layout) at `slot` ([`stream::push_store`], [`keys::push_store`],
+    /// [`packed::push_store`] with `value`, the entry's encoding by [`Layout::pack`]).
+    /// `create`: a bucket stream's first entry in this pipeline. A second copy at the same
+    /// slot is never stored: XADD refuses an ID not above the stream's top, and SET … NX keeps
+    /// the first value.
+    pub fn push_store(
+        &self,
+        pipe: &mut Pipeline,
+        recs: &[Record],
+        value: &[u8],
+        slot: Slot,
+        create: bool,
+    ) {
         match self.schema {
-            Schema::Stream => stream::push_store(self, pipe, rec, slot, create),
-            Schema::Keys => keys::push_store(self, pipe, rec, slot),
+            Schema::Stream => stream::push_store(self, pipe, &recs[0], slot, create),
+            Schema::Keys => keys::push_store(self, pipe, &recs[0], slot),
+            Schema::Packed => {
+                packed::push_store(self, pipe, bucket_of(&recs[0]), value, slot, create)
+            }
+        }
+    }
+
+    /// The value of a packed entry of `recs` at `slot` (empty in the other layouts, whose
+    /// commands are built from the record itself).
+    pub fn pack(&self, recs: &[Record], slot: Slot) -> Vec<u8> {
+        match self.schema {
+            Schema::Packed => packed::encode(recs, slot.major, self.listen),
+            Schema::Stream | Schema::Keys => Vec::new(),
         }
     }
 
@@ -258,7 +285,7 @@ impl Layout {
     /// `GET key` (keys schema).
     pub fn push_check(&self, pipe: &mut Pipeline, rec: &Record, slot: Slot) {
         match self.schema {
-            Schema::Stream => stream::push_check(self, pipe, rec, slot),
+            Schema::Stream | Schema::Packed => stream::push_check(self, pipe, rec, slot),
             Schema::Keys => {
                 pipe.cmd("GET").arg(self.key_name(slot));
             }
@@ -416,7 +443,7 @@ mod tests {
             let slot = l.next_slot(r);
             let create = !created.contains(&bucket_of(r));
             created.push(bucket_of(r));
-            l.push_store(&mut pipe, r, slot, create);
+            l.push_store(&mut pipe, std::slice::from_ref(r), &[], slot, create);
         }
         args(&pipe)
             .into_iter()

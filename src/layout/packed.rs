@@ -1,10 +1,12 @@
-//! The packed record format (issue 11.1), version 1: a batch of one agent's records of one
-//! capture second in one binary value, for a stream entry of a future `--schema packed`.
+//! The packed layout (`schema = packed`, issue 11.1): the stream layout's bucket streams, each
+//! entry a batch of one backend's records of one capture second in one binary value, field `p`,
+//! format version 1.
 //!
-//! Owns the byte format (docs/redis-schema.md, "Packed format") and its encoder and decoder.
-//! The daemon does not write it yet: the writer's exactly-once bookkeeping is per record, and
-//! a packed entry needs it per entry (see the module doc of `sink::backlog`). It never talks
-//! to Redis, and decoding never panics on bytes from outside.
+//! Owns the byte format (docs/redis-schema.md, "Packed format"), its encoder and decoder, and
+//! the command that stores an entry (the stream layout's bucket-creating script or
+//! `XADD … NOMKSTREAM`, with the one field). Which records form an entry, and the entry's
+//! exactly-once handling, are the writer's (`sink::backlog`: its unit is an entry). It never
+//! talks to Redis, and decoding never panics on bytes from outside.
 //!
 //! ```text
 //! value   = version:u8 (=1)  kind:u8 (0 connections, 1 segments)  listen  count:varint  record*
@@ -16,9 +18,13 @@
 //! dst     = ip:[4|16] port:u16be
 //! ```
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::Decoded;
+use redis::{Pipeline, Value};
+
+use super::stream::CREATE_BUCKET_LUA;
+use super::{bucket_expire_at_ms, Decoded, Layout, Slot, StackBuf};
 use crate::record::{flags_str, Kind, Record};
 
 /// The format version, the value's first byte.
@@ -120,6 +126,59 @@ pub fn encode(recs: &[Record], entry_ms: u64, listen: Option<SocketAddr>) -> Vec
         }
     }
     out
+}
+
+/// The field that holds an entry's packed value.
+pub const FIELD: &str = "p";
+
+/// Queue the command that stores the packed entry `value` at `slot` of bucket `bucket`: the
+/// bucket-creating script when `create`, else `XADD … NOMKSTREAM` (as the stream layout).
+pub fn push_store(
+    layout: &Layout,
+    pipe: &mut Pipeline,
+    bucket: u64,
+    value: &[u8],
+    slot: Slot,
+    create: bool,
+) {
+    let mut id = StackBuf::new();
+    let _ = write!(id, "{}-{}", slot.major, slot.seq);
+    let mut cmd = redis::Cmd::with_capacity(9, layout.key.len() + value.len() + 160);
+    if create {
+        cmd.arg("EVAL")
+            .arg(CREATE_BUCKET_LUA)
+            .arg(1)
+            .arg(layout.bucket_key(bucket))
+            .arg(bucket_expire_at_ms(bucket, layout.retention_ms));
+    } else {
+        cmd.arg("XADD")
+            .arg(layout.bucket_key(bucket))
+            .arg("NOMKSTREAM");
+    }
+    cmd.arg(id.as_str()).arg(FIELD).arg(value);
+    pipe.add_command(cmd);
+}
+
+/// The packed value among a stream entry's fields, if it is a packed entry.
+pub fn value_of(fields: &Value) -> Option<&[u8]> {
+    fn bytes(v: &Value) -> Option<&[u8]> {
+        match v {
+            Value::BulkString(b) => Some(b.as_slice()),
+            _ => None,
+        }
+    }
+    let is_field = |k: &Value| bytes(k) == Some(FIELD.as_bytes());
+    match fields {
+        Value::Array(flat) => flat
+            .chunks_exact(2)
+            .find(|p| is_field(&p[0]))
+            .and_then(|p| bytes(&p[1])),
+        Value::Map(m) => m
+            .iter()
+            .find(|(k, _)| is_field(k))
+            .and_then(|(_, v)| bytes(v)),
+        _ => None,
+    }
 }
 
 /// A cursor over a value's bytes.
@@ -300,6 +359,40 @@ mod tests {
             let _ = decode(&v, next() >> 20);
             let noise: Vec<u8> = (0..next() % 64).map(|_| next() as u8).collect();
             let _ = decode(&noise, next() >> 20);
+        }
+    }
+
+    #[test]
+    fn a_stored_entry_reads_back_and_is_identified_by_its_first_record() {
+        use crate::config::Schema;
+        // One kind per entry, as the writer forms them.
+        let recs: Vec<Record> = samples().into_iter().skip(1).take(3).collect();
+        let mut l = Layout::new(Schema::Packed, "rt", "a", 60_000);
+        let slot = l.next_slot(&recs[0]);
+        let value = l.pack(&recs, slot);
+        for create in [true, false] {
+            let mut pipe = Pipeline::new();
+            l.push_store(&mut pipe, &recs, &value, slot, create);
+            let args = &crate::layout::tests::args(&pipe)[0];
+            let at = if create { 5 } else { 3 };
+            let id = format!("{}-{}", slot.major, slot.seq);
+            assert_eq!(args[at], id.as_bytes());
+            assert_eq!(args[at + 1], b"p");
+            assert_eq!(args[at + 2], value);
+            let fields = Value::Array(vec![
+                Value::BulkString(b"p".to_vec()),
+                Value::BulkString(args[at + 2].clone()),
+            ]);
+            let got = decode(value_of(&fields).unwrap(), slot.major).unwrap();
+            assert_eq!(got, recs.iter().map(Decoded::of).collect::<Vec<_>>());
+            let xrange = Value::Array(vec![Value::Array(vec![
+                Value::BulkString(id.into_bytes()),
+                fields,
+            ])]);
+            assert_eq!(
+                super::super::stream::check_answer(&xrange),
+                Some((recs[0].ts_us, recs[0].src.port()))
+            );
         }
     }
 

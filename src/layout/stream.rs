@@ -262,6 +262,14 @@ pub fn ts_of(id: &str, fields: &Value) -> Option<u64> {
 /// The capture time and source port of the first entry of an XRANGE answer (a read-back).
 pub fn check_answer(v: &Value) -> Option<(u64, u16)> {
     let (id, fields) = *entries(v).first()?;
+    // A packed entry (one binary field `p`): what identifies it is its first record.
+    if let Some(value) = super::packed::value_of(fields) {
+        let ms = parse_stream_id(id).map_or(0, |s| s.major);
+        let first = super::packed::decode(value, ms)
+            .ok()
+            .and_then(|d| d.into_iter().next());
+        return Some(first.map_or((0, 0), |d| (d.ts_us, d.sport)));
+    }
     // An entry without these fields is not one of ours: (0, 0) matches no record.
     let (ts, sport) = entry_fields(fields).map_or((None, None), |p| ts_sport(id, &p));
     Some((ts.unwrap_or(0), sport.unwrap_or(0)))

@@ -1,8 +1,15 @@
 //! The writer's exactly-once bookkeeping, free of I/O: which records wait, where each stands,
 //! what the next pipeline sends, and what its answers mean.
 //!
+//! Its unit is an *entry*: what one store command writes at one slot — one record in the stream
+//! and keys layouts, a batch of records of one capture second (up to the pipeline's limit) in
+//! the packed layout. An entry's records and value are fixed when it is formed (from records
+//! never sent, in arrival order), so a resend sends the identical bytes at the same slot; an
+//! entry that takes a new slot is encoded again for it. Counts stay per record: an entry's
+//! records are written, or dropped for one reason, together.
+//!
 //! Owns: the records a writer holds (never sent, in flight, answer lost, to be read back), their
-//! slots, the pipelines in flight with the exact commands each carries, the share of the buffer
+//! entries and slots, the pipelines in flight with the exact commands each carries, the share of the buffer
 //! budget the records hold, and the written / dropped tally. It never touches a socket, a clock
 //! or a metric: the writer ([`super::Writer`]) passes the time in, sends what [`Backlog::plan`]
 //! returns, hands each answer back to [`Backlog::settle`] and publishes [`Backlog::take_tally`].
@@ -13,6 +20,9 @@
 //!
 //! - A pipeline remembers the commands it sent, in order; its answers are matched against that
 //!   list and nothing else. Answers may come back in any order across pipelines.
+//! (The rules below say "record"; read "entry" for the packed layout, which follows the stream
+//! rules, and whose read-back compares the capture time and source port of its first record.)
+//!
 //! - A record whose answer was lost keeps its slot and is resent there: whichever attempt runs
 //!   first stores it, the others are refused (XADD: ID not above the top; SET … NX: nil).
 //! - Stream: a *first* attempt refused as "not above the top" is surely not stored and never will
@@ -41,27 +51,27 @@ use crate::layout::{bucket_of, Answer, Ask, Layout, Slot};
 use crate::metrics::DropReason;
 use crate::record::Record;
 
-/// A record held by a backlog, numbered in arrival order.
+/// An entry held by a backlog, numbered in the order entries were formed.
 pub type Handle = u64;
 
 /// One command of a pipeline, as the backlog matches its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cmd {
-    /// Store record `h` at `slot`; `create`: stream schema, the first of its bucket in this
-    /// pipeline, sent with the script that creates the bucket with its expiry.
+    /// Store entry `h` at `slot`; `create`: a bucket stream's first entry in this pipeline,
+    /// sent with the script that creates the bucket with its expiry.
     Store {
-        /// The record.
+        /// The entry.
         h: Handle,
         /// Its slot.
         slot: Slot,
         /// Whether this may create the bucket.
         create: bool,
-        /// Whether an earlier attempt of this record at `slot` may have stored it.
+        /// Whether an earlier attempt of this entry at `slot` may have stored it.
         resend: bool,
     },
-    /// Read back whether record `h` is stored at `slot`.
+    /// Read back whether entry `h` is stored at `slot`.
     Check {
-        /// The record.
+        /// The entry.
         h: Handle,
         /// The slot read.
         slot: Slot,
@@ -164,9 +174,13 @@ impl St {
     }
 }
 
+/// An entry sent at least once and not settled.
 #[derive(Debug)]
 struct Held {
-    rec: Record,
+    /// Its records (one, except in the packed layout), fixed when it was formed.
+    recs: Vec<Record>,
+    /// Packed layout: its value at its current slot (empty in the other layouts).
+    value: Vec<u8>,
     st: St,
     /// A read-back found it absent, which may also mean its bucket expired with it: if it is
     /// dropped before it is stored again, it counts as `unknown`.
@@ -190,11 +204,13 @@ pub struct Backlog {
     up: bool,
     /// Records never sent, in arrival order.
     fresh: VecDeque<Record>,
-    /// Records sent at least once and not settled, by arrival. Small: at most what went out in
+    /// Entries sent at least once and not settled, by arrival. Small: at most what went out in
     /// the pipelines since the last success.
     held: BTreeMap<Handle, Held>,
     next_handle: Handle,
-    /// Held records not in flight.
+    /// Records in `held`.
+    held_recs: usize,
+    /// Records of held entries not in flight.
     held_idle: usize,
     /// Pipelines in flight: number and commands, oldest first.
     inflight: Vec<(u64, Vec<Cmd>)>,
@@ -226,6 +242,7 @@ impl Backlog {
             fresh: VecDeque::new(),
             held: BTreeMap::new(),
             next_handle: 0,
+            held_recs: 0,
             held_idle: 0,
             inflight: Vec::new(),
             next_plan: 0,
@@ -244,7 +261,7 @@ impl Backlog {
 
     /// Records held, in any state.
     pub fn len(&self) -> usize {
-        self.fresh.len() + self.held.len()
+        self.fresh.len() + self.held_recs
     }
 
     /// Whether nothing is held.
@@ -288,9 +305,19 @@ impl Backlog {
         }
     }
 
-    /// The record `h` (held).
+    /// The first (in the stream and keys layouts: the only) record of entry `h` (held).
     pub fn record(&self, h: Handle) -> &Record {
-        &self.held[&h].rec
+        &self.held[&h].recs[0]
+    }
+
+    /// The records of entry `h` (held).
+    pub fn entry(&self, h: Handle) -> &[Record] {
+        &self.held[&h].recs
+    }
+
+    /// The packed value of entry `h` (held) at its current slot; empty in the other layouts.
+    pub fn value(&self, h: Handle) -> &[u8] {
+        &self.held[&h].value
     }
 
     /// Queue records from the balancer. While down they count against the budget, and in
@@ -329,16 +356,17 @@ impl Backlog {
     }
 
     /// The next pipeline: read-backs, bucket tops, resends at their slots (in slot order), then
-    /// records that need a new slot, oldest first — at most one batch of stores. `None` if
-    /// nothing is to be sent.
+    /// entries that need a new slot, oldest first, then new entries formed from fresh records —
+    /// stores of at most one batch of records. `None` if nothing is to be sent.
     pub fn plan(&mut self) -> Option<Plan> {
-        let stream = self.layout.schema == Schema::Stream;
+        let stream = self.layout.is_stream();
+        let packed = self.layout.schema == Schema::Packed;
         let mut cmds = Vec::new();
         let mut careful = false;
         for (&h, held) in self.held.iter_mut() {
             if let St::Check(slot) = held.st {
                 held.st = St::Checking { slot };
-                self.held_idle -= 1;
+                self.held_idle -= held.recs.len();
                 cmds.push(Cmd::Check { h, slot });
                 careful = true;
             }
@@ -358,6 +386,7 @@ impl Backlog {
             }
             first
         };
+        // Records in this pipeline's stores.
         let mut stores = 0;
         let mut resends: Vec<(Slot, Handle)> = self
             .held
@@ -368,57 +397,81 @@ impl Backlog {
             })
             .collect();
         resends.sort_unstable();
-        for (slot, h) in resends.into_iter().take(self.limit) {
+        for (slot, h) in resends {
+            if stores >= self.limit {
+                break;
+            }
             let held = self.held.get_mut(&h).expect("held");
             held.st = St::Sending { slot, resend: true };
-            self.held_idle -= 1;
+            self.held_idle -= held.recs.len();
             cmds.push(Cmd::Store {
                 h,
                 slot,
-                create: create(&held.rec),
+                create: create(&held.recs[0]),
                 resend: true,
             });
-            stores += 1;
+            stores += held.recs.len();
             careful = true;
         }
         if new_slots {
             for (&h, held) in self.held.iter_mut() {
-                if stores == self.limit {
+                if stores >= self.limit {
                     break;
                 }
                 if held.st == St::Retry {
-                    let slot = self.layout.next_slot(&held.rec);
+                    let slot = self.layout.next_slot(&held.recs[0]);
+                    // A new slot is a new entry as far as Redis knows: encoded for its ID.
+                    held.value = self.layout.pack(&held.recs, slot);
                     held.st = St::Sending {
                         slot,
                         resend: false,
                     };
-                    self.held_idle -= 1;
+                    self.held_idle -= held.recs.len();
                     cmds.push(Cmd::Store {
                         h,
                         slot,
-                        create: create(&held.rec),
+                        create: create(&held.recs[0]),
                         resend: false,
                     });
-                    stores += 1;
+                    stores += held.recs.len();
                 }
             }
             while stores < self.limit {
-                let Some(rec) = self.fresh.pop_front() else {
+                let Some(first) = self.fresh.pop_front() else {
                     break;
                 };
+                let mut recs = vec![first];
+                if packed {
+                    // One second's records of one kind (the format's kind byte is per value),
+                    // consecutive in arrival order.
+                    while stores + recs.len() < self.limit {
+                        let Some(next) = self.fresh.front() else {
+                            break;
+                        };
+                        let conn = |r: &Record| r.kind == crate::record::Kind::Conn;
+                        if bucket_of(next) != bucket_of(&recs[0]) || conn(next) != conn(&recs[0]) {
+                            break;
+                        }
+                        recs.push(self.fresh.pop_front().expect("front"));
+                    }
+                }
                 let h = self.next_handle;
                 self.next_handle += 1;
-                let slot = self.layout.next_slot(&rec);
+                let slot = self.layout.next_slot(&recs[0]);
+                let value = self.layout.pack(&recs, slot);
                 cmds.push(Cmd::Store {
                     h,
                     slot,
-                    create: create(&rec),
+                    create: create(&recs[0]),
                     resend: false,
                 });
+                stores += recs.len();
+                self.held_recs += recs.len();
                 self.held.insert(
                     h,
                     Held {
-                        rec,
+                        recs,
+                        value,
                         st: St::Sending {
                             slot,
                             resend: false,
@@ -426,7 +479,6 @@ impl Backlog {
                         doubt: false,
                     },
                 );
-                stores += 1;
             }
         }
         if cmds.is_empty() {
@@ -450,9 +502,11 @@ impl Backlog {
             match *cmd {
                 Cmd::Store {
                     h, slot, create, ..
-                } => self
-                    .layout
-                    .push_store(&mut pipe, self.record(h), slot, create),
+                } => {
+                    let held = &self.held[&h];
+                    self.layout
+                        .push_store(&mut pipe, &held.recs, &held.value, slot, create)
+                }
                 Cmd::Check { h, slot } => self.layout.push_check(&mut pipe, self.record(h), slot),
                 Cmd::Top { bucket } => self.layout.push_top(&mut pipe, bucket),
             }
@@ -476,7 +530,7 @@ impl Backlog {
             return Settled::default();
         };
         let (_, cmds) = self.inflight.remove(pos);
-        let stream = self.layout.schema == Schema::Stream;
+        let stream = self.layout.is_stream();
         let mut out = Settled::default();
         let answers = answers.unwrap_or_else(|_| {
             out.lost = true;
@@ -505,7 +559,7 @@ impl Backlog {
                         Some(Answer::Nil) if stream && resend => Some(St::Unknown(slot)),
                         Some(Answer::NotAbove) if stream && resend => Some(St::Check(slot)),
                         Some(Answer::NotAbove) if stream => {
-                            let b = bucket_of(&self.held[&h].rec);
+                            let b = bucket_of(&self.held[&h].recs[0]);
                             if !self.tops.contains(&b) {
                                 self.tops.push(b);
                             }
@@ -520,7 +574,7 @@ impl Backlog {
                     (h, next)
                 }
                 Cmd::Check { h, slot } => {
-                    let rec = &self.held[&h].rec;
+                    let rec = &self.held[&h].recs[0];
                     let ours = Some((rec.ts_us, rec.src.port()));
                     let next = match answer {
                         Some(Answer::Found(e)) if *e == ours => None,
@@ -534,14 +588,17 @@ impl Backlog {
             match next {
                 None => {
                     let held = self.held.remove(&h).expect("held");
-                    self.note(held.rec, Fate::Written);
-                    out.stored += 1;
+                    self.held_recs -= held.recs.len();
+                    out.stored += held.recs.len();
+                    for rec in held.recs {
+                        self.note(rec, Fate::Written);
+                    }
                 }
                 Some(st) => {
                     let held = self.held.get_mut(&h).expect("held");
                     held.doubt |= matches!(cmd, Cmd::Check { .. }) && st == St::Retry;
                     held.st = st;
-                    self.held_idle += 1;
+                    self.held_idle += held.recs.len();
                 }
             }
         }
@@ -561,7 +618,9 @@ impl Backlog {
         out
     }
 
-    /// Drop the records past retention at `now_ms` that are not in flight. Returns how many.
+    /// Drop the records past retention at `now_ms` that are not in flight — an entry once its
+    /// newest record is (until then its bucket outlives it, so what it stores is readable).
+    /// Returns how many records.
     pub fn drop_expired(&mut self, now_ms: u64) -> usize {
         // Fresh records are in arrival (≈ capture) order: the expired ones are at the front.
         let mut n = 0;
@@ -578,13 +637,15 @@ impl Backlog {
         let gone: Vec<Handle> = self
             .held
             .iter()
-            .filter(|(_, held)| !held.st.in_flight() && self.layout.is_expired(&held.rec, now_ms))
+            .filter(|(_, held)| {
+                !held.st.in_flight() && held.recs.iter().all(|r| self.layout.is_expired(r, now_ms))
+            })
             .map(|(&h, _)| h)
             .collect();
         for &h in &gone {
-            self.drop_held(h, DropReason::Expired);
+            n += self.drop_held(h, DropReason::Expired);
         }
-        n + gone.len()
+        n
     }
 
     /// Drop everything not in flight (the grace period is over). Returns how many.
@@ -592,40 +653,52 @@ impl Backlog {
         self.evict(usize::MAX, DropReason::Shutdown)
     }
 
-    /// Drop the `n` oldest records not in flight for `reason` (a record whose copy may be in
-    /// Redis is counted as [`DropReason::Unknown`] instead).
+    /// Drop the `n` oldest records not in flight for `reason` (whole entries: a few more when
+    /// the last one is larger; a record whose copy may be in Redis is counted as
+    /// [`DropReason::Unknown`] instead).
     fn evict(&mut self, n: usize, reason: DropReason) -> usize {
-        let gone: Vec<Handle> = self
-            .held
-            .iter()
-            .filter(|(_, held)| !held.st.in_flight())
-            .map(|(&h, _)| h)
-            .take(n)
-            .collect();
-        for &h in &gone {
-            self.drop_held(h, reason);
+        let mut gone = Vec::new();
+        let mut left = n;
+        for (&h, held) in &self.held {
+            if left == 0 {
+                break;
+            }
+            if !held.st.in_flight() {
+                gone.push(h);
+                left = left.saturating_sub(held.recs.len());
+            }
         }
-        let fresh = (n - gone.len()).min(self.fresh.len());
+        let mut dropped = 0;
+        for &h in &gone {
+            dropped += self.drop_held(h, reason);
+        }
+        let fresh = left.min(self.fresh.len());
         for rec in self.fresh.drain(..fresh) {
             if let Some(j) = self.journal.as_mut() {
                 j.push((rec, Fate::Dropped(reason)));
             }
         }
         self.count_drop(reason, fresh);
-        gone.len() + fresh
+        dropped + fresh
     }
 
-    fn drop_held(&mut self, h: Handle, reason: DropReason) {
+    /// Drop entry `h` (not in flight) for `reason`; returns how many records it held.
+    fn drop_held(&mut self, h: Handle, reason: DropReason) -> usize {
         let held = self.held.remove(&h).expect("held");
         debug_assert!(!held.st.in_flight());
-        self.held_idle -= 1;
+        let n = held.recs.len();
+        self.held_idle -= n;
+        self.held_recs -= n;
         let reason = if held.st.maybe_stored() || held.doubt {
             DropReason::Unknown
         } else {
             reason
         };
-        self.note(held.rec, Fate::Dropped(reason));
-        self.count_drop(reason, 1);
+        for rec in held.recs {
+            self.note(rec, Fate::Dropped(reason));
+        }
+        self.count_drop(reason, n);
+        n
     }
 
     fn note(&mut self, rec: Record, fate: Fate) {
@@ -678,7 +751,8 @@ impl Backlog {
         self.held
             .values()
             .filter(|h| matches!(h.st, St::Unknown(_) | St::Check(_)))
-            .count()
+            .map(|h| h.recs.len())
+            .sum()
     }
 }
 
@@ -812,6 +886,38 @@ mod tests {
         assert_eq!(p.cmds, vec![Cmd::Check { h: 0, slot: second }]);
         b.settle(p.id, Ok(vec![Answer::Found(Some((1_000_000, 1)))]));
         assert_eq!(b.totals().written, 1, "our earlier attempt stored it");
+    }
+
+    #[test]
+    fn packed_entries_hold_one_second_each_and_a_resend_is_the_same_bytes() {
+        let mut b = backlog(Schema::Packed, 10);
+        b.accept([
+            rec(1_000_000, 1),
+            rec(1_000_500, 2),
+            rec(1_999_999, 3),
+            rec(2_000_000, 4),
+        ]);
+        let p = b.plan().unwrap();
+        let st = stores(&p);
+        assert_eq!(st.len(), 2, "one entry per second");
+        assert_eq!(b.entry(st[0].0).len(), 3);
+        assert_eq!(b.entry(st[1].0).len(), 1);
+        assert!(st[0].2 && st[1].2, "each creates its bucket");
+        let sent = b.pipeline(&p).get_packed_pipeline();
+        b.settle(p.id, Err(()));
+        assert_eq!(b.unknown(), 4, "counted per record");
+        let again = b.plan().unwrap();
+        assert_eq!(b.pipeline(&again).get_packed_pipeline(), sent);
+        b.settle(again.id, Ok(vec![Answer::Done, Answer::NotAbove]));
+        assert_eq!(b.totals().written, 3);
+        // The refused resend is read back by its first record, then written at a new slot.
+        let p = b.plan().unwrap();
+        b.settle(p.id, Ok(vec![Answer::Found(None)]));
+        let p = b.plan().unwrap();
+        let n = p.cmds.len();
+        b.settle(p.id, Ok(vec![Answer::Done; n]));
+        assert_eq!(b.totals().written, 4);
+        assert!(b.is_empty());
     }
 
     #[test]
