@@ -179,11 +179,11 @@ fn read_reply(r: &mut BufReader<TcpStream>, out: &mut Vec<u8>) -> std::io::Resul
     Ok(())
 }
 
-/// Every record in `r` as (source port, capture µs), from the bucket streams or keys of agent
-/// `t`.
+/// Every record in `r` as (source port, capture µs), from the bucket streams (packed: each
+/// entry's records) or keys of agent `t`.
 fn records_in(r: &RedisServer, schema: &str) -> Vec<(u16, u64)> {
     let mut out = Vec::new();
-    if schema == "stream" {
+    if schema != "keys" {
         for (_, fields) in r.xrange("redtap:events:t") {
             let get = |k: &str| fields.iter().find(|(f, _)| f == k).unwrap().1.clone();
             out.push((get("sport").parse().unwrap(), get("ts").parse().unwrap()));
@@ -205,10 +205,16 @@ fn records_in(r: &RedisServer, schema: &str) -> Vec<(u16, u64)> {
 fn mixed_faults_store_every_record_exactly_once(schema: &str) {
     const N: usize = 3000;
     let (ra, rb) = (RedisServer::start(), RedisServer::start());
-    let pa = Proxy::start(ra.port, 2, 10, 1);
-    let pb = Proxy::start(rb.port, 2, 10, 2);
+    // Packed: far fewer commands (an entry holds many records; smaller batches make more of
+    // them), so faults per command are more frequent for the same number of faults.
+    let (refuse_pct, cut_per_mille, batch) = match schema {
+        "packed" => (10, 40, Some("16")),
+        _ => (2, 10, None),
+    };
+    let pa = Proxy::start(ra.port, refuse_pct, cut_per_mille, 1);
+    let pb = Proxy::start(rb.port, refuse_pct, cut_per_mille, 2);
     let (a, b) = (format!("A={}@1", pa.url()), format!("B={}@1", pb.url()));
-    let mut d = Daemon::start(&[
+    let mut args = vec![
         "--capture",
         "connections",
         "--agent",
@@ -223,7 +229,11 @@ fn mixed_faults_store_every_record_exactly_once(schema: &str) {
         &a,
         "--backend",
         &b,
-    ]);
+    ];
+    if let Some(batch) = batch {
+        args.extend(["--batch-size", batch]);
+    }
+    let mut d = Daemon::start(&args);
     let connected = connect_many(d.listen, N, 8);
     assert!(connected > N * 9 / 10, "only {connected} of {N} connected");
     let m = |d: &Daemon, name: &str| d.metric(name) as u64;
@@ -308,4 +318,9 @@ fn mixed_faults_store_every_record_exactly_once_stream() {
 #[test]
 fn mixed_faults_store_every_record_exactly_once_keys() {
     mixed_faults_store_every_record_exactly_once("keys");
+}
+
+#[test]
+fn mixed_faults_store_every_record_exactly_once_packed() {
+    mixed_faults_store_every_record_exactly_once("packed");
 }

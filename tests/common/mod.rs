@@ -204,9 +204,24 @@ impl RedisServer {
     /// Every entry of a stream as (id, fields), in ID order; an agent's stream name reads its
     /// buckets too. A record reads as the complete field set of earlier versions (`src dst sport
     /// dport ts kind [len]`), whichever version wrote it (decoded by `redtap::layout::stream`);
-    /// [`xrange_raw`](Self::xrange_raw) shows the fields as stored.
+    /// a packed entry reads as one row per record, each with the entry's ID (decoded by
+    /// `redtap::layout::packed`); [`xrange_raw`](Self::xrange_raw) shows the fields as stored.
     pub fn xrange(&self, key: &str) -> Vec<(String, Vec<(String, String)>)> {
         use redtap::layout::stream;
+        fn row(d: redtap::layout::Decoded) -> Vec<(String, String)> {
+            let mut f = vec![
+                ("src".to_string(), d.src.to_string()),
+                ("dst".to_string(), d.dst.to_string()),
+                ("sport".to_string(), d.sport.to_string()),
+                ("dport".to_string(), d.dport.to_string()),
+                ("ts".to_string(), d.ts_us.to_string()),
+                ("kind".to_string(), d.kind),
+            ];
+            if let Some(len) = d.len {
+                f.push(("len".to_string(), len.to_string()));
+            }
+            f
+        }
         let mut c = self.conn().unwrap();
         let mut out = Vec::new();
         for k in self.stream_keys(key) {
@@ -218,21 +233,14 @@ impl RedisServer {
                 .unwrap();
             let listen = stream::bucket_listen(&v);
             for (id, fields) in stream::entries(&v) {
+                if let Some(value) = redtap::layout::packed::value_of(fields) {
+                    let ms = stream::parse_stream_id(id).expect("an entry ID").major;
+                    let recs = redtap::layout::packed::decode(value, ms).expect("a packed value");
+                    out.extend(recs.into_iter().map(|d| (id.to_string(), row(d))));
+                    continue;
+                }
                 let f = match stream::decode(id, fields, listen) {
-                    Some(d) => {
-                        let mut f = vec![
-                            ("src".to_string(), d.src.to_string()),
-                            ("dst".to_string(), d.dst.to_string()),
-                            ("sport".to_string(), d.sport.to_string()),
-                            ("dport".to_string(), d.dport.to_string()),
-                            ("ts".to_string(), d.ts_us.to_string()),
-                            ("kind".to_string(), d.kind),
-                        ];
-                        if let Some(len) = d.len {
-                            f.push(("len".to_string(), len.to_string()));
-                        }
-                        f
-                    }
+                    Some(d) => row(d),
                     None => stream::entry_fields(fields)
                         .unwrap_or_default()
                         .into_iter()
