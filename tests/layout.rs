@@ -438,6 +438,84 @@ fn the_documented_python_decoder_reads_the_packed_format() {
     }
 }
 
+/// `redtap run --schema packed` writes entries of one field `p` that the documented Python
+/// decoder reads back as exactly the connections made (`redtap query` reads them once the
+/// readers learn the packed layout).
+#[test]
+fn the_packed_layout_written_by_run_reads_back_with_the_documented_decoder() {
+    let r = RedisServer::start();
+    let backend = format!("A={}@1", r.url());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut d = Daemon::start_on(
+        &listen,
+        &[
+            "--capture",
+            "connections",
+            "--agent",
+            "lay-packed",
+            "--schema",
+            "packed",
+            "--backend",
+            &backend,
+        ],
+    );
+    let src: IpAddr = "127.0.0.1".parse().unwrap();
+    let t0 = now_us();
+    let ports = connect_n(src, d.listen, 40);
+    eventually(
+        Duration::from_secs(10),
+        "every connection is stored",
+        || r.xrange("redtap:events:lay-packed").len() >= ports.len(),
+    );
+    let t1 = now_us();
+    assert!(d.stop(Duration::from_secs(10)).success());
+    let tmp = tempfile::tempdir().unwrap();
+    let script = documented_decoder(tmp.path());
+    let port = r.port.to_string();
+    let mut rows = Vec::new();
+    for key in r.keys("redtap:events:{lay-packed}:*") {
+        let entries: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .query(&mut r.conn().unwrap())
+            .unwrap();
+        for (_, fields) in entries {
+            let names: Vec<&[u8]> = fields.iter().map(|(k, _)| k.as_slice()).collect();
+            assert_eq!(names, [b"p"], "{key}: one field per entry");
+        }
+        let out = Command::new("python3")
+            .arg(&script)
+            .args(["127.0.0.1", &port, &key])
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        rows.extend(
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+        );
+    }
+    assert_eq!(rows.len(), ports.len(), "{rows:?}");
+    let seen: BTreeSet<u16> = rows
+        .iter()
+        .map(|r| r["sport"].as_u64().unwrap() as u16)
+        .collect();
+    assert_eq!(seen, ports);
+    for row in &rows {
+        assert_eq!(row["src"], src.to_string(), "{row}");
+        assert_eq!(row["dst"], d.listen.ip().to_string(), "{row}");
+        assert_eq!(row["dport"], d.listen.port(), "{row}");
+        assert_eq!(row["kind"], "conn", "{row}");
+        let ts = row["ts_us"].as_u64().unwrap();
+        assert!((t0..=t1).contains(&ts), "{ts} outside {t0}..={t1}");
+    }
+}
+
 #[test]
 fn a_packed_record_costs_at_most_16_bytes_of_redis_memory() {
     // Same measure as tests/writer.rs: used_memory delta / records, 200,000 records at 20,000

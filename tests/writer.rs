@@ -112,15 +112,20 @@ async fn a_writer_writes_only_while_its_lease_clears_it() {
 
 /// Redis memory per record (`used_memory` delta / records) after one writer stored 200,000
 /// records of `kind` with `schema`: 20,000 a second over the last 10 s, from 65,536 sources
-/// (10.0.x.y, ports varying), all to the agent's listen address 10.0.0.2:9000.
+/// (10.0.x.y, ports varying), all to the agent's listen address 10.0.0.2:9000, at most
+/// `batch` records a pipeline (packed: an entry).
 async fn bytes_per_record(schema: Schema, kind: Kind) -> f64 {
+    bytes_per_record_in(schema, kind, 512).await
+}
+
+async fn bytes_per_record_in(schema: Schema, kind: Kind, batch: usize) -> f64 {
     const N: usize = 200_000;
     let r = RedisServer::start();
     let board = Arc::new(Board::new(1));
     board.clear_until(0, now_us() / 1000 + 600_000);
     let layout =
         Layout::new(schema, "redtap", "t", 3_600_000).with_listen("10.0.0.2:9000".parse().unwrap());
-    let (w, metrics) = writer_with(&r.url(), &board, layout, 512);
+    let (w, metrics) = writer_with(&r.url(), &board, layout, batch);
     let before = r.used_memory();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let abort = CancellationToken::new();
@@ -138,7 +143,7 @@ async fn bytes_per_record(schema: Schema, kind: Kind) -> f64 {
             kind,
         })
         .collect();
-    for chunk in recs.chunks(512) {
+    for chunk in recs.chunks(batch) {
         tx.send(chunk.to_vec()).await.unwrap();
     }
     drop(tx);
@@ -172,4 +177,20 @@ async fn the_keys_layout_cost_per_record_is_measured() {
     println!("keys layout, connection records: {b:.1} B/record");
     // A key per record: its name, JSON value and expiry cost far more than a stream entry.
     assert!(b > 40.0, "{b:.1} B/record");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packed_record_costs_at_most_16_bytes_of_redis_memory_when_the_writer_packs_it() {
+    for (what, kind) in [("connection", Kind::Conn), ("segment", SEGMENT)] {
+        let b = bytes_per_record(Schema::Packed, kind).await;
+        println!("packed layout, {what} records, 512 an entry: {b:.1} B/record");
+        assert!(b <= 16.0, "{what}: {b:.1} B/record");
+    }
+    // Small entries (a lightly loaded writer's pipelines) pay an entry's overhead over fewer
+    // records, and still cost less than the stream layout's 40 B bound.
+    for batch in [32, 8] {
+        let b = bytes_per_record_in(Schema::Packed, SEGMENT, batch).await;
+        println!("packed layout, segment records, {batch} an entry: {b:.1} B/record");
+        assert!(b < 40.0, "{batch} an entry: {b:.1} B/record");
+    }
 }
