@@ -3,7 +3,7 @@
 //!
 //! Owns what every layout shares: the [`Layout`] handle (the dispatch on [`Schema`]), slots and
 //! entry IDs, bucket naming and expiry, how the writer's answers read ([`Answer`]) and what a
-//! stored record reads back as ([`Decoded`]). [`stream`] and [`keys`] own their commands and the
+//! stored record reads back as ([`Decoded`]). [`stream`], [`keys`] and [`packed`] own their commands and the
 //! parsing of what Redis returns for them. It builds commands and parses replies; it never
 //! talks to Redis (the writer in `sink` and the readers in `query::read` do the I/O).
 
