@@ -474,7 +474,9 @@ fn the_packed_layout_written_by_run_reads_back_with_the_documented_decoder() {
     let port = r.port.to_string();
     let mut rows = Vec::new();
     for key in r.keys("redtap:events:{lay-packed}:*") {
-        let entries: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XRANGE")
+        // (ID, [(field, value)]), the value as bytes.
+        type Entries = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+        let entries: Entries = redis::cmd("XRANGE")
             .arg(&key)
             .arg("-")
             .arg("+")

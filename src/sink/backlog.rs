@@ -16,13 +16,12 @@
 //! That is what lets `tests/exactly_once.rs` run it against a seeded model of Redis.
 //!
 //! The rules that keep a record from being stored twice or counted as stored when it is not
-//! (docs/redis-schema.md explains them for users):
+//! (docs/redis-schema.md explains them for users). They say "record"; read "entry" for the
+//! packed layout, which follows the stream rules, and whose read-back compares the capture time
+//! and source port of its first record.
 //!
 //! - A pipeline remembers the commands it sent, in order; its answers are matched against that
 //!   list and nothing else. Answers may come back in any order across pipelines.
-//! (The rules below say "record"; read "entry" for the packed layout, which follows the stream
-//! rules, and whose read-back compares the capture time and source port of its first record.)
-//!
 //! - A record whose answer was lost keeps its slot and is resent there: whichever attempt runs
 //!   first stores it, the others are refused (XADD: ID not above the top; SET … NX: nil).
 //! - Stream: a *first* attempt refused as "not above the top" is surely not stored and never will
