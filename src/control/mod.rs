@@ -20,7 +20,8 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 
-use crate::balance::MAX_WEIGHT;
+use crate::balance::{WeightError, MAX_WEIGHT};
+use crate::config::is_valid_name;
 
 pub use follower::{Follower, Step};
 pub use task::{Control, Status};
@@ -238,23 +239,17 @@ fn script(text: &str, keys: &Keys, version: u64, json: &str, origin: &str) -> re
 /// names as a backend name may be written.
 fn validate(weights: &BTreeMap<String, u32>) -> Result<(), String> {
     for (name, &w) in weights {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-        {
+        if !is_valid_name(name) {
             return Err(format!(
                 "backend name {name:?} must be letters, digits, '_', '-' or '.'"
             ));
         }
         if w > MAX_WEIGHT {
-            return Err(format!(
-                "weight for {name:?} must be an integer from 0 to {MAX_WEIGHT}, got {w}"
-            ));
+            return Err(WeightError::OutOfRange(name.clone(), w.to_string()).to_string());
         }
     }
     if weights.values().all(|&w| w == 0) {
-        return Err("at least one backend must have a non-zero weight".into());
+        return Err(WeightError::AllZero.to_string());
     }
     Ok(())
 }
