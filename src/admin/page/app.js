@@ -260,8 +260,8 @@ async function confirmChange() {
       '. "since change" starts over and should approach the target; the chart marks the change.';
     const unsaved = answer.find((b) => b.unsaved);
     if (unsaved) {
-      showMessage('warning', 'Weights applied: ' + ownChange + ', but not saved (' + unsaved.unsaved +
-        '): a restart will bring back the weights saved before.');
+      // `unsaved` says where, why, and that a restart would lose the change.
+      showMessage('warning', 'Weights applied: ' + ownChange + ', but ' + unsaved.unsaved + '.');
     } else {
       showMessage('info', 'Weights applied: ' + ownChange + '.');
     }
