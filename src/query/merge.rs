@@ -116,7 +116,7 @@ pub(crate) async fn discover_all(
     progress: &Arc<Progress>,
 ) -> Vec<(
     usize,
-    Result<(redis::aio::MultiplexedConnection, Holdings), BackendError>,
+    Result<(crate::connect::Conn, Holdings), BackendError>,
 )> {
     let mut tasks = Vec::new();
     for b in &sources.backends {

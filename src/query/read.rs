@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use crate::connect::Conn;
 use redis::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -86,12 +86,15 @@ pub struct Holdings {
 /// Connect to `b` with bounded connect and answer times, through the same
 /// [`crate::connect::connect`] as the writer (so `rediss://` with `tls_ca`/`tls_cert`/`tls_key`
 /// works for reads too, and a wrong password reads as such).
-pub async fn connect(b: &BackendConfig) -> Result<MultiplexedConnection, BackendError> {
+///
+/// A Redis Cluster backend connects to every primary: [`discover`] SCANs each
+/// ([`Conn::nodes`]), and every other read is routed by its key to the primary that holds it.
+pub async fn connect(b: &BackendConfig) -> Result<Conn, BackendError> {
     let t = Timeouts {
         connect: CONNECT_TIMEOUT,
         response: RESPONSE_TIMEOUT,
     };
-    Ok(crate::connect::connect(b, t).await?)
+    Ok(crate::connect::connect_backend(b, t).await?)
 }
 
 /// `s` with glob characters escaped for SCAN MATCH.
@@ -109,7 +112,7 @@ fn glob_escape(s: &str) -> String {
 /// Find the streams and keys of `sel`. Keys-schema names outside `window` (when given) are
 /// only counted. One SCAN of the keyspace at most, plus a TYPE per stream candidate.
 pub async fn discover(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     sel: &Selection,
     window: Option<Window>,
     progress: &Progress,
@@ -126,7 +129,8 @@ pub async fn discover(
         (Some(a), _, _) => {
             if streams_on {
                 candidates.push(stream::stream_key(&sel.prefix, a));
-                patterns.push(format!("{prefix}:events:{{{}}}:*", glob_escape(a)));
+                // `{a}:…`, and on a Redis Cluster its stripes `{a/<k>}:…`.
+                patterns.push(format!("{prefix}:events:{{{}[}}/]*", glob_escape(a)));
             }
             if keys_on {
                 patterns.push(format!("{prefix}:ev:{}:*", glob_escape(a)));
@@ -140,7 +144,13 @@ pub async fn discover(
     let ev = format!("{}:ev:", sel.prefix);
     // (agent, bucket second, key)
     let mut buckets: Vec<(Arc<str>, u64, String)> = Vec::new();
-    for pattern in patterns {
+    let mut scans = Vec::new();
+    for (_, c) in conn.nodes() {
+        for p in &patterns {
+            scans.push((c.clone(), p.clone()));
+        }
+    }
+    for (mut node, pattern) in scans {
         let mut cursor: u64 = 0;
         loop {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -149,7 +159,7 @@ pub async fn discover(
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(PAGE)
-                .query_async(conn)
+                .query_async(&mut node)
                 .await
                 .map_err(BackendError::Read)?;
             progress.add_keys(batch.len() as u64);
@@ -234,7 +244,7 @@ pub async fn discover(
 /// pass `window` and `filter`, in capture order, ending its channel when done or after an error.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_readers(
-    conn: MultiplexedConnection,
+    conn: Conn,
     backend: Arc<str>,
     sel: &Selection,
     mut holdings: Holdings,
@@ -284,7 +294,7 @@ pub fn spawn_readers(
 
 /// One reader task's state.
 struct Reader {
-    conn: MultiplexedConnection,
+    conn: Conn,
     backend: Arc<str>,
     window: Window,
     filter: Filter,
@@ -410,7 +420,7 @@ fn row_from_entry(
 
 /// The listen address a bucket's first entry names, which its other entries may leave out.
 async fn bucket_listen(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     key: &str,
 ) -> Result<Option<Listen>, redis::RedisError> {
     let first: Value = redis::cmd("XRANGE")
@@ -446,7 +456,7 @@ pub struct HeldStats {
 
 /// Count one backend's records: inside retention (captured at or after `floor_us`) and held.
 pub async fn backend_stats(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     sel: &Selection,
     floor_us: u64,
     progress: &Progress,
@@ -534,7 +544,7 @@ pub async fn backend_stats(
 }
 
 async fn q<T: redis::FromRedisValue>(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     cmd: &redis::Cmd,
 ) -> Result<T, BackendError> {
     cmd.query_async(conn).await.map_err(BackendError::Read)
@@ -641,7 +651,7 @@ impl Follower {
     /// Follow over one connection: `Some(error)` when it fails, `None` when the receiver is gone.
     async fn follow_conn(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         discover_every: Duration,
     ) -> Option<BackendError> {
         let mut last_discover: Option<tokio::time::Instant> = None;
@@ -738,7 +748,7 @@ impl Follower {
     /// Fetch and send keys-schema records not shown yet. Outer `None`: the receiver is gone.
     async fn new_keys(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         h: Holdings,
     ) -> Option<Result<(), BackendError>> {
         let mut fresh: Vec<KeyName> = h
