@@ -10,7 +10,9 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{eventually, free_port, paced_connections, redtap_bin, Daemon, RedisCluster, RedisServer};
+use common::{
+    eventually, free_port, paced_connections, redtap_bin, Daemon, RedisCluster, RedisServer,
+};
 
 const PREFIX: &str = "redtap";
 
@@ -19,7 +21,13 @@ type Id = (u64, IpAddr, u16);
 
 /// `redtap run` in connections mode in front of the cluster (weight `wc`) and `single`
 /// (weight `ws`), plus `extra` flags.
-fn daemon(cluster: &RedisCluster, wc: u32, single: &RedisServer, ws: u32, extra: &[&str]) -> Daemon {
+fn daemon(
+    cluster: &RedisCluster,
+    wc: u32,
+    single: &RedisServer,
+    ws: u32,
+    extra: &[&str],
+) -> Daemon {
     let c = format!("C={}@{wc}", cluster.url());
     let s = format!("S={}@{ws}", single.url());
     let mut args = vec!["--capture", "connections", "--agent", "t"];
@@ -87,8 +95,14 @@ fn records_spread_over_every_primary_once_each_with_exact_shares_and_query_reads
     assert_eq!(seen.len(), n, "every record stored");
     assert!(seen.values().all(|&c| c == 1), "no record stored twice");
     let on_cluster: usize = per_node.iter().sum();
-    assert!((1799..=1801).contains(&on_cluster), "cluster holds {on_cluster}");
-    assert!((1199..=1201).contains(&on_single), "single holds {on_single}");
+    assert!(
+        (1799..=1801).contains(&on_cluster),
+        "cluster holds {on_cluster}"
+    );
+    assert!(
+        (1199..=1201).contains(&on_single),
+        "single holds {on_single}"
+    );
     assert!(
         per_node.iter().all(|&k| k > 0),
         "every primary holds a share: {per_node:?}"
@@ -99,7 +113,15 @@ fn records_spread_over_every_primary_once_each_with_exact_shares_and_query_reads
     let c = format!("C={}@1", cluster.url());
     let s = format!("S={}@1", single.url());
     let (code, out, err) = redtap(&[
-        "query", "--format", "json", "--since", "10m", "--backend", &c, "--backend", &s,
+        "query",
+        "--format",
+        "json",
+        "--since",
+        "10m",
+        "--backend",
+        &c,
+        "--backend",
+        &s,
     ]);
     assert_eq!(code, 0, "{err}");
     let rows: Vec<serde_json::Value> = out
@@ -149,18 +171,100 @@ fn a_primary_restarted_mid_load_loses_and_doubles_nothing() {
     cluster.wait_ok(Duration::from_secs(30));
     assert_eq!(load.join().unwrap(), n);
 
-    eventually(Duration::from_secs(60), "every record stored or dropped", || {
-        let stored = counts(&cluster, &single).0.len();
-        stored + d.metric_sum("redtap_records_dropped_total") as usize >= n
-    });
+    eventually(
+        Duration::from_secs(60),
+        "every record stored or dropped",
+        || {
+            let stored = counts(&cluster, &single).0.len();
+            stored + d.metric_sum("redtap_records_dropped_total") as usize >= n
+        },
+    );
     let (seen, per_node, on_single) = counts(&cluster, &single);
     let dropped = d.metric_sum("redtap_records_dropped_total") as usize;
     assert!(seen.values().all(|&c| c == 1), "no record stored twice");
-    assert_eq!(seen.len() + dropped, n, "every record stored or counted as dropped");
+    assert_eq!(
+        seen.len() + dropped,
+        n,
+        "every record stored or counted as dropped"
+    );
     if dropped == 0 {
         let on_cluster: usize = per_node.iter().sum();
-        assert!((1499..=1501).contains(&on_cluster), "cluster holds {on_cluster}");
-        assert!((1499..=1501).contains(&on_single), "single holds {on_single}");
+        assert!(
+            (1499..=1501).contains(&on_cluster),
+            "cluster holds {on_cluster}"
+        );
+        assert!(
+            (1499..=1501).contains(&on_single),
+            "single holds {on_single}"
+        );
     }
+    // The outage was felt: the cluster backend's writes failed while the primary was gone.
+    assert!(
+        d.metric("redtap_write_errors_total{backend=\"C\"}") > 0.0,
+        "{}",
+        d.log()
+    );
     eprintln!("stored per primary {per_node:?}, single {on_single}, dropped {dropped}");
+}
+
+#[test]
+fn slots_resharded_mid_load_are_followed_without_loss_or_doubles() {
+    let cluster = RedisCluster::start(3, &[]);
+    let single = RedisServer::start();
+    let d = daemon(&cluster, 50, &single, 50, &["--on-backend-down", "hold"]);
+    let id = |i: usize| -> String {
+        let mut c = cluster.nodes[i].conn().unwrap();
+        redis::cmd("CLUSTER").arg("MYID").query(&mut c).unwrap()
+    };
+    let (from, to) = (id(0), id(1));
+
+    let n = 3000;
+    let load = paced_connections(d.listen, n, 50, Duration::from_millis(100));
+    eventually(Duration::from_secs(20), "records on the cluster", || {
+        !cluster.records(PREFIX).is_empty()
+    });
+    // Move most of node 0's slots (and the keys in them) to node 1 while records keep coming:
+    // the writer meets MOVED and ASK answers and must follow them.
+    let out = Command::new("redis-cli")
+        .args([
+            "--cluster",
+            "reshard",
+            &format!("127.0.0.1:{}", cluster.nodes[0].port),
+        ])
+        .args(["--cluster-from", &from, "--cluster-to", &to])
+        .args(["--cluster-slots", "4000", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(load.join().unwrap(), n);
+
+    eventually(
+        Duration::from_secs(60),
+        "every record stored or dropped",
+        || {
+            let stored = counts(&cluster, &single).0.len();
+            stored + d.metric_sum("redtap_records_dropped_total") as usize >= n
+        },
+    );
+    let (seen, per_node, on_single) = counts(&cluster, &single);
+    let dropped = d.metric_sum("redtap_records_dropped_total") as usize;
+    assert!(seen.values().all(|&c| c == 1), "no record stored twice");
+    assert_eq!(
+        seen.len() + dropped,
+        n,
+        "every record stored or counted as dropped"
+    );
+    assert_eq!(dropped, 0, "a reshard loses nothing");
+    assert!(
+        (1499..=1501).contains(&on_single),
+        "single holds {on_single}"
+    );
+    eprintln!(
+        "stored per primary {per_node:?}, single {on_single}; redirected or failed writes: {}",
+        d.metric("redtap_write_errors_total{backend=\"C\"}")
+    );
 }

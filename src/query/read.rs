@@ -419,10 +419,7 @@ fn row_from_entry(
 }
 
 /// The listen address a bucket's first entry names, which its other entries may leave out.
-async fn bucket_listen(
-    conn: &mut Conn,
-    key: &str,
-) -> Result<Option<Listen>, redis::RedisError> {
+async fn bucket_listen(conn: &mut Conn, key: &str) -> Result<Option<Listen>, redis::RedisError> {
     let first: Value = redis::cmd("XRANGE")
         .arg(key)
         .arg("-")
@@ -543,10 +540,7 @@ pub async fn backend_stats(
     Ok(s)
 }
 
-async fn q<T: redis::FromRedisValue>(
-    conn: &mut Conn,
-    cmd: &redis::Cmd,
-) -> Result<T, BackendError> {
+async fn q<T: redis::FromRedisValue>(conn: &mut Conn, cmd: &redis::Cmd) -> Result<T, BackendError> {
     cmd.query_async(conn).await.map_err(BackendError::Read)
 }
 
@@ -746,11 +740,7 @@ impl Follower {
     }
 
     /// Fetch and send keys-schema records not shown yet. Outer `None`: the receiver is gone.
-    async fn new_keys(
-        &mut self,
-        conn: &mut Conn,
-        h: Holdings,
-    ) -> Option<Result<(), BackendError>> {
+    async fn new_keys(&mut self, conn: &mut Conn, h: Holdings) -> Option<Result<(), BackendError>> {
         let mut fresh: Vec<KeyName> = h
             .keys
             .into_iter()

@@ -368,7 +368,10 @@ impl RedisCluster {
         let nodes: Vec<RedisServer> = (0..primaries)
             .map(|_| RedisServer::start_with(&args))
             .collect();
-        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
