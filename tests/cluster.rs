@@ -129,6 +129,20 @@ fn records_spread_over_every_primary_once_each_with_exact_shares_and_query_reads
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), n, "query returns every record once:\n{err}");
+    // The agent filter finds its cluster stripes too.
+    let (code, out, err) = redtap(&[
+        "query",
+        "--format",
+        "json",
+        "--since",
+        "10m",
+        "--agent",
+        "t",
+        "--backend",
+        &c,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), on_cluster, "{err}");
 
     // `redtap check` reaches the cluster and names each primary.
     let listen = format!("127.0.0.1:{}", free_port());
