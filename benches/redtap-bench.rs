@@ -2,7 +2,7 @@
 //! and prints a table with the reference measured side by side in the same run.
 //!
 //! ```text
-//! cargo bench --bench redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|packets|balance|fleet]...
+//! cargo bench --bench redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|packets|balance|cluster|fleet]...
 //!     [--count=N] [--capture-threads=1,2]     (packets)
 //! ```
 //!
@@ -19,6 +19,9 @@
 //!   reference: sent, captured by each, kernel and queue drops, written, shares, per-thread CPU
 //!   (needs root; falls back to hping3 without netsniff-ng).
 //! - `balance` — share error after 1,000,000 records with the weights changed 100 times.
+//! - `cluster` — the sink's records/s into one backend that is a three-primary Redis Cluster
+//!   (`redis+cluster://`) against the same into one single server, same records, same run. The
+//!   records' capture times span 8 s, so their per-second buckets rotate over the primaries.
 //! - `fleet` — three agents following one control Redis (`--control`): the time from a
 //!   `weights set --control` (the same call, in-process) until every agent serves the new
 //!   version (`GET /v1/control`), median and max over 100 changes.
@@ -72,9 +75,11 @@ fn main() {
             "packets" => packets(&PacketsOpts::from_args(&args, smoke)),
             "balance" => balance(smoke),
             "fleet" => fleet(smoke),
+            "cluster" => cluster(smoke),
             other => {
                 eprintln!(
-                    "unknown scenario {other:?}: use sink, connections, packets, balance or fleet"
+                    "unknown scenario {other:?}: use sink, connections, packets, balance, \
+                     cluster or fleet"
                 );
                 std::process::exit(64);
             }
@@ -89,7 +94,7 @@ fn main() {
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{free_port, load_connections, Daemon, RedisServer as Redis};
+use common::{free_port, load_connections, Daemon, RedisCluster, RedisServer as Redis};
 
 fn redis_version() -> String {
     Command::new("redis-server")
@@ -1029,5 +1034,98 @@ fn fleet(smoke: bool) {
         "set → applied on every agent, max",
         ms(*took.last().unwrap()),
         "bound promised: 1 s (the poll if a nudge is lost)",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// cluster: the sink into a three-primary Redis Cluster against one single server.
+
+/// Write `n` in-process records through the pipeline to the one backend `url`; records/s and
+/// pipelines sent.
+fn sink_into(url: &str, n: u64) -> (f64, u64) {
+    let args = RunArgs {
+        listen: Some("127.0.0.1:9".into()),
+        backends: vec![format!("X={url}@1")],
+        schema: Some(Schema::Stream),
+        agent: Some("bench".into()),
+        admin: Some("off".into()),
+        state_file: Some("off".into()),
+        ..Default::default()
+    };
+    let cfg = Config::resolve(FileConfig::default(), &args).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let (summary, batches) = rt.block_on(async {
+        let pipeline = redtap::Pipeline::start(&cfg, OnFull::Wait).unwrap();
+        let queue = pipeline.queue.clone();
+        let metrics = pipeline.metrics.clone();
+        let producer = tokio::spawn(async move {
+            let base = now_us();
+            for i in 0..n {
+                let rec = Record {
+                    // Over 8 s of capture time: eight buckets, on different primaries.
+                    ts_us: base + i * 8_000_000 / n,
+                    src: SocketAddr::new(
+                        Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8).into(),
+                        40_000 + (i % 20_000) as u16,
+                    ),
+                    dst: "127.0.0.1:9000".parse().unwrap(),
+                    kind: Kind::Conn,
+                };
+                metrics.captured.inc();
+                queue.send(rec).await.unwrap();
+            }
+        });
+        let metrics = pipeline.metrics.clone();
+        let summary = pipeline
+            .finish(Duration::from_secs(600), async {
+                producer.await.unwrap();
+            })
+            .await;
+        let batches: u64 = metrics.backends.iter().map(|b| b.batches.get()).sum();
+        (summary, batches)
+    });
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    assert_eq!(summary.written, n, "sink lost records: {summary:?}");
+    (rate, batches)
+}
+
+fn cluster(smoke: bool) {
+    let n: u64 = if smoke { 20_000 } else { 1_000_000 };
+    let c = RedisCluster::start(3, &[]);
+    let single = Redis::start();
+    let (ours, batches) = sink_into(&c.url(), n);
+    let per_node: Vec<usize> = {
+        let mut v = vec![0; c.nodes.len()];
+        for (i, ..) in c.records("redtap") {
+            v[i] += 1;
+        }
+        v
+    };
+    assert_eq!(
+        per_node.iter().sum::<usize>() as u64,
+        n,
+        "the cluster holds every record"
+    );
+    let (one, one_batches) = sink_into(&single.url(), n);
+    assert_eq!(count(&single, Schema::Stream, "bench"), n);
+    println!("\ncluster: {n} records (capture times over 8 s) → one backend, schema stream");
+    row(
+        "records/s into a 3-primary cluster",
+        format!("{ours:.0}"),
+        &format!("{batches} pipelines; per primary {per_node:?}"),
+    );
+    row(
+        "records/s into one server",
+        format!("{one:.0}"),
+        &format!("{one_batches} pipelines"),
+    );
+    row(
+        "ratio cluster / one server",
+        format!("{:.2}×", ours / one),
+        "",
     );
 }
