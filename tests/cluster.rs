@@ -282,3 +282,56 @@ fn slots_resharded_mid_load_are_followed_without_loss_or_doubles() {
         d.metric("redtap_write_errors_total{backend=\"C\"}")
     );
 }
+
+#[test]
+fn keys_schema_records_spread_over_every_primary_once_each() {
+    let cluster = RedisCluster::start(3, &[]);
+    let single = RedisServer::start();
+    let d = daemon(&cluster, 60, &single, 40, &["--schema", "keys"]);
+    let n = 1000;
+    assert_eq!(common::connect_many(d.listen, n, 8), n);
+
+    // Each key is its own record (no hash tag): identity from its JSON value.
+    let read = |r: &RedisServer| -> Vec<Id> {
+        let mut c = r.conn().unwrap();
+        r.keys("redtap:ev:*")
+            .iter()
+            .map(|k| {
+                let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+                let j: serde_json::Value = serde_json::from_str(&v).unwrap();
+                (
+                    j["ts"].as_u64().unwrap(),
+                    j["src"].as_str().unwrap().parse().unwrap(),
+                    j["sport"].as_u64().unwrap() as u16,
+                )
+            })
+            .collect()
+    };
+    let all = || -> (HashMap<Id, usize>, Vec<usize>) {
+        let mut seen = HashMap::new();
+        let mut per = Vec::new();
+        for r in cluster.nodes.iter().chain([&single]) {
+            let ids = read(r);
+            per.push(ids.len());
+            for id in ids {
+                *seen.entry(id).or_insert(0) += 1;
+            }
+        }
+        (seen, per)
+    };
+    eventually(Duration::from_secs(30), "every record stored", || {
+        all().0.len() >= n
+    });
+    let (seen, per) = all();
+    assert_eq!(seen.len(), n);
+    assert!(seen.values().all(|&c| c == 1), "no record stored twice");
+    let on_cluster: usize = per[..3].iter().sum();
+    assert!(
+        (599..=601).contains(&on_cluster),
+        "cluster holds {on_cluster}: {per:?}"
+    );
+    assert!(
+        per[..3].iter().all(|&k| k > 0),
+        "every primary holds a share: {per:?}"
+    );
+}
