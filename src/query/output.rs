@@ -134,10 +134,10 @@ impl<W: Write> RowWriter<W> {
                 let len = r.len.map(|l| l.to_string()).unwrap_or_default();
                 // TCP flags in brackets, as tcpdump prints them: a bare `A` (ACK) next to a
                 // backend named `A` reads as a backend name.
-                let kind = if r.kind == "conn" {
-                    r.kind.clone()
+                let kind: std::borrow::Cow<str> = if r.kind == "conn" {
+                    "conn".into()
                 } else {
-                    format!("[{}]", r.kind)
+                    format!("[{}]", r.kind).into()
                 };
                 writeln!(
                     self.w,
