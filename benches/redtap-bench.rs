@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|connections|packets|balance|fleet|reads]...
 //!     [--count=N] [--capture-threads=1,2]     (packets)
+//!     [--steps=N] [--layouts=readable,packed]  (reads: up to N million records; which layouts)
 //! ```
 //!
 //! Scenarios (all by default):
@@ -84,7 +85,7 @@ fn main() {
             "packets" => packets(&PacketsOpts::from_args(&args, smoke)),
             "balance" => balance(smoke),
             "fleet" => fleet(smoke),
-            "reads" => reads(smoke),
+            "reads" => reads(smoke, &args),
             other => {
                 eprintln!(
                     "unknown scenario {other:?}: use sink, connections, packets, balance, fleet \
@@ -1179,19 +1180,49 @@ fn xrange_all(r: &Redis) -> u64 {
     n
 }
 
-/// Run `f` `runs` times; the fastest, in seconds.
-fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {
-    (0..runs)
+/// CPU seconds of this process, or of its waited-for children, from /proc/self/stat.
+fn own_cpu(children: bool) -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let at = if children { 13 } else { 11 };
+    (f[at].parse::<u64>().unwrap() + f[at + 1].parse::<u64>().unwrap()) as f64 / 100.0
+}
+
+/// One measurement: the fastest wall time of its runs, and the mean CPU seconds a run took in
+/// redtap (the waited-for child; this process for the in-process reference) and in both Redis.
+struct Timed {
+    wall: f64,
+    client_cpu: f64,
+    redis_cpu: f64,
+}
+
+fn best_of(runs: usize, servers: (&Redis, &Redis), child: bool, mut f: impl FnMut()) -> Timed {
+    let redis = || cpu_seconds(servers.0.pid()) + cpu_seconds(servers.1.pid());
+    let (c0, r0) = (own_cpu(child), redis());
+    let wall = (0..runs)
         .map(|_| {
             let t = Instant::now();
             f();
             t.elapsed().as_secs_f64()
         })
-        .fold(f64::MAX, f64::min)
+        .fold(f64::MAX, f64::min);
+    Timed {
+        wall,
+        client_cpu: (own_cpu(child) - c0) / runs as f64,
+        redis_cpu: (redis() - r0) / runs as f64,
+    }
 }
 
-fn reads(smoke: bool) {
+fn reads(smoke: bool, args: &[String]) {
     let step: u64 = if smoke { 20_000 } else { 1_000_000 };
+    // `--steps=N`: stop after N million records (3 by default); `--layouts=readable` or `packed`.
+    let opt = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")).map(str::to_string))
+    };
+    let steps: u64 = opt("steps").map_or(3, |s| s.parse().expect("--steps=N"));
+    let layouts = opt("layouts").unwrap_or_else(|| "readable,packed".into());
     let runs = if smoke { 1 } else { 2 };
     println!(
         "\nreads: two Redis, 10k records a second of capture time, best of {runs}; load average \
@@ -1201,6 +1232,9 @@ fn reads(smoke: bool) {
     // Far enough back that 3M records (300 s) end before now, well inside the retention.
     let base_us = (now_us() - 20 * 60 * 1_000_000) / 1_000_000 * 1_000_000;
     for packed in [false, true] {
+        if !layouts.contains(if packed { "packed" } else { "readable" }) {
+            continue;
+        }
         let (a, b) = (Redis::start(), Redis::start());
         let layout = redtap::layout::Layout::new(Schema::Stream, "redtap", "bench", 3_600_000)
             .with_listen("10.0.0.2:9000".parse().unwrap());
@@ -1215,7 +1249,7 @@ fn reads(smoke: bool) {
             "1h".to_string(),
         ];
         let name = if packed { "packed" } else { "readable stream" };
-        for k in 1..=3u64 {
+        for k in 1..=steps {
             let n = k * step;
             let t = Instant::now();
             fill_reads(
@@ -1228,7 +1262,7 @@ fn reads(smoke: bool) {
             );
             let fill = t.elapsed().as_secs_f64();
             let mut total = 0u64;
-            let top = best_of(runs, || {
+            let top = best_of(runs, (&a, &b), true, || {
                 let out = Command::new(common::redtap_bin())
                     .args(["top", "-n", "5", "--format", "json"])
                     .args(&src)
@@ -1243,7 +1277,7 @@ fn reads(smoke: bool) {
                 total = v["total"].as_u64().unwrap();
             });
             assert_eq!(total, n, "top counted every record");
-            let query = best_of(runs, || {
+            let query = best_of(runs, (&a, &b), true, || {
                 let st = Command::new(common::redtap_bin())
                     .arg("query")
                     .args(&src)
@@ -1253,7 +1287,7 @@ fn reads(smoke: bool) {
                 assert!(st.success());
             });
             let mut entries = 0;
-            let xr = best_of(runs, || {
+            let xr = best_of(runs, (&a, &b), false, || {
                 let (ra, rb) = std::thread::scope(|s| {
                     let ta = s.spawn(|| xrange_all(&a));
                     let tb = s.spawn(|| xrange_all(&b));
@@ -1263,21 +1297,21 @@ fn reads(smoke: bool) {
             });
             let mem = (a.used_memory() + b.used_memory()) as f64 / n as f64;
             println!("\n  {name}, {n} records ({entries} entries, {mem:.1} B/record in Redis, filled in {fill:.1} s)");
-            row(
-                "redtap top -n 5",
-                format!("{top:.2} s"),
-                &format!("{:.0}k records/s", n as f64 / top / 1e3),
-            );
-            row(
-                "redtap query > /dev/null (table)",
-                format!("{query:.2} s"),
-                &format!("{:.0}k records/s", n as f64 / query / 1e3),
-            );
-            row(
-                "reference: XRANGE every bucket, 2 threads",
-                format!("{xr:.2} s"),
-                "pages of 1,000 into redis::Value",
-            );
+            let line = |what: &str, t: &Timed, client: &str| {
+                row(
+                    what,
+                    format!("{:.2} s", t.wall),
+                    &format!(
+                        "{:.0}k records/s; CPU {client} {:.2} s, Redis {:.2} s",
+                        n as f64 / t.wall / 1e3,
+                        t.client_cpu,
+                        t.redis_cpu
+                    ),
+                )
+            };
+            line("redtap top -n 5", &top, "redtap");
+            line("redtap query > /dev/null (table)", &query, "redtap");
+            line("reference: XRANGE every bucket, 2 threads", &xr, "bench");
         }
     }
     println!("  load average {} at the end", loadavg());
