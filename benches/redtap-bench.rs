@@ -27,7 +27,8 @@
 //!   half on each), once in the readable stream layout (the layout's own commands, pipelined)
 //!   and once packed (the codec, 1,000 records an entry): the wall time of `redtap top -n 5`
 //!   and `redtap query > /dev/null` as a user runs them, against XRANGE-ing the same buckets
-//!   from this process (one thread per server, pages of 1,000 parsed into `redis::Value`).
+//!   from this process (one thread per server, pages of 1,000 parsed into `redis::Value`);
+//!   `REDTAP_READS_BASE=PATH` times another `redtap` build on the same data beside it.
 //!
 //! `--smoke` runs everything small and fast, to prove the harness works (CI runs it).
 //! Timing never appears in the test suite; it lives here.
@@ -1286,6 +1287,30 @@ fn reads(smoke: bool, args: &[String]) {
                     .unwrap();
                 assert!(st.success());
             });
+            // `REDTAP_READS_BASE=PATH`: the same commands with another build (e.g. the one before
+            // a change), readable layout only (an older build may not read packed entries).
+            let base = std::env::var("REDTAP_READS_BASE").ok().filter(|_| !packed);
+            let base_times = base.map(|bin| {
+                let top = best_of(runs, (&a, &b), true, || {
+                    let st = Command::new(&bin)
+                        .args(["top", "-n", "5"])
+                        .args(&src)
+                        .stdout(Stdio::null())
+                        .status()
+                        .unwrap();
+                    assert!(st.success());
+                });
+                let query = best_of(runs, (&a, &b), true, || {
+                    let st = Command::new(&bin)
+                        .arg("query")
+                        .args(&src)
+                        .stdout(std::fs::File::create("/dev/null").unwrap())
+                        .status()
+                        .unwrap();
+                    assert!(st.success());
+                });
+                (top, query)
+            });
             let mut entries = 0;
             let xr = best_of(runs, (&a, &b), false, || {
                 let (ra, rb) = std::thread::scope(|s| {
@@ -1312,6 +1337,10 @@ fn reads(smoke: bool, args: &[String]) {
             line("redtap top -n 5", &top, "redtap");
             line("redtap query > /dev/null (table)", &query, "redtap");
             line("reference: XRANGE every bucket, 2 threads", &xr, "bench");
+            if let Some((top, query)) = &base_times {
+                line("before ($REDTAP_READS_BASE): top -n 5", top, "redtap");
+                line("before ($REDTAP_READS_BASE): query", query, "redtap");
+            }
         }
     }
     println!("  load average {} at the end", loadavg());
