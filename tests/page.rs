@@ -472,6 +472,7 @@ async fn with_a_token_the_page_asks_for_it_names_a_wrong_one_and_changes_weights
     assert_eq!(status, 200);
     assert!(html.contains("<title>redtap</title>"));
     assert_eq!(http_get(&format!("{admin}/v1/live")).unwrap().0, 401);
+    let state_dir = d.dir.join("state");
     with_browser(&driver, move |c| async move {
         let c = &c;
         c.goto(&format!("{admin}/")).await.unwrap();
@@ -559,6 +560,29 @@ async fn with_a_token_the_page_asks_for_it_names_a_wrong_one_and_changes_weights
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+
+        // A change that cannot be saved applies, and the page says it was not saved: the state
+        // file's directory is replaced by a file (root ignores permission bits, not that).
+        std::fs::remove_dir_all(&state_dir).unwrap();
+        std::fs::write(&state_dir, "not a directory").unwrap();
+        type_weight(c, "A", "20").await;
+        review_and_confirm(c).await;
+        let warned = until(
+            c,
+            Duration::from_secs(10),
+            "the page warns that the change was not saved",
+            || async move { Some(text(c, "#message").await).filter(|m| m.contains("not saved")) },
+        )
+        .await;
+        assert!(
+            warned.starts_with("Weights applied: A=20,B=50, but not saved")
+                && warned.contains("redtap-state-t.json")
+                && warned.contains("a restart would lose them"),
+            "{warned}"
+        );
+        let (_, body) = http_with_token("GET", &url, TOKEN);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v[0]["weight"], 20, "the unsaved change is in force: {v}");
 
         // A backend whose Redis dies shows as down, with the cause the API gives.
         a.kill9();

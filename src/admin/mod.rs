@@ -55,7 +55,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::balance::{Balance, Origin, WeightStore, MAX_WEIGHT};
+use crate::balance::{Balance, Origin, WeightError, WeightStore, MAX_WEIGHT};
 use crate::buffer::Budget;
 use crate::config::BackendConfig;
 use crate::health::Board;
@@ -429,7 +429,7 @@ async fn control_status(State(state): State<AdminState>) -> Response {
     }
 }
 
-/// `{"NAME": weight, …}` with each weight an integer 0..=10000.
+/// `{"NAME": weight, …}` with each weight an integer 0..=[`MAX_WEIGHT`].
 fn parse_weights(body: &[u8]) -> Result<BTreeMap<String, u32>, String> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| format!("body is not valid JSON: {e}; expected {{\"NAME\": WEIGHT, …}}"))?;
@@ -441,9 +441,7 @@ fn parse_weights(body: &[u8]) -> Result<BTreeMap<String, u32>, String> {
         let weight = w
             .as_u64()
             .filter(|&w| w <= u64::from(MAX_WEIGHT))
-            .ok_or_else(|| {
-                format!("weight for {name:?} must be an integer from 0 to {MAX_WEIGHT}, got {w}")
-            })?;
+            .ok_or_else(|| WeightError::OutOfRange(name.clone(), w.to_string()).to_string())?;
         out.insert(name, weight as u32);
     }
     Ok(out)

@@ -26,8 +26,8 @@ pub enum WeightError {
     /// A name that is not a configured backend.
     #[error("unknown backend {0:?} (configured: {1})")]
     UnknownBackend(String, String),
-    /// A weight outside 0..=10000, or not an integer.
-    #[error("weight for {0:?} must be an integer from 0 to 10000, got {1}")]
+    /// A weight outside 0..=[`MAX_WEIGHT`], or not an integer.
+    #[error("weight for {0:?} must be an integer from 0 to {MAX_WEIGHT}, got {1}")]
     OutOfRange(String, String),
     /// Every weight would be zero, so no record could be stored.
     #[error("at least one backend must have a non-zero weight")]

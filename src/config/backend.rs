@@ -213,6 +213,15 @@ pub fn parse_backend_flag(s: &str) -> Result<BackendConfig, ConfigError> {
     })
 }
 
+/// Whether `name` may name a backend: letters, digits, `_`, `-` or `.` — the one rule, for the
+/// configuration and for fleet weights alike.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+}
+
 /// A weight that is not an integer from 0 to 10000, as typed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("weight must be an integer from 0 to {MAX_WEIGHT}, got {0:?}")]
@@ -244,12 +253,7 @@ pub fn validate_backends(backends: &[BackendConfig]) -> Result<(), ConfigError> 
     };
     let mut seen = BTreeSet::new();
     for b in backends {
-        if b.name.is_empty()
-            || !b
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-        {
+        if !is_valid_name(&b.name) {
             return Err(b.refused("a name uses letters, digits, '_', '-' or '.'"));
         }
         if !seen.insert(b.name.as_str()) {

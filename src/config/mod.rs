@@ -26,8 +26,8 @@ use crate::balance::OnDown;
 use crate::health::HealthConfig;
 
 pub use backend::{
-    parse_backend_flag, parse_weight, redact_url, validate_backends, BackendConfig, BadWeight,
-    TlsFromFlags,
+    is_valid_name, parse_backend_flag, parse_weight, redact_url, validate_backends, BackendConfig,
+    BadWeight, TlsFromFlags,
 };
 pub use error::{At, ConfigError, Origin};
 pub use settings::{Layers, Settings, Sourced};

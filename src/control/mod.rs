@@ -20,7 +20,8 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 
-use crate::balance::MAX_WEIGHT;
+use crate::balance::{WeightError, MAX_WEIGHT};
+use crate::config::is_valid_name;
 
 pub use follower::{Follower, Step};
 pub use task::{Control, Status};
@@ -193,21 +194,8 @@ pub async fn set(
         validate(&weights).map_err(ControlError::Invalid)?;
         check(&weights).map_err(ControlError::Invalid)?;
         let json = serde_json::to_string(&weights).expect("serializable");
-        // EVAL, not EVALSHA: a change is rare, and the text is always there after a restart.
-        let (ok, new): (u8, u64) = timed(
-            redis::cmd("EVAL")
-                .arg(SET_SCRIPT)
-                .arg(2)
-                .arg(&keys.weights)
-                .arg(&keys.audit)
-                .arg(version)
-                .arg(&json)
-                .arg(origin)
-                .arg(&keys.nudge)
-                .arg(AUDIT_MAX)
-                .query_async(conn),
-        )
-        .await?;
+        let (ok, new): (u8, u64) =
+            timed(script(SET_SCRIPT, keys, version, &json, origin).query_async(conn)).await?;
         if ok == 1 {
             return Ok(FleetWeights {
                 version: new,
@@ -226,44 +214,42 @@ pub async fn raise(
     origin: &str,
 ) -> Result<bool, ControlError> {
     let json = serde_json::to_string(&fleet.weights).expect("serializable");
-    let wrote: u8 = timed(
-        redis::cmd("EVAL")
-            .arg(RAISE_SCRIPT)
-            .arg(2)
-            .arg(&keys.weights)
-            .arg(&keys.audit)
-            .arg(fleet.version)
-            .arg(&json)
-            .arg(origin)
-            .arg(&keys.nudge)
-            .arg(AUDIT_MAX)
-            .query_async(conn),
-    )
-    .await?;
+    let wrote: u8 =
+        timed(script(RAISE_SCRIPT, keys, fleet.version, &json, origin).query_async(conn)).await?;
     Ok(wrote == 1)
+}
+
+/// The call of [`SET_SCRIPT`] or [`RAISE_SCRIPT`], which take the same keys and arguments.
+/// EVAL, not EVALSHA: a change is rare, and the text is always there after a restart.
+fn script(text: &str, keys: &Keys, version: u64, json: &str, origin: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(text)
+        .arg(2)
+        .arg(&keys.weights)
+        .arg(&keys.audit)
+        .arg(version)
+        .arg(json)
+        .arg(origin)
+        .arg(&keys.nudge)
+        .arg(AUDIT_MAX);
+    cmd
 }
 
 /// The rules every fleet record follows whatever the agents: weights in range, not all zero,
 /// names as a backend name may be written.
 fn validate(weights: &BTreeMap<String, u32>) -> Result<(), String> {
     for (name, &w) in weights {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-        {
+        if !is_valid_name(name) {
             return Err(format!(
                 "backend name {name:?} must be letters, digits, '_', '-' or '.'"
             ));
         }
         if w > MAX_WEIGHT {
-            return Err(format!(
-                "weight for {name:?} must be an integer from 0 to {MAX_WEIGHT}, got {w}"
-            ));
+            return Err(WeightError::OutOfRange(name.clone(), w.to_string()).to_string());
         }
     }
     if weights.values().all(|&w| w == 0) {
-        return Err("at least one backend must have a non-zero weight".into());
+        return Err(WeightError::AllZero.to_string());
     }
     Ok(())
 }

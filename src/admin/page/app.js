@@ -5,6 +5,8 @@
 
 const COLORS = ['#2f6fde', '#e8590c', '#2b8a3e', '#9c36b5', '#c2255c', '#0c8599', '#5c940d', '#862e9c'];
 const TOKEN_KEY = 'redtap-token';
+// The server checks every weight; this only bounds the inputs. A test keeps it equal to balance::MAX_WEIGHT.
+const MAX_WEIGHT = 10000;
 const $ = (sel) => document.querySelector(sel);
 
 let token = sessionStorage.getItem(TOKEN_KEY) || '';
@@ -155,12 +157,12 @@ function rowFor(name) {
   const tbody = $('#backends tbody');
   let row = tbody.querySelector('tr[data-backend="' + CSS.escape(name) + '"]');
   if (row) return row;
-  const num = el('input', { type: 'number', min: '0', max: '10000', step: '1', class: 'weight-input', 'aria-label': 'new weight for ' + name });
+  const num = el('input', { type: 'number', min: '0', max: String(MAX_WEIGHT), step: '1', class: 'weight-input', 'aria-label': 'new weight for ' + name });
   const slider = el('input', { type: 'range', min: '0', max: '100', step: '1', 'aria-label': 'new weight for ' + name });
   const edit = el('td', { class: 'edit' }, num, ' ', slider);
   const onEdit = (v) => {
     const b = backends.find((x) => x.name === name);
-    const w = Math.max(0, Math.min(10000, Math.round(Number(v))));
+    const w = Math.max(0, Math.min(MAX_WEIGHT, Math.round(Number(v))));
     if (Number.isNaN(w) || !b || w === b.weight) delete edits[name]; else edits[name] = w;
     num.value = String(Number.isNaN(w) ? '' : w);
     slider.value = String(w);
@@ -258,8 +260,8 @@ async function confirmChange() {
       '. "since change" starts over and should approach the target; the chart marks the change.';
     const unsaved = answer.find((b) => b.unsaved);
     if (unsaved) {
-      showMessage('warning', 'Weights applied: ' + ownChange + ', but not saved (' + unsaved.unsaved +
-        '): a restart will bring back the weights saved before.');
+      // `unsaved` says where, why, and that a restart would lose the change.
+      showMessage('warning', 'Weights applied: ' + ownChange + ', but ' + unsaved.unsaved + '.');
     } else {
       showMessage('info', 'Weights applied: ' + ownChange + '.');
     }

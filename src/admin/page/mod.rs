@@ -246,6 +246,12 @@ fn summarize(names: &[String], now: &Sample, ring: &[Sample]) -> LiveView {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_page_bounds_weights_by_the_servers_range() {
+        let line = format!("const MAX_WEIGHT = {};", crate::balance::MAX_WEIGHT);
+        assert!(super::APP_JS.contains(&line), "app.js must say {line}");
+    }
+
     #[tokio::test]
     async fn the_sampler_samples_every_second_and_ends_with_the_pipeline() {
         let names = vec!["A".to_string(), "B".to_string()];
