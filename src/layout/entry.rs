@@ -345,4 +345,95 @@ mod tests {
             assert_eq!(flags_text(b), crate::record::flags_str(b));
         }
     }
+
+    /// Random field lists (names redtap writes, values good and bad, now and then a packed
+    /// field with noise, as arrays and as RESP3 maps): never a panic, and a readable entry
+    /// always reads as [`stream::decode`] reads it.
+    #[test]
+    fn random_entries_never_panic_and_agree_with_the_stream_layout() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let names = [
+            "src", "dst", "sport", "dport", "ts", "us", "kind", "flags", "len", "listen", "p", "x",
+        ];
+        let values = [
+            "10.0.0.1",
+            "::1",
+            "::ffff:1.2.3.4",
+            "0",
+            "1",
+            "-5",
+            "65535",
+            "65536",
+            "24",
+            "256",
+            "conn",
+            "PA",
+            "",
+            "1700000000123456",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "10.0.0.2:9000",
+            "[::1]:80",
+            "é",
+        ];
+        let ids = ["1700000000123-0", "0-0", "18446744073709551615-1", "x", "5"];
+        let listen: Option<Listen> = Some("10.0.0.2:9000".parse().unwrap());
+        let mut d = EntryDecoder::default();
+        let mut records = 0;
+        for _ in 0..20_000 {
+            let n = next() % 6;
+            let mut flat = Vec::new();
+            // Mostly a plausible record, then fields that may spoil or complete it.
+            for (k, v) in [("src", "10.0.0.1"), ("sport", "7"), ("us", "5")] {
+                if next() % 10 != 0 {
+                    flat.push(bulk(k.as_bytes()));
+                    flat.push(bulk(v.as_bytes()));
+                }
+            }
+            for _ in 0..n {
+                flat.push(bulk(
+                    names[(next() % names.len() as u64) as usize].as_bytes(),
+                ));
+                if next() % 10 == 0 {
+                    let noise: Vec<u8> = (0..next() % 40).map(|_| next() as u8).collect();
+                    flat.push(bulk(&noise));
+                } else {
+                    flat.push(bulk(
+                        values[(next() % values.len() as u64) as usize].as_bytes(),
+                    ));
+                }
+            }
+            if next() % 7 == 0 {
+                flat.pop(); // an odd count
+            }
+            let f = if next() % 3 == 0 {
+                Value::Map(
+                    flat.chunks_exact(2)
+                        .map(|p| (p[0].clone(), p[1].clone()))
+                        .collect(),
+                )
+            } else {
+                Value::Array(flat)
+            };
+            let id = ids[(next() % ids.len() as u64) as usize];
+            for l in [None, listen] {
+                let got = d.items(id, &f, l);
+                if packed_value(&f).is_none() {
+                    let got = got.ok().map(|v| decoded(&v[0]));
+                    records += got.is_some() as u32;
+                    assert_eq!(got, stream::decode(id, &f, l), "{id} {f:?}");
+                }
+            }
+        }
+        assert!(
+            records > 5_000,
+            "only {records} entries were records: a weak test"
+        );
+    }
 }
