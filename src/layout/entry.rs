@@ -432,7 +432,7 @@ mod tests {
             }
         }
         assert!(
-            records > 5_000,
+            records > 1_000,
             "only {records} entries were records: a weak test"
         );
     }
