@@ -1,8 +1,13 @@
 //! Reading one backend: connect, discover agents and keys by SCAN, page through ranges.
 //!
-//! Owns the Redis I/O of the read side (SCAN, TYPE, XRANGE paging, XREAD, MGET). What the
-//! writer stored is decoded by its layout ([`crate::layout`]: key names, stream entries, key
-//! values); a record a layout does not recognise is skipped. It never writes to Redis.
+//! Owns the Redis I/O of the read side (SCAN, TYPE, XRANGE paging, XREAD, MGET) and how much
+//! of it is in flight: an agent's buckets are read [`BUCKETS_AHEAD`] at a time, each in its own
+//! task, a full one in ID slices read at once. Everything goes through one connection per
+//! backend (what [`spawn_readers`] and [`discover`] take), so a backend of several nodes is one
+//! call per node. What the writer stored is decoded by its layout ([`crate::layout`]: key
+//! names, bucket entries of either kind, key values); a record a layout does not recognise is
+//! skipped, and a packed entry that does not decode is counted in [`Progress`]. It never
+//! writes to Redis.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
