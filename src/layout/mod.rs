@@ -4,9 +4,11 @@
 //! Owns what every layout shares: the [`Layout`] handle (the dispatch on [`Schema`]), slots and
 //! entry IDs, bucket naming and expiry, how the writer's answers read ([`Answer`]) and what a
 //! stored record reads back as ([`Decoded`]). [`stream`] and [`keys`] own their commands and the
-//! parsing of what Redis returns for them. It builds commands and parses replies; it never
+//! parsing of what Redis returns for them; [`entry`] reads a bucket entry of either kind
+//! (readable fields or a [`packed`] batch) for the readers. It builds commands and parses replies; it never
 //! talks to Redis (the writer in `sink` and the readers in `query::read` do the I/O).
 
+pub mod entry;
 pub mod keys;
 pub mod packed;
 pub mod stream;
