@@ -2,8 +2,9 @@
 //! and prints a table with the reference measured side by side in the same run.
 //!
 //! ```text
-//! cargo bench --bench redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|sink-packed|connections|packets|balance|fleet]...
+//! cargo bench --bench redtap-bench -- [--smoke] [sink|sink-stream|sink-keys|sink-packed|connections|packets|balance|cluster|fleet|reads]...
 //!     [--count=N] [--capture-threads=1,2]     (packets)
+//!     [--steps=N] [--layouts=readable,packed]  (reads: up to N million records; which layouts)
 //! ```
 //!
 //! Scenarios (all by default):
@@ -19,9 +20,18 @@
 //!   reference: sent, captured by each, kernel and queue drops, written, shares, per-thread CPU
 //!   (needs root; falls back to hping3 without netsniff-ng).
 //! - `balance` — share error after 1,000,000 records with the weights changed 100 times.
+//! - `cluster` — the sink's records/s into one backend that is a three-primary Redis Cluster
+//!   (`redis+cluster://`) against the same into one single server, same records, same run. The
+//!   records' capture times span 8 s, so their per-second buckets rotate over the primaries.
 //! - `fleet` — three agents following one control Redis (`--control`): the time from a
 //!   `weights set --control` (the same call, in-process) until every agent serves the new
 //!   version (`GET /v1/control`), median and max over 100 changes.
+//! - `reads` — two Redis filled with 1M, 2M, then 3M records (10k a second of capture time,
+//!   half on each), once in the readable stream layout (the layout's own commands, pipelined)
+//!   and once packed (the codec, 1,000 records an entry): the wall time of `redtap top -n 5`
+//!   and `redtap query > /dev/null` as a user runs them, against XRANGE-ing the same buckets
+//!   from this process (one thread per server, pages of 1,000 parsed into `redis::Value`);
+//!   `REDTAP_READS_BASE=PATH` times another `redtap` build on the same data beside it.
 //!
 //! `--smoke` runs everything small and fast, to prove the harness works (CI runs it).
 //! Timing never appears in the test suite; it lives here.
@@ -51,7 +61,14 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     if scenarios.is_empty() {
-        scenarios = vec!["sink", "connections", "packets", "balance", "fleet"];
+        scenarios = vec![
+            "sink",
+            "connections",
+            "packets",
+            "balance",
+            "fleet",
+            "reads",
+        ];
     }
     println!(
         "redtap-bench {} on {} cores ({})",
@@ -73,9 +90,12 @@ fn main() {
             "packets" => packets(&PacketsOpts::from_args(&args, smoke)),
             "balance" => balance(smoke),
             "fleet" => fleet(smoke),
+            "cluster" => cluster(smoke),
+            "reads" => reads(smoke, &args),
             other => {
                 eprintln!(
-                    "unknown scenario {other:?}: use sink, connections, packets, balance or fleet"
+                    "unknown scenario {other:?}: use sink, connections, packets, balance, \
+                     cluster, fleet or reads"
                 );
                 std::process::exit(64);
             }
@@ -90,7 +110,7 @@ fn main() {
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{free_port, load_connections, Daemon, RedisServer as Redis};
+use common::{free_port, load_connections, Daemon, RedisCluster, RedisServer as Redis};
 
 fn redis_version() -> String {
     Command::new("redis-server")
@@ -1051,4 +1071,395 @@ fn fleet(smoke: bool) {
         ms(*took.last().unwrap()),
         "bound promised: 1 s (the poll if a nudge is lost)",
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// cluster: the sink into a three-primary Redis Cluster against one single server.
+
+/// Write `n` in-process records through the pipeline to the one backend `url`; records/s and
+/// pipelines sent.
+fn sink_into(url: &str, n: u64) -> (f64, u64) {
+    let args = RunArgs {
+        listen: Some("127.0.0.1:9".into()),
+        backends: vec![format!("X={url}@1")],
+        schema: Some(Schema::Stream),
+        agent: Some("bench".into()),
+        admin: Some("off".into()),
+        state_file: Some("off".into()),
+        ..Default::default()
+    };
+    let cfg = Config::resolve(FileConfig::default(), &args).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let (summary, batches) = rt.block_on(async {
+        let pipeline = redtap::Pipeline::start(&cfg, OnFull::Wait).unwrap();
+        let queue = pipeline.queue.clone();
+        let metrics = pipeline.metrics.clone();
+        let producer = tokio::spawn(async move {
+            let base = now_us();
+            for i in 0..n {
+                let rec = Record {
+                    // Over 8 s of capture time: eight buckets, on different primaries.
+                    ts_us: base + i * 8_000_000 / n,
+                    src: SocketAddr::new(
+                        Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8).into(),
+                        40_000 + (i % 20_000) as u16,
+                    ),
+                    dst: "127.0.0.1:9000".parse().unwrap(),
+                    kind: Kind::Conn,
+                };
+                metrics.captured.inc();
+                queue.send(rec).await.unwrap();
+            }
+        });
+        let metrics = pipeline.metrics.clone();
+        let summary = pipeline
+            .finish(Duration::from_secs(600), async {
+                producer.await.unwrap();
+            })
+            .await;
+        let batches: u64 = metrics.backends.iter().map(|b| b.batches.get()).sum();
+        (summary, batches)
+    });
+    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    assert_eq!(summary.written, n, "sink lost records: {summary:?}");
+    (rate, batches)
+}
+
+fn cluster(smoke: bool) {
+    let n: u64 = if smoke { 20_000 } else { 1_000_000 };
+    let c = RedisCluster::start(3, &[]);
+    let single = Redis::start();
+    let (ours, batches) = sink_into(&c.url(), n);
+    let per_node: Vec<usize> = {
+        let mut v = vec![0; c.nodes.len()];
+        for (i, ..) in c.records("redtap") {
+            v[i] += 1;
+        }
+        v
+    };
+    assert_eq!(
+        per_node.iter().sum::<usize>() as u64,
+        n,
+        "the cluster holds every record"
+    );
+    let (one, one_batches) = sink_into(&single.url(), n);
+    assert_eq!(count(&single, Schema::Stream, "bench"), n);
+    println!("\ncluster: {n} records (capture times over 8 s) → one backend, schema stream");
+    row(
+        "records/s into a 3-primary cluster",
+        format!("{ours:.0}"),
+        &format!("{batches} pipelines; per primary {per_node:?}"),
+    );
+    row(
+        "records/s into one server",
+        format!("{one:.0}"),
+        &format!("{one_batches} pipelines"),
+    );
+    row(
+        "ratio cluster / one server",
+        format!("{:.2}×", ours / one),
+        "",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// reads: `redtap top` and `redtap query` over millions of records, against plain XRANGE.
+
+/// The machine's 1-minute load average, from /proc.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The `i`th record of the reads scenario: 10k a second from `base_us`, 50,000 sources.
+fn read_record(base_us: u64, i: u64) -> Record {
+    let x = (i.wrapping_mul(2_654_435_761)) % 50_000;
+    Record {
+        ts_us: base_us + i * 100 + i % 7,
+        src: SocketAddr::new(
+            Ipv4Addr::new(10, (x >> 16) as u8, (x >> 8) as u8, x as u8).into(),
+            1024 + (i % 60_000) as u16,
+        ),
+        dst: "10.0.0.2:9000".parse().unwrap(),
+        kind: Kind::Segment {
+            flags: 0x18,
+            len: 100 + (i % 1000) as u16,
+        },
+    }
+}
+
+/// Store records `from..to` on `a` and `b` (even and odd), readable or packed.
+fn fill_reads(
+    (a, b): (&Redis, &Redis),
+    layouts: &mut [redtap::layout::Layout; 2],
+    buckets: &mut [u64; 2],
+    base_us: u64,
+    range: std::ops::Range<u64>,
+    packed: bool,
+) {
+    let conns = [a, b];
+    let listen: SocketAddr = "10.0.0.2:9000".parse().unwrap();
+    const CHUNK: u64 = 20_000;
+    let mut start = range.start;
+    while start < range.end {
+        let end = (start + CHUNK).min(range.end);
+        for side in 0..2 {
+            let recs: Vec<Record> = (start..end)
+                .filter(|i| i % 2 == side as u64)
+                .map(|i| read_record(base_us, i))
+                .collect();
+            let mut pipe = redis::pipe();
+            if packed {
+                // One entry per 1,000 records of one second, as a packed writer would batch.
+                let mut by_sec: BTreeMap<u64, Vec<Record>> = BTreeMap::new();
+                for r in recs {
+                    by_sec.entry(r.ts_us / 1_000_000).or_default().push(r);
+                }
+                for (sec, recs) in by_sec {
+                    let key = format!("redtap:events:{{bench}}:{sec}");
+                    for batch in recs.chunks(1000) {
+                        let id = layouts[side].next_slot(&batch[0]);
+                        let v = redtap::layout::packed::encode(batch, id.major, Some(listen));
+                        pipe.cmd("XADD")
+                            .arg(&key)
+                            .arg(format!("{}-{}", id.major, id.seq))
+                            .arg("p")
+                            .arg(v)
+                            .ignore();
+                    }
+                    pipe.cmd("PEXPIREAT")
+                        .arg(&key)
+                        .arg((sec + 1) * 1000 + 3_600_000)
+                        .ignore();
+                }
+            } else {
+                for r in &recs {
+                    let slot = layouts[side].next_slot(r);
+                    let bucket = r.ts_us / 1_000_000;
+                    let create = bucket != buckets[side];
+                    buckets[side] = bucket;
+                    layouts[side].push_store(&mut pipe, r, slot, create);
+                }
+                // The pipeline's answers are IDs; only errors matter.
+                let answers: Vec<redis::Value> =
+                    pipe.query(&mut conns[side].conn().unwrap()).unwrap();
+                assert!(
+                    !answers
+                        .iter()
+                        .any(|v| matches!(v, redis::Value::ServerError(_))),
+                    "a store failed"
+                );
+                continue;
+            }
+            pipe.exec(&mut conns[side].conn().unwrap()).unwrap();
+        }
+        start = end;
+    }
+}
+
+/// XRANGE every bucket of `r` in pages of 1,000, parsing each page into `redis::Value`: what
+/// reading alone costs. Entries read.
+fn xrange_all(r: &Redis) -> u64 {
+    let mut c = r.conn().unwrap();
+    let keys: Vec<String> = r.keys("redtap:events:*");
+    let mut n = 0u64;
+    for key in keys {
+        let mut start = "-".to_string();
+        loop {
+            let v: redis::Value = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut c)
+                .unwrap();
+            let redis::Value::Array(items) = &v else {
+                break;
+            };
+            n += items.len() as u64;
+            let last = items.last().and_then(|e| match e {
+                redis::Value::Array(p) => match &p[0] {
+                    redis::Value::BulkString(id) => Some(String::from_utf8_lossy(id).into_owned()),
+                    _ => None,
+                },
+                _ => None,
+            });
+            match last {
+                Some(id) if items.len() == 1000 => start = format!("({id}"),
+                _ => break,
+            }
+        }
+    }
+    n
+}
+
+/// CPU seconds of this process, or of its waited-for children, from /proc/self/stat.
+fn own_cpu(children: bool) -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let at = if children { 13 } else { 11 };
+    (f[at].parse::<u64>().unwrap() + f[at + 1].parse::<u64>().unwrap()) as f64 / 100.0
+}
+
+/// One measurement: the fastest wall time of its runs, and the mean CPU seconds a run took in
+/// redtap (the waited-for child; this process for the in-process reference) and in both Redis.
+struct Timed {
+    wall: f64,
+    client_cpu: f64,
+    redis_cpu: f64,
+}
+
+fn best_of(runs: usize, servers: (&Redis, &Redis), child: bool, mut f: impl FnMut()) -> Timed {
+    let redis = || cpu_seconds(servers.0.pid()) + cpu_seconds(servers.1.pid());
+    let (c0, r0) = (own_cpu(child), redis());
+    let wall = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min);
+    Timed {
+        wall,
+        client_cpu: (own_cpu(child) - c0) / runs as f64,
+        redis_cpu: (redis() - r0) / runs as f64,
+    }
+}
+
+fn reads(smoke: bool, args: &[String]) {
+    let step: u64 = if smoke { 20_000 } else { 1_000_000 };
+    // `--steps=N`: stop after N million records (3 by default); `--layouts=readable` or `packed`.
+    let opt = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")).map(str::to_string))
+    };
+    let steps: u64 = opt("steps").map_or(3, |s| s.parse().expect("--steps=N"));
+    let layouts = opt("layouts").unwrap_or_else(|| "readable,packed".into());
+    let runs = if smoke { 1 } else { 2 };
+    println!(
+        "\nreads: two Redis, 10k records a second of capture time, best of {runs}; load average \
+         {} at the start",
+        loadavg()
+    );
+    // Far enough back that 3M records (300 s) end before now, well inside the retention.
+    let base_us = (now_us() - 20 * 60 * 1_000_000) / 1_000_000 * 1_000_000;
+    for packed in [false, true] {
+        if !layouts.contains(if packed { "packed" } else { "readable" }) {
+            continue;
+        }
+        let (a, b) = (Redis::start(), Redis::start());
+        let layout = redtap::layout::Layout::new(Schema::Stream, "redtap", "bench", 3_600_000)
+            .with_listen("10.0.0.2:9000".parse().unwrap());
+        let mut layouts = [layout.clone(), layout];
+        let mut buckets = [0u64; 2];
+        let src = [
+            "--backend".to_string(),
+            format!("A={}", a.url()),
+            "--backend".to_string(),
+            format!("B={}", b.url()),
+            "--retention".to_string(),
+            "1h".to_string(),
+        ];
+        let name = if packed { "packed" } else { "readable stream" };
+        for k in 1..=steps {
+            let n = k * step;
+            let t = Instant::now();
+            fill_reads(
+                (&a, &b),
+                &mut layouts,
+                &mut buckets,
+                base_us,
+                (k - 1) * step..n,
+                packed,
+            );
+            let fill = t.elapsed().as_secs_f64();
+            let mut total = 0u64;
+            let top = best_of(runs, (&a, &b), true, || {
+                let out = Command::new(common::redtap_bin())
+                    .args(["top", "-n", "5", "--format", "json"])
+                    .args(&src)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                total = v["total"].as_u64().unwrap();
+            });
+            assert_eq!(total, n, "top counted every record");
+            let query = best_of(runs, (&a, &b), true, || {
+                let st = Command::new(common::redtap_bin())
+                    .arg("query")
+                    .args(&src)
+                    .stdout(std::fs::File::create("/dev/null").unwrap())
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            });
+            // `REDTAP_READS_BASE=PATH`: the same commands with another build (e.g. the one before
+            // a change), readable layout only (an older build may not read packed entries).
+            let base = std::env::var("REDTAP_READS_BASE").ok().filter(|_| !packed);
+            let base_times = base.map(|bin| {
+                let top = best_of(runs, (&a, &b), true, || {
+                    let st = Command::new(&bin)
+                        .args(["top", "-n", "5"])
+                        .args(&src)
+                        .stdout(Stdio::null())
+                        .status()
+                        .unwrap();
+                    assert!(st.success());
+                });
+                let query = best_of(runs, (&a, &b), true, || {
+                    let st = Command::new(&bin)
+                        .arg("query")
+                        .args(&src)
+                        .stdout(std::fs::File::create("/dev/null").unwrap())
+                        .status()
+                        .unwrap();
+                    assert!(st.success());
+                });
+                (top, query)
+            });
+            let mut entries = 0;
+            let xr = best_of(runs, (&a, &b), false, || {
+                let (ra, rb) = std::thread::scope(|s| {
+                    let ta = s.spawn(|| xrange_all(&a));
+                    let tb = s.spawn(|| xrange_all(&b));
+                    (ta.join().unwrap(), tb.join().unwrap())
+                });
+                entries = ra + rb;
+            });
+            let mem = (a.used_memory() + b.used_memory()) as f64 / n as f64;
+            println!("\n  {name}, {n} records ({entries} entries, {mem:.1} B/record in Redis, filled in {fill:.1} s)");
+            let line = |what: &str, t: &Timed, client: &str| {
+                row(
+                    what,
+                    format!("{:.2} s", t.wall),
+                    &format!(
+                        "{:.0}k records/s; CPU {client} {:.2} s, Redis {:.2} s",
+                        n as f64 / t.wall / 1e3,
+                        t.client_cpu,
+                        t.redis_cpu
+                    ),
+                )
+            };
+            line("redtap top -n 5", &top, "redtap");
+            line("redtap query > /dev/null (table)", &query, "redtap");
+            line("reference: XRANGE every bucket, 2 threads", &xr, "bench");
+            if let Some((top, query)) = &base_times {
+                line("before ($REDTAP_READS_BASE): top -n 5", top, "redtap");
+                line("before ($REDTAP_READS_BASE): query", query, "redtap");
+            }
+        }
+    }
+    println!("  load average {} at the end", loadavg());
 }

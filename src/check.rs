@@ -1,7 +1,7 @@
 //! `redtap check`: will `redtap run` with this configuration work on this host?
 //!
 //! Owns the pre-flight: every backend connected to as the writers connect ([`crate::connect`]:
-//! AUTH, TLS), asked who it is (`INFO`: version, role, `maxmemory-policy`, `run_id`), and given
+//! AUTH, TLS; a Redis Cluster through each of its primaries, which are listed), asked who it is (`INFO`: version, role, `maxmemory-policy`, `run_id`), and given
 //! one small expiring write under the prefix (`SET <prefix>:check:<agent> 1 PX 10000`, then
 //! `DEL`); the capture opened and closed (packets mode: libpcap on each device, which needs
 //! CAP_NET_RAW) and the listen and admin addresses bound and released; the state file's
@@ -15,12 +15,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-
 use crate::capture::connections::bind_listener;
 use crate::capture::packets::{OpenError, PacketCapture};
 use crate::config::{BackendConfig, CaptureMode, Config, ServeMode};
-use crate::connect::{connect, ConnectError, Timeouts};
+use crate::connect::{connect_backend, Conn, ConnectError, Timeouts};
 use crate::daemon::{EX_FAILURE, EX_USAGE};
 use crate::health::Cause;
 use crate::identity::lease_key;
@@ -192,7 +190,7 @@ async fn backends(config: &Config) -> Vec<Item> {
 async fn backend(b: &BackendConfig, prefix: &str, agent: &str) -> (Item, Option<Reached>) {
     let what = format!("backend {}", b.name);
     let url = b.redacted_url();
-    let mut conn = match connect(b, TIMEOUTS).await {
+    let mut conn = match connect_backend(b, TIMEOUTS).await {
         Ok(c) => c,
         Err(e) => {
             let verdict = match e {
@@ -225,7 +223,22 @@ async fn backend(b: &BackendConfig, prefix: &str, agent: &str) -> (Item, Option<
     let role = field("role").unwrap_or_else(|| "?".into());
     let policy = field("maxmemory_policy").unwrap_or_else(|| "?".into());
     let maxmemory: u64 = field("maxmemory").and_then(|m| m.parse().ok()).unwrap_or(0);
-    let about = format!("redis {version}, {role}, maxmemory-policy {policy}");
+    let mut about = format!("redis {version}, {role}, maxmemory-policy {policy}");
+    if let Conn::Cluster(c) = &conn {
+        // Connecting reached every primary (it fails otherwise): name them, with their slots.
+        let t = c.topology();
+        let each: Vec<String> = t
+            .primaries
+            .iter()
+            .zip(t.slot_counts())
+            .map(|((h, p), n)| format!("{h}:{p} ({n} slots)"))
+            .collect();
+        about.push_str(&format!(
+            "; cluster of {} primaries: {}",
+            each.len(),
+            each.join(", ")
+        ));
+    }
 
     let key = format!("{prefix}:check:{agent}");
     let mut set = redis::cmd("SET");
@@ -280,10 +293,7 @@ async fn backend(b: &BackendConfig, prefix: &str, agent: &str) -> (Item, Option<
 }
 
 /// One command, its failure as the health [`Cause`] it counts as.
-async fn command<T: redis::FromRedisValue>(
-    conn: &mut MultiplexedConnection,
-    cmd: redis::Cmd,
-) -> Result<T, Cause> {
+async fn command<T: redis::FromRedisValue>(conn: &mut Conn, cmd: redis::Cmd) -> Result<T, Cause> {
     cmd.query_async(conn)
         .await
         .map_err(|e| Cause::from_redis_error(&e))

@@ -8,11 +8,16 @@
 //! the readers (`redtap query/top/tail/stats`) and `redtap check` all connect through here, so
 //! a wrong password reads the same everywhere.
 //!
+//! A backend is a single server or a Redis Cluster ([`Target`]); either way a caller gets one
+//! [`Conn`] that routes each command ([`cluster`] says how a cluster does it).
+//!
 //! Never: retries, logs or counts — each caller decides what a failure means to it.
+
+pub mod cluster;
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::AsyncConnectionConfig;
 
 use crate::config::BackendConfig;
@@ -117,7 +122,101 @@ impl ConnectError {
     }
 }
 
-/// Connect to backend `b` (its URL, password and TLS files) and see it answer.
+/// What a backend's URL names, with its clients built (TLS files read once).
+#[derive(Clone)]
+pub enum Target {
+    /// One Redis server.
+    Single(redis::Client),
+    /// A Redis Cluster: a client per seed node (the first is the URL's; the others share its
+    /// credentials and certificates).
+    Cluster(Vec<redis::Client>),
+}
+
+impl From<redis::Client> for Target {
+    fn from(c: redis::Client) -> Self {
+        Target::Single(c)
+    }
+}
+
+impl Target {
+    /// The target of backend `b`.
+    pub fn of(b: &BackendConfig) -> Result<Target, crate::config::ConfigError> {
+        let first = b.client()?;
+        let Some(seeds) = b.cluster_seeds() else {
+            return Ok(Target::Single(first));
+        };
+        let template = first.get_connection_info().clone();
+        let clients = seeds
+            .iter()
+            .map(|s| {
+                let (host, port) = s.rsplit_once(':').unwrap_or((s, "6379"));
+                cluster::node_client(&template, host, port.parse().unwrap_or(6379))
+            })
+            .collect();
+        Ok(Target::Cluster(clients))
+    }
+}
+
+/// A connection to a backend: one server's, or every primary's of a cluster.
+#[derive(Clone)]
+pub enum Conn {
+    /// One server.
+    Single(MultiplexedConnection),
+    /// A cluster.
+    Cluster(cluster::ClusterConn),
+}
+
+impl Conn {
+    /// One connection per node, named `host:port`, for commands that must run on each (SCAN);
+    /// a single server's is its only one, named `""`.
+    pub fn nodes(&self) -> Vec<(String, MultiplexedConnection)> {
+        match self {
+            Conn::Single(c) => vec![(String::new(), c.clone())],
+            Conn::Cluster(c) => c.primaries(),
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Connect to backend `b` (its URL, password and TLS files) and see it answer; a cluster
+/// through every primary.
+pub async fn connect_backend(b: &BackendConfig, t: Timeouts) -> Result<Conn, ConnectError> {
+    let target = Target::of(b).map_err(|e| ConnectError::Config(e.to_string()))?;
+    connect_target(&target, t).await
+}
+
+/// Connect to the one server `b` names and see it answer (for a cluster URL, its first seed
+/// only: use [`connect_backend`] to reach the cluster).
 pub async fn connect(
     b: &BackendConfig,
     t: Timeouts,
@@ -126,6 +225,17 @@ pub async fn connect(
         .client()
         .map_err(|e| ConnectError::Config(e.to_string()))?;
     connect_client(&client, t).await
+}
+
+/// [`connect`] with the target already built (a writer builds its own once, so its TLS files
+/// are read once at start). A cluster: every primary connected and answering.
+pub async fn connect_target(target: &Target, t: Timeouts) -> Result<Conn, ConnectError> {
+    match target {
+        Target::Single(c) => connect_client(c, t).await.map(Conn::Single),
+        Target::Cluster(seeds) => cluster::ClusterConn::connect(seeds, t)
+            .await
+            .map(Conn::Cluster),
+    }
 }
 
 /// [`connect`] with a client already built (a writer builds its own once, so its TLS files are

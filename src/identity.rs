@@ -24,7 +24,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use crate::connect::Conn;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -192,17 +192,14 @@ pub fn lease_key(prefix: &str, agent: &str) -> String {
 
 /// A connection to `b` with connect and answer times bounded by `timeout`; a failure as the
 /// health [`Cause`] it counts as.
-async fn connect(b: &BackendConfig, timeout: Duration) -> Result<MultiplexedConnection, Cause> {
-    crate::connect::connect(b, Timeouts::both(timeout))
+async fn connect(b: &BackendConfig, timeout: Duration) -> Result<Conn, Cause> {
+    crate::connect::connect_backend(b, Timeouts::both(timeout))
         .await
         .map_err(|e| e.cause())
 }
 
 /// Ask the server who it is. The error names the failed command.
-async fn identify(
-    b: &BackendConfig,
-    conn: &mut MultiplexedConnection,
-) -> Result<ServerId, (&'static str, Cause)> {
+async fn identify(b: &BackendConfig, conn: &mut Conn) -> Result<ServerId, (&'static str, Cause)> {
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(conn)
@@ -252,11 +249,7 @@ enum Lease {
     Busy(String),
 }
 
-async fn acquire(
-    conn: &mut MultiplexedConnection,
-    key: &str,
-    me: &str,
-) -> Result<Lease, (&'static str, Cause)> {
+async fn acquire(conn: &mut Conn, key: &str, me: &str) -> Result<Lease, (&'static str, Cause)> {
     let ttl = LEASE_TTL.as_millis() as u64;
     // A lease that expires or is taken over between our commands needs another round; a few
     // are plenty (each round either sees a holder or finds the key free).
@@ -306,11 +299,11 @@ async fn acquire(
 }
 
 /// One backend at start: its connection and identity, or the failed command and why.
-type Reached = Result<(MultiplexedConnection, ServerId), (&'static str, Cause)>;
+type Reached = Result<(Conn, ServerId), (&'static str, Cause)>;
 
 /// What the start-up check learned of one backend.
 struct Found {
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
     /// Why it could not be reached at start, and by which command.
     failed: Option<(&'static str, Cause)>,
     id: Option<ServerId>,
@@ -545,7 +538,7 @@ struct Shared {
 struct One {
     i: usize,
     b: BackendConfig,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
     identified: bool,
     lease: bool,
     /// False once the lease was refused by an ACL (NOPERM): retrying would only repeat it.
@@ -630,7 +623,7 @@ impl One {
         }
     }
 
-    async fn conn(&mut self) -> Result<&mut MultiplexedConnection, Cause> {
+    async fn conn(&mut self) -> Result<&mut Conn, Cause> {
         if self.conn.is_none() {
             self.conn = Some(connect(&self.b, self.shared.timeout).await?);
         }

@@ -17,7 +17,8 @@
 //! - [`config`]: flags + environment + TOML → one validated [`config::Config`], before anything
 //!   binds; each setting declared once ([`config::settings`]), errors naming what was typed.
 //! - [`connect`]: the one way to connect to a backend (AUTH, TLS, bounded times) and its typed
-//!   [`connect::ConnectError`].
+//!   [`connect::ConnectError`]; a Redis Cluster backend through [`connect::cluster`] (one
+//!   connection per primary, each command routed by its key's slot).
 //! - [`record`]: the [`record::Record`] that flows one way through the pipeline.
 //! - [`capture`]: produces records (packets mode: one per TCP segment to the address, from a
 //!   libpcap ring; connections mode: one per accepted connection).

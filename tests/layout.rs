@@ -439,8 +439,7 @@ fn the_documented_python_decoder_reads_the_packed_format() {
 }
 
 /// `redtap run --schema packed` writes entries of one field `p` that the documented Python
-/// decoder reads back as exactly the connections made (`redtap query` reads them once the
-/// readers learn the packed layout).
+/// decoder reads back as exactly the connections made, and `redtap query` as the same records.
 #[test]
 fn the_packed_layout_written_by_run_reads_back_with_the_documented_decoder() {
     let r = RedisServer::start();
@@ -516,6 +515,13 @@ fn the_packed_layout_written_by_run_reads_back_with_the_documented_decoder() {
         let ts = row["ts_us"].as_u64().unwrap();
         assert!((t0..=t1).contains(&ts), "{ts} outside {t0}..={t1}");
     }
+    // `redtap query` reads the same records as the documented decoder.
+    let key = |r: &Value| (r["ts_us"].as_u64().unwrap(), r["sport"].as_u64().unwrap());
+    let mut by_python: Vec<_> = rows.iter().map(key).collect();
+    let mut by_query: Vec<_> = query_json(&r, &[]).iter().map(key).collect();
+    by_python.sort_unstable();
+    by_query.sort_unstable();
+    assert_eq!(by_query, by_python);
 }
 
 #[test]

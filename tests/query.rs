@@ -821,3 +821,272 @@ fn a_backend_dying_mid_read_keeps_what_was_read_and_exits_2() {
     assert_eq!(rest.iter().filter(|r| r["backend"] == "B").count(), 100);
     assert!(ts_of(&rest).windows(2).all(|w| w[0] <= w[1]));
 }
+
+/// One entry of a bucket written by hand: a readable record (with or without its own
+/// destination), a packed batch, or raw bytes in the packed field.
+enum Entry {
+    Readable(redtap::record::Record, bool),
+    Packed(Vec<redtap::record::Record>, Option<std::net::SocketAddr>),
+    Raw(Vec<u8>),
+}
+
+/// Store `entries` in bucket `sec` of `agent` as the daemon lays them out (IDs from capture
+/// ms, a sequence within one ms; the key expiring with its second plus an hour).
+fn put_bucket(r: &RedisServer, agent: &str, sec: u64, entries: &[Entry]) {
+    use redtap::record::Kind;
+    let key = format!("redtap:events:{{{agent}}}:{sec}");
+    let mut pipe = redis::pipe();
+    let mut last = (0u64, 0u64);
+    let mut next_id = |ms: u64| {
+        last = if ms > last.0 {
+            (ms, 0)
+        } else {
+            (last.0, last.1 + 1)
+        };
+        last
+    };
+    for e in entries {
+        let cmd = pipe.cmd("XADD").arg(&key);
+        match e {
+            Entry::Readable(x, own_dst) => {
+                let (ms, seq) = next_id(x.ts_us / 1000);
+                cmd.arg(format!("{ms}-{seq}"))
+                    .arg("src")
+                    .arg(x.src.ip().to_string())
+                    .arg("sport")
+                    .arg(x.src.port())
+                    .arg("us")
+                    .arg(x.ts_us as i64 - ms as i64 * 1000);
+                if let Kind::Segment { flags, len } = x.kind {
+                    cmd.arg("flags").arg(flags).arg("len").arg(len);
+                }
+                if *own_dst {
+                    cmd.arg("dst")
+                        .arg(x.dst.ip().to_string())
+                        .arg("dport")
+                        .arg(x.dst.port());
+                }
+            }
+            Entry::Packed(recs, listen) => {
+                let (ms, seq) = next_id(recs[0].ts_us / 1000);
+                let v = redtap::layout::packed::encode(recs, ms, *listen);
+                cmd.arg(format!("{ms}-{seq}")).arg("p").arg(v);
+            }
+            Entry::Raw(v) => {
+                let (ms, seq) = next_id(0); // the next sequence after the last ID
+                cmd.arg(format!("{ms}-{seq}")).arg("p").arg(&v[..]);
+            }
+        }
+        cmd.ignore();
+    }
+    pipe.cmd("PEXPIREAT")
+        .arg(&key)
+        .arg((sec + 1) * 1000 + 3_600_000)
+        .ignore();
+    pipe.exec(&mut r.conn().unwrap()).unwrap();
+}
+
+/// A record as `query --format json` shows it: (ts_us, src, sport, dst, dport, kind, len).
+type Shown = (u64, String, u64, String, u64, String, Option<u64>);
+
+fn shown(rows: &[Value]) -> Vec<Shown> {
+    rows.iter()
+        .map(|r| {
+            (
+                r["ts_us"].as_u64().unwrap(),
+                r["src"].as_str().unwrap().to_string(),
+                r["sport"].as_u64().unwrap(),
+                r["dst"].as_str().unwrap().to_string(),
+                r["dport"].as_u64().unwrap(),
+                r["kind"].as_str().unwrap().to_string(),
+                r["len"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+fn expect(recs: &[redtap::record::Record]) -> Vec<Shown> {
+    let mut v: Vec<Shown> = recs
+        .iter()
+        .map(|x| {
+            let d = redtap::layout::Decoded::of(x);
+            (
+                d.ts_us,
+                d.src.to_string(),
+                u64::from(d.sport),
+                d.dst.to_string(),
+                u64::from(d.dport),
+                d.kind,
+                d.len.map(u64::from),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn packed_and_readable_entries_in_the_same_buckets_read_as_one() {
+    use redtap::record::{Kind, Record};
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let sec = now_us() / 1_000_000 - 20;
+    let listen: std::net::SocketAddr = "192.0.2.1:9000".parse().unwrap();
+    // Distinct capture times: A's records on even 100 µs steps, B's on odd ones.
+    let at = |i: u64, odd: u64| sec * 1_000_000 + (2 * i + odd) * 100;
+    let seg = Kind::Segment {
+        flags: 0x18,
+        len: 1460,
+    };
+    let v4 = |i: u64, odd: u64, kind: Kind| Record {
+        ts_us: at(i, odd),
+        src: format!("10.1.{}.{}:{}", i % 7, i % 250, 1024 + i)
+            .parse()
+            .unwrap(),
+        dst: listen,
+        kind,
+    };
+    let v6 = |i: u64, odd: u64, kind: Kind| Record {
+        ts_us: at(i, odd),
+        src: format!("[2001:db8::{:x}]:{}", i % 11 + 1, 2048 + i)
+            .parse()
+            .unwrap(),
+        dst: format!("[2001:db8:ffff::{:x}]:443", i % 3 + 1)
+            .parse()
+            .unwrap(),
+        kind,
+    };
+
+    // A, bucket `sec`: a packed entry first (its header names the listen address the readable
+    // entries after it leave out), more than a page of readable entries, packed IPv6 at the end.
+    let mut all_a = Vec::new();
+    let first: Vec<Record> = (0..300).map(|i| v4(i, 0, seg)).collect();
+    let readable: Vec<Record> = (300..1800)
+        .map(|i| {
+            v4(
+                i,
+                0,
+                Kind::Segment {
+                    flags: 0x02,
+                    len: 0,
+                },
+            )
+        })
+        .collect();
+    let last: Vec<Record> = (1800..2200).map(|i| v6(i, 0, seg)).collect();
+    let mut entries = vec![Entry::Packed(first.clone(), Some(listen))];
+    entries.extend(readable.iter().map(|r| Entry::Readable(*r, false)));
+    entries.push(Entry::Packed(last.clone(), None));
+    put_bucket(&a, "pk", sec, &entries);
+    all_a.extend(first.into_iter().chain(readable).chain(last));
+    // A, bucket `sec + 1`: readable IPv6 with their own destinations, then a malformed packed
+    // value and one of a future version.
+    let next: Vec<Record> = (0..1200)
+        .map(|i| Record {
+            ts_us: at(i, 0) + 1_000_000,
+            ..v6(i, 0, Kind::Conn)
+        })
+        .collect();
+    let mut entries: Vec<Entry> = next.iter().map(|r| Entry::Readable(*r, true)).collect();
+    let good = redtap::layout::packed::encode(&next[..3], 0, None);
+    entries.push(Entry::Raw(good[..good.len() - 2].to_vec()));
+    let mut future = good.clone();
+    future[0] = 2;
+    entries.push(Entry::Raw(future));
+    put_bucket(&a, "pk", sec + 1, &entries);
+    all_a.extend(next);
+    // B, the same second: packed only, connections of both families.
+    let all_b: Vec<Record> = (0..1500)
+        .map(|i| {
+            if i % 2 == 0 {
+                v4(i, 1, Kind::Conn)
+            } else {
+                v6(i, 1, Kind::Conn)
+            }
+        })
+        .collect();
+    let entries: Vec<Entry> = all_b
+        .chunks(500)
+        .map(|c| Entry::Packed(c.to_vec(), Some(listen)))
+        .collect();
+    put_bucket(&b, "pk", sec, &entries);
+
+    let (ba, bb) = (be("A", &a, 1), be("B", &b, 1));
+    let src = ["--backend", &ba, "--backend", &bb];
+    let mut args = vec!["query", "--format", "json", "--since", "2m"];
+    args.extend(src);
+    let (code, out, err) = redtap(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("2 packed entries could not be read"),
+        "the skipped entries are reported: {err}"
+    );
+    let rows: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ts = ts_of(&rows);
+    assert!(ts.windows(2).all(|w| w[0] < w[1]), "capture order");
+    let mut got = shown(&rows);
+    got.sort();
+    let all: Vec<Record> = all_a.iter().chain(&all_b).copied().collect();
+    assert_eq!(got, expect(&all));
+
+    // The window cuts inside a packed entry: records are kept by their own capture time.
+    let from = at(1000, 0) + 50;
+    let since = jiff::Timestamp::from_microsecond(from as i64)
+        .unwrap()
+        .to_string();
+    let mut args = vec!["--since", &since];
+    args.extend(src);
+    let rows = query_json(&args);
+    let want: Vec<Record> = all.iter().filter(|r| r.ts_us >= from).copied().collect();
+    let mut got = shown(&rows);
+    got.sort();
+    assert_eq!(got, expect(&want), "since {since}");
+
+    let mut args = vec![
+        "top", "--by", "src", "-n", "3", "--format", "json", "--since", "2m",
+    ];
+    args.extend(src);
+    let (code, out, err) = redtap(&args);
+    assert_eq!(code, 0, "{err}");
+    let top: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(top["total"], all.len() as u64);
+
+    let mut args = vec!["stats", "--format", "json"];
+    args.extend(src);
+    let (code, out, err) = redtap(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("2 packed entries could not be read"), "{err}");
+    let stats: Value = serde_json::from_str(&out).unwrap();
+    let records: Vec<u64> = stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["records"].as_u64().unwrap())
+        .collect();
+    assert_eq!(records, [all_a.len() as u64, all_b.len() as u64]);
+
+    let tail = Tail::start(&[
+        "--backend",
+        &ba,
+        "--backend",
+        &bb,
+        "--since",
+        "2m",
+        "--format",
+        "json",
+    ]);
+    eventually(Duration::from_secs(20), "every record tailed", || {
+        tail.records().len() >= all.len()
+    });
+    eventually(Duration::from_secs(10), "the skipped entries said", || {
+        tail.has_line("could not be read")
+    });
+    let mut got = shown(&tail.records());
+    got.sort();
+    assert_eq!(got, expect(&all), "each record once");
+    let mut tail = tail;
+    common_kill(&tail.child, "INT");
+    assert_eq!(tail.child.wait().unwrap().code(), Some(0));
+}

@@ -19,7 +19,9 @@ use crate::balance::MAX_WEIGHT;
 pub struct BackendConfig {
     /// Short name used in the API, metrics and logs (letters, digits, `_`, `-`, `.`).
     pub name: String,
-    /// `redis://[user:password@]host[:port][/db]`.
+    /// `redis://[user:password@]host[:port][/db]`, or a Redis Cluster:
+    /// `redis+cluster://[user:password@]host:port[,host:port…]` (seed nodes; the rest are
+    /// discovered). `rediss://` and `rediss+cluster://` for TLS.
     pub url: String,
     /// Relative weight, 0..=10000; 0 means "no new records".
     pub weight: u32,
@@ -71,7 +73,33 @@ impl BackendConfig {
         }
     }
 
-    /// A Redis client for this backend, with TLS certificates loaded for `rediss://`.
+    /// Whether the URL names a Redis Cluster (`redis+cluster://`, `rediss+cluster://`).
+    pub fn is_cluster(&self) -> bool {
+        cluster_parts(&self.url).is_some()
+    }
+
+    /// A cluster backend's seed nodes as `host:port`, in the order written; `None` for a single
+    /// server.
+    pub fn cluster_seeds(&self) -> Option<Vec<String>> {
+        let (_, _, hosts, _) = cluster_parts(&self.url)?;
+        Some(hosts.split(',').map(str::to_string).collect())
+    }
+
+    /// The single-server URL of a cluster's first seed (same scheme security, credentials and
+    /// path), which is what [`client`](Self::client) connects to; the URL itself otherwise.
+    fn single_url(&self) -> String {
+        match cluster_parts(&self.url) {
+            Some((scheme, userinfo, hosts, path)) => {
+                let first = hosts.split(',').next().unwrap_or_default();
+                format!("{scheme}://{userinfo}{first}{path}")
+            }
+            None => self.url.clone(),
+        }
+    }
+
+    /// A Redis client for this backend, with TLS certificates loaded for `rediss://`. For a
+    /// cluster, the client of its first seed node: `connect::Target` derives the other nodes'
+    /// clients from it (same credentials and certificates).
     pub fn client(&self) -> Result<redis::Client, ConfigError> {
         let bad = |e: &dyn std::fmt::Display| {
             self.refused(format!(
@@ -79,11 +107,12 @@ impl BackendConfig {
                 self.redacted_url()
             ))
         };
-        if !self.url.starts_with("rediss://") {
+        let url = self.single_url();
+        if !url.starts_with("rediss://") {
             if self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_key.is_some() {
                 return Err(self.refused("TLS files given for a redis:// URL; use rediss://"));
             }
-            return redis::Client::open(self.url.as_str()).map_err(|e| bad(&e));
+            return redis::Client::open(url.as_str()).map_err(|e| bad(&e));
         }
         // rustls needs one process-wide crypto provider; a second install is a harmless no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -127,7 +156,7 @@ impl BackendConfig {
             }
         };
         redis::Client::build_with_tls(
-            self.url.as_str(),
+            url.as_str(),
             redis::TlsCertificates {
                 client_tls,
                 root_cert,
@@ -140,6 +169,22 @@ impl BackendConfig {
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }
+}
+
+/// A cluster URL's parts: scheme without `+cluster`, the user-info with its `@` (or empty), the
+/// comma-separated `host:port` list, and the rest (path); `None` if `raw` is not a cluster URL.
+fn cluster_parts(raw: &str) -> Option<(&str, &str, &str, &str)> {
+    let (scheme, rest) = raw.split_once("://")?;
+    let scheme = scheme.strip_suffix("+cluster")?;
+    let (userinfo, hostpath) = match rest.rfind('@') {
+        Some(at) => rest.split_at(at + 1),
+        None => ("", rest),
+    };
+    let (hosts, path) = match hostpath.find('/') {
+        Some(i) => hostpath.split_at(i),
+        None => (hostpath, ""),
+    };
+    Some((scheme, userinfo, hosts, path))
 }
 
 /// `raw` with its password replaced by `***`; a URL that does not parse keeps what was typed
@@ -284,9 +329,36 @@ pub fn validate_backends(backends: &[BackendConfig]) -> Result<(), ConfigError> 
     Ok(())
 }
 
-/// The URL is `redis://` or `rediss://` with a host; the message shows what was typed.
+/// The URL is `redis://` or `rediss://` with a host; the message shows what was typed. A
+/// cluster URL names at least one seed, each `host:port`, and no database (a cluster has only
+/// database 0).
 fn check_url(b: &BackendConfig) -> Result<(), ConfigError> {
     let shown = b.redacted_url();
+    if let Some((scheme, _, hosts, path)) = cluster_parts(&b.url) {
+        if !matches!(scheme, "redis" | "rediss") {
+            return Err(b.refused(format!(
+                "{shown:?} is not a Redis URL: use redis+cluster://host:port,host:port \
+                 (rediss+cluster:// for TLS)"
+            )));
+        }
+        for seed in hosts.split(',') {
+            let ok = seed
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(b.refused(format!(
+                    "{shown:?}: cluster seed {seed:?} is not host:port; use \
+                     redis+cluster://host:port,host:port"
+                )));
+            }
+        }
+        if !matches!(path, "" | "/" | "/0") {
+            return Err(b.refused(format!(
+                "{shown:?}: a Redis Cluster has only database 0; remove {path:?}"
+            )));
+        }
+        return Ok(());
+    }
     if !b.url.contains("://") {
         return Err(b.refused(format!(
             "{shown:?} is not a Redis URL: write redis://{shown}"
@@ -305,8 +377,15 @@ fn check_url(b: &BackendConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Whether two URLs name the same server and database (credentials aside).
+/// Whether two URLs name the same server and database (credentials aside); two cluster URLs
+/// sharing a seed are the same cluster.
 fn same_server(a: &str, b: &str) -> bool {
+    if let (Some((_, _, ha, _)), Some((_, _, hb, _))) = (cluster_parts(a), cluster_parts(b)) {
+        let norm = |s: &str| s.to_ascii_lowercase();
+        return ha
+            .split(',')
+            .any(|x| hb.split(',').any(|y| norm(x) == norm(y)));
+    }
     let key = |u: &str| {
         url::Url::parse(u).ok().map(|u| {
             let db = u.path().trim_matches('/').to_string();
@@ -331,6 +410,41 @@ mod tests {
         assert_eq!(b.name, "A");
         assert_eq!(b.url, "redis://u:p@w@127.0.0.1:6379/2");
         assert_eq!(b.weight, 30);
+    }
+
+    #[test]
+    fn cluster_urls_parse_with_seeds_credentials_and_weight() {
+        let b = parse_backend_flag("C=redis+cluster://u:p@w@h1:7000,h2:7001@30").unwrap();
+        assert_eq!(b.url, "redis+cluster://u:p@w@h1:7000,h2:7001");
+        assert_eq!(b.weight, 30);
+        assert!(b.is_cluster());
+        assert_eq!(b.cluster_seeds().unwrap(), ["h1:7000", "h2:7001"]);
+        assert_eq!(b.single_url(), "redis://u:p@w@h1:7000");
+        assert!(!b.redacted_url().contains("p@w"), "{}", b.redacted_url());
+        validate_backends(std::slice::from_ref(&b)).unwrap();
+        let tls = parse_backend_flag("T=rediss+cluster://h1:7000@1").unwrap();
+        assert_eq!(tls.single_url(), "rediss://h1:7000");
+        assert!(!parse_backend_flag("S=redis://h1:7000@1")
+            .unwrap()
+            .is_cluster());
+    }
+
+    #[test]
+    fn bad_cluster_urls_are_refused_with_the_reason() {
+        for (url, says) in [
+            ("redis+cluster://h1,h2:7001", "is not host:port"),
+            ("redis+cluster://h1:7000/2", "only database 0"),
+            ("redis+cluster://", "is not host:port"),
+            ("http+cluster://h1:7000", "is not a Redis URL"),
+        ] {
+            let b = parse_backend_flag(&format!("C={url}@1")).unwrap();
+            let e = validate_backends(&[b]).unwrap_err().to_string();
+            assert!(e.contains(says), "{url}: {e}");
+        }
+        let a = parse_backend_flag("A=redis+cluster://h1:7000,h2:7001@1").unwrap();
+        let b = parse_backend_flag("B=redis+cluster://h2:7001@1").unwrap();
+        let e = validate_backends(&[a, b]).unwrap_err().to_string();
+        assert!(e.contains("same Redis server"), "{e}");
     }
 
     #[test]

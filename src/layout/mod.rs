@@ -3,10 +3,13 @@
 //!
 //! Owns what every layout shares: the [`Layout`] handle (the dispatch on [`Schema`]), slots and
 //! entry IDs, bucket naming and expiry, how the writer's answers read ([`Answer`]) and what a
-//! stored record reads back as ([`Decoded`]). [`stream`], [`keys`] and [`packed`] own their commands and the
-//! parsing of what Redis returns for them. It builds commands and parses replies; it never
-//! talks to Redis (the writer in `sink` and the readers in `query::read` do the I/O).
+//! stored record reads back as ([`Decoded`]). [`stream`], [`keys`] and [`packed`] own their
+//! commands and the parsing of what Redis returns for them; [`entry`] reads a bucket entry of
+//! either kind (readable fields or a [`packed`] batch) for the readers. It builds commands and
+//! parses replies; it never talks to Redis (the writer in `sink` and the readers in
+//! `query::read` do the I/O).
 
+pub mod entry;
 pub mod keys;
 pub mod packed;
 pub mod stream;
@@ -45,6 +48,11 @@ pub struct Layout {
     /// of (nearly) every record, which the stream layout then stores once per bucket instead
     /// of once per record ([`Layout::with_listen`]).
     pub listen: Option<std::net::SocketAddr>,
+    /// Stream schema on a Redis Cluster: the bucket key prefixes of the agent's stripes
+    /// (`<prefix>:events:{<agent>/<k>}:`, [`crate::connect::cluster::stripe_tags`]), one per
+    /// capture second in turn, so the buckets spread over every primary. `None`: every bucket
+    /// under `key`.
+    stripes: Option<std::sync::Arc<[String]>>,
     /// The last slot handed out; slots only grow, so a retried write reuses its slot and a new
     /// record never takes an old one.
     last: Slot,
@@ -184,8 +192,25 @@ impl Layout {
             probe_key: format!("{prefix}:probe:{agent}"),
             retention_ms,
             listen: None,
+            stripes: None,
             last: Slot { major: 0, seq: 0 },
         }
+    }
+
+    /// The same, for a Redis Cluster backend: the stream schema's buckets rotate over the
+    /// agent's stripes by capture second. A bucket's key stays a function of its second alone,
+    /// so every resend of a record goes to the same key (and a bucket is one key, created once
+    /// with its expiry). The keys schema has no hash tag: its keys spread by themselves.
+    pub fn for_cluster(mut self, prefix: &str, agent: &str) -> Self {
+        if self.schema == Schema::Stream {
+            let tags = crate::connect::cluster::stripe_tags(agent);
+            self.stripes = Some(
+                tags.iter()
+                    .map(|t| format!("{prefix}:events:{{{t}}}:"))
+                    .collect(),
+            );
+        }
+        self
     }
 
     /// The same, for an agent listening on `listen`: an unspecified address (any of the host's)
@@ -231,8 +256,14 @@ impl Layout {
 
     /// The key of bucket `bucket` (stream schema).
     pub fn bucket_key(&self, bucket: u64) -> String {
-        let mut key = String::with_capacity(self.key.len() + 12);
-        let _ = write!(key, "{}{bucket}", self.key);
+        let head = match &self.stripes {
+            // Stride 7 (prime to the stripe count): consecutive seconds land far apart in the
+            // slot space, so on different primaries.
+            Some(s) => &s[((bucket % s.len() as u64) * 7 % s.len() as u64) as usize],
+            None => &self.key,
+        };
+        let mut key = String::with_capacity(head.len() + 12);
+        let _ = write!(key, "{head}{bucket}");
         key
     }
 

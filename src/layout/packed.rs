@@ -228,8 +228,86 @@ impl<'a> Bytes<'a> {
     }
 }
 
+/// One record of a packed value, as decoded: plain data, no allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedRecord {
+    /// Capture time, µs since the Unix epoch.
+    pub ts_us: u64,
+    /// The sender's IP.
+    pub src: IpAddr,
+    /// The sender's port.
+    pub sport: u16,
+    /// The address the sender reached.
+    pub dst: IpAddr,
+    /// The port the sender reached.
+    pub dport: u16,
+    /// TCP segments: the flags byte and the payload length; `None` for an accepted connection.
+    pub segment: Option<(u8, u32)>,
+}
+
+impl PackedRecord {
+    /// As the readers see any stored record.
+    pub fn decoded(&self) -> Decoded {
+        let (kind, len) = match self.segment {
+            Some((flags, len)) => (flags_str(flags), Some(len)),
+            None => ("conn".to_string(), None),
+        };
+        Decoded {
+            ts_us: self.ts_us,
+            src: self.src,
+            sport: self.sport,
+            dst: self.dst,
+            dport: self.dport,
+            kind,
+            len,
+        }
+    }
+}
+
 /// Decode the value of an entry whose ID has millisecond `entry_ms`.
 pub fn decode(value: &[u8], entry_ms: u64) -> Result<Vec<Decoded>, PackedError> {
+    let mut out = Vec::new();
+    decode_into(value, entry_ms, &mut out)?;
+    Ok(out.iter().map(PackedRecord::decoded).collect())
+}
+
+/// The listen address a value's header names, if it is a value of this version that names one.
+pub fn listen_of(value: &[u8]) -> Option<SocketAddr> {
+    let mut c = Bytes { b: value, at: 0 };
+    if c.u8().ok()? != VERSION {
+        return None;
+    }
+    c.u8().ok()?;
+    match c.u8().ok()? {
+        f @ (4 | 6) => {
+            let ip = c.ip(f == 6).ok()?;
+            Some(SocketAddr::new(ip, c.u16().ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// Decode the value of an entry whose ID has millisecond `entry_ms`, appending its records to
+/// `out` (a buffer the caller reuses: the readers' path). All or nothing: on an error `out` is
+/// as it was.
+pub fn decode_into(
+    value: &[u8],
+    entry_ms: u64,
+    out: &mut Vec<PackedRecord>,
+) -> Result<(), PackedError> {
+    let before = out.len();
+    let r = decode_records(value, entry_ms, out);
+    if r.is_err() {
+        out.truncate(before);
+    }
+    r
+}
+
+fn decode_records(
+    value: &[u8],
+    entry_ms: u64,
+    out: &mut Vec<PackedRecord>,
+) -> Result<(), PackedError> {
     let mut c = Bytes { b: value, at: 0 };
     let version = c.u8()?;
     if version != VERSION {
@@ -253,7 +331,7 @@ pub fn decode(value: &[u8], entry_ms: u64) -> Result<Vec<Decoded>, PackedError> 
     if count > (value.len() / 4) as u64 {
         return Err(PackedError::Malformed(c.at));
     }
-    let mut out = Vec::with_capacity(count as usize);
+    out.reserve(count as usize);
     let mut ts = (entry_ms as i128) * 1000;
     let mut prev_src: Option<IpAddr> = None;
     for _ in 0..count {
@@ -268,12 +346,12 @@ pub fn decode(value: &[u8], entry_ms: u64) -> Result<Vec<Decoded>, PackedError> 
         };
         prev_src = Some(src);
         let sport = c.u16()?;
-        let (kind, len) = if segments {
+        let segment = if segments {
             let flags = c.u8()?;
             let len = u32::try_from(c.varint()?).map_err(|_| PackedError::Malformed(at))?;
-            (flags_str(flags), Some(len))
+            Some((flags, len))
         } else {
-            ("conn".to_string(), None)
+            None
         };
         let (dst, dport) = if tag & OWN_DST != 0 {
             let ip = c.ip(tag & DST_V6 != 0)?;
@@ -281,20 +359,19 @@ pub fn decode(value: &[u8], entry_ms: u64) -> Result<Vec<Decoded>, PackedError> 
         } else {
             listen.ok_or(PackedError::Malformed(at))?
         };
-        out.push(Decoded {
+        out.push(PackedRecord {
             ts_us,
             src,
             sport,
             dst,
             dport,
-            kind,
-            len,
+            segment,
         });
     }
     if c.at != value.len() {
         return Err(PackedError::Malformed(c.at));
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

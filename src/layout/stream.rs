@@ -42,9 +42,14 @@ pub fn bucket_prefix(prefix: &str, agent: &str) -> String {
     format!("{prefix}:events:{{{agent}}}:")
 }
 
-/// `{<agent>}:<second>` (a bucket stream's key after `<prefix>:events:`) → its parts.
+/// `{<agent>}:<second>` (a bucket stream's key after `<prefix>:events:`) → its parts; on a
+/// Redis Cluster the tag is a stripe of the agent's, `{<agent>/<k>}` (`Layout::for_cluster`).
 pub fn parse_bucket_rest(rest: &str) -> Option<(&str, u64)> {
     let (agent, sec) = rest.strip_prefix('{')?.rsplit_once("}:")?;
+    let agent = match agent.rsplit_once('/') {
+        Some((a, k)) if !k.is_empty() && k.bytes().all(|c| c.is_ascii_digit()) => a,
+        _ => agent,
+    };
     let sec = sec.parse().ok()?;
     (!agent.is_empty() && !agent.contains(':') && !agent.contains('}')).then_some((agent, sec))
 }

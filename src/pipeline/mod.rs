@@ -19,6 +19,7 @@ use tracing::warn;
 use crate::balance::{Balance, Router, WeightStore};
 use crate::buffer::{Budget, OnFull};
 use crate::config::{Config, ConfigError};
+use crate::connect::Target;
 use crate::health::Board;
 use crate::layout::Layout;
 use crate::metrics::{DropReason, KernelDrop, Metrics};
@@ -103,7 +104,12 @@ impl Pipeline {
                 config.retention.as_millis() as u64,
             )
             .with_listen(config.listen);
-            let writer = Writer::new(i, b.name.clone(), b.client()?, layout, ctx.clone());
+            let layout = if b.is_cluster() {
+                layout.for_cluster(&config.prefix, &config.agent)
+            } else {
+                layout
+            };
+            let writer = Writer::new(i, b.name.clone(), Target::of(b)?, layout, ctx.clone());
             let (tx, rx) = mpsc::channel(WRITER_QUEUE_BATCHES);
             writer_txs.push(tx);
             writers.push(tokio::spawn(writer.run(rx, abort.clone())));

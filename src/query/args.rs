@@ -350,6 +350,13 @@ pub fn print_document<J: serde::Serialize>(
     Ok(Exit::of(outcome))
 }
 
+/// Say on stderr how many packed entries could not be read, if any did not.
+pub fn report_skipped(p: &Progress) {
+    if let Some(note) = p.skipped_note() {
+        eprintln!("redtap: {note}");
+    }
+}
+
 /// Print each failure on stderr.
 pub fn report(failures: &[Failure]) {
     for f in failures {

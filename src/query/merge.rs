@@ -1,8 +1,10 @@
 //! The k-way merge: every backend (and every agent in it) read at once, handed on in capture-time
 //! order.
 //!
-//! Owns the reader tasks' lifetimes and the memory bound of a read (sources × [`PAGE`](super::PAGE) ×
-//! [`PAGES_AHEAD`] rows). Never formats, never writes to Redis.
+//! Owns the reader tasks' lifetimes and the memory bound of a read (sources × [`PAGES_AHEAD`]
+//! messages, each a page of [`PAGE`](super::PAGE) rows or one bucket — a second of one agent's
+//! records — plus [`read::BUCKETS_AHEAD`] buckets being read per source). Never formats, never
+//! writes to Redis.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -14,8 +16,7 @@ use tokio::sync::mpsc;
 use super::read::{self, BackendError, Holdings};
 use super::{Failure, Filter, Outcome, Progress, Row, Sources, Window};
 
-/// Pages a reader may fetch ahead of the merge: with [`PAGE`](super::PAGE), the memory bound
-/// per source.
+/// Pages (or whole buckets) a reader may hand on ahead of the merge.
 pub const PAGES_AHEAD: usize = 2;
 
 /// One ordered source of rows: a page receiver fed by a reader task.
@@ -28,8 +29,9 @@ struct Cursor {
 /// Read every backend in `window`, merge in capture-time order and hand each row that passes
 /// `filter` to `emit` until it breaks. Ties break by backend order, then agent.
 ///
-/// Memory is bounded by sources × [`PAGE`](super::PAGE) × [`PAGES_AHEAD`] rows (plus, in the keys schema,
-/// 24 bytes per key name in the window: key names come unordered from SCAN and must be sorted).
+/// Memory is bounded by sources × ([`PAGES_AHEAD`] + [`read::BUCKETS_AHEAD`]) pages or buckets
+/// (a bucket holds one second of one agent's records; plus, in the keys schema, 24 bytes per key
+/// name in the window: key names come unordered from SCAN and must be sorted).
 pub async fn read_merged(
     sources: &Sources,
     window: Window,
@@ -116,7 +118,7 @@ pub(crate) async fn discover_all(
     progress: &Arc<Progress>,
 ) -> Vec<(
     usize,
-    Result<(redis::aio::MultiplexedConnection, Holdings), BackendError>,
+    Result<(crate::connect::Conn, Holdings), BackendError>,
 )> {
     let mut tasks = Vec::new();
     for b in &sources.backends {

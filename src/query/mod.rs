@@ -53,8 +53,9 @@ pub struct Row {
     pub dst: IpAddr,
     /// The port the sender reached.
     pub dport: u16,
-    /// `conn`, or TCP flags such as `S`, `PA` (packets capture).
-    pub kind: String,
+    /// `conn`, or TCP flags such as `S`, `PA` (packets capture). Borrowed from static text
+    /// whenever it can be: a read makes millions of rows.
+    pub kind: std::borrow::Cow<'static, str>,
     /// TCP payload length, for packet records.
     pub len: Option<u32>,
     /// The backend it was read from.
@@ -198,6 +199,11 @@ pub struct Progress {
     pub keys_scanned: AtomicU64,
     /// Records fetched from Redis (before filtering).
     pub records_read: AtomicU64,
+    /// Packed entries that did not decode (malformed, or a newer format version): their
+    /// records are missing from the answer.
+    pub entries_skipped: AtomicU64,
+    /// Why the first of them did not.
+    pub skip_reason: std::sync::Mutex<Option<String>>,
 }
 
 impl Progress {
@@ -206,6 +212,29 @@ impl Progress {
     }
     pub(crate) fn add_records(&self, n: u64) {
         self.records_read.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Count an entry whose records could not be read, keeping the first reason.
+    pub(crate) fn skip(&self, key: &str, id: &str, why: &dyn std::fmt::Display) {
+        if self.entries_skipped.fetch_add(1, Ordering::Relaxed) == 0 {
+            if let Ok(mut r) = self.skip_reason.lock() {
+                *r = Some(format!("{key} entry {id}: {why}"));
+            }
+        }
+    }
+    /// The warning for skipped entries, if there were any.
+    pub fn skipped_note(&self) -> Option<String> {
+        let n = self.entries_skipped.load(Ordering::Relaxed);
+        if n == 0 {
+            return None;
+        }
+        let first = self.skip_reason.lock().ok().and_then(|r| r.clone());
+        Some(format!(
+            "{n} packed entr{} could not be read and {} records are missing from this answer \
+             (first: {}); a newer redtap may read them",
+            if n == 1 { "y" } else { "ies" },
+            if n == 1 { "its" } else { "their" },
+            first.unwrap_or_default()
+        ))
     }
 }
 

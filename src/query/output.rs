@@ -5,6 +5,7 @@
 //! Owns the row formats and their stability (documented in docs/query.md; a field is never
 //! renamed or removed, new fields may be added). Pure: strings and writers in, no Redis.
 
+use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, UNIX_EPOCH};
@@ -44,6 +45,11 @@ pub fn table_time(ts_us: u64, with_date: bool) -> String {
     } else {
         s[11..23].to_string()
     }
+}
+
+/// The milliseconds within the second of `ts_us` (the table's `.123`).
+fn ts_ms_part(ts_us: u64) -> u64 {
+    ts_us % 1_000_000 / 1000
 }
 
 /// The UTC date of `ts_us`, to decide whether a table needs a date column.
@@ -95,6 +101,12 @@ pub struct RowWriter<W: Write> {
     w: W,
     format: RowFormat,
     with_date: bool,
+    /// The last row's second and its RFC 3339 text up to the seconds (`2026-11-24T03:41:05`):
+    /// rows come in capture order, so most share it, and formatting a date is the costliest
+    /// part of a row.
+    second: Option<(u64, String)>,
+    /// A table row being built, kept for its allocation.
+    line: String,
 }
 
 impl<W: Write> RowWriter<W> {
@@ -104,7 +116,26 @@ impl<W: Write> RowWriter<W> {
             w,
             format,
             with_date,
+            second: None,
+            line: String::new(),
         }
+    }
+
+    /// `ts_us`'s RFC 3339 text up to the seconds.
+    fn second_text(&mut self, ts_us: u64) -> &str {
+        let sec = ts_us / 1_000_000;
+        if self.second.as_ref().is_none_or(|(s, _)| *s != sec) {
+            let mut t = rfc3339_us(sec * 1_000_000);
+            t.truncate(19);
+            self.second = Some((sec, t));
+        }
+        self.second.as_ref().map_or("", |(_, t)| t.as_str())
+    }
+
+    /// [`rfc3339_us`] of `ts_us`, from the second's cached text.
+    fn rfc3339(&mut self, ts_us: u64) -> String {
+        let micros = ts_us % 1_000_000;
+        format!("{}.{micros:06}Z", self.second_text(ts_us))
     }
 
     /// The header line (table and CSV).
@@ -130,44 +161,70 @@ impl<W: Write> RowWriter<W> {
     pub fn row(&mut self, r: &Row) -> io::Result<()> {
         match self.format {
             RowFormat::Table => {
-                let t = if self.with_date { 18 } else { 12 };
-                let len = r.len.map(|l| l.to_string()).unwrap_or_default();
+                // Written piece by piece (the same text as `table_time`, padded columns):
+                // a table of millions of rows is mostly this function.
+                let ms = ts_ms_part(r.ts_us);
+                let with_date = self.with_date;
+                let mut line = std::mem::take(&mut self.line);
+                line.clear();
+                let sec = self.second_text(r.ts_us);
+                let (date, time) = (sec.get(5..10).unwrap_or(""), sec.get(11..19).unwrap_or(""));
+                if with_date {
+                    let _ = write!(line, "{date} ");
+                }
+                let _ = write!(
+                    line,
+                    "{time}.{ms:03} {:<21} {:<21} ",
+                    SocketAddr::new(r.src, r.sport),
+                    SocketAddr::new(r.dst, r.dport),
+                );
                 // TCP flags in brackets, as tcpdump prints them: a bare `A` (ACK) next to a
                 // backend named `A` reads as a backend name.
-                let kind = if r.kind == "conn" {
-                    r.kind.clone()
+                let kind_len = if r.kind == "conn" {
+                    let _ = line.write_str("conn");
+                    4
                 } else {
-                    format!("[{}]", r.kind)
+                    let _ = write!(line, "[{}]", r.kind);
+                    r.kind.chars().count() + 2
                 };
-                writeln!(
-                    self.w,
-                    "{:<t$} {:<21} {:<21} {:<4} {:>4} {}",
-                    table_time(r.ts_us, self.with_date),
-                    SocketAddr::new(r.src, r.sport).to_string(),
-                    SocketAddr::new(r.dst, r.dport).to_string(),
-                    kind,
-                    len,
-                    r.backend
-                )
+                for _ in kind_len..4 {
+                    let _ = line.write_str(" ");
+                }
+                match r.len {
+                    Some(l) => {
+                        let _ = write!(line, " {l:>4} ");
+                    }
+                    None => {
+                        let _ = line.write_str("      ");
+                    }
+                }
+                let _ = writeln!(line, "{}", r.backend);
+                let done = self.w.write_all(line.as_bytes());
+                self.line = line;
+                done
             }
             RowFormat::Json => {
-                serde_json::to_writer(&mut self.w, &row_json(r))?;
+                let ts = self.rfc3339(r.ts_us);
+                serde_json::to_writer(&mut self.w, &row_json_at(r, ts))?;
                 self.w.write_all(b"\n")
             }
-            RowFormat::Csv => writeln!(
-                self.w,
-                "{},{},{},{},{},{},{},{},{},{}",
-                rfc3339_us(r.ts_us),
-                r.ts_us,
-                r.src,
-                r.sport,
-                r.dst,
-                r.dport,
-                csv_field(&r.kind),
-                r.len.map(|l| l.to_string()).unwrap_or_default(),
-                csv_field(&r.backend),
-                csv_field(&r.agent)
-            ),
+            RowFormat::Csv => {
+                let ts = self.rfc3339(r.ts_us);
+                writeln!(
+                    self.w,
+                    "{},{},{},{},{},{},{},{},{},{}",
+                    ts,
+                    r.ts_us,
+                    r.src,
+                    r.sport,
+                    r.dst,
+                    r.dport,
+                    csv_field(&r.kind),
+                    r.len.map(|l| l.to_string()).unwrap_or_default(),
+                    csv_field(&r.backend),
+                    csv_field(&r.agent)
+                )
+            }
         }
     }
 
@@ -229,8 +286,13 @@ pub struct RowJson<'a> {
 
 /// The JSON form of one record.
 pub fn row_json(r: &Row) -> RowJson<'_> {
+    row_json_at(r, rfc3339_us(r.ts_us))
+}
+
+/// The same, with `ts` already formatted.
+fn row_json_at(r: &Row, ts: String) -> RowJson<'_> {
     RowJson {
-        ts: rfc3339_us(r.ts_us),
+        ts,
         ts_us: r.ts_us,
         src: r.src,
         sport: r.sport,
@@ -311,6 +373,80 @@ mod tests {
             for line in out.lines() {
                 assert!(line.len() <= 80, "{} columns: {line}", line.len());
             }
+        }
+    }
+
+    /// The table row as it was first written (one `format!` a column): the fast writer must
+    /// print exactly this.
+    fn table_row_as_before(r: &Row, with_date: bool) -> String {
+        let t = if with_date { 18 } else { 12 };
+        let len = r.len.map(|l| l.to_string()).unwrap_or_default();
+        let kind = if r.kind == "conn" {
+            r.kind.to_string()
+        } else {
+            format!("[{}]", r.kind)
+        };
+        format!(
+            "{:<t$} {:<21} {:<21} {:<4} {:>4} {}\n",
+            table_time(r.ts_us, with_date),
+            SocketAddr::new(r.src, r.sport).to_string(),
+            SocketAddr::new(r.dst, r.dport).to_string(),
+            kind,
+            len,
+            r.backend
+        )
+    }
+
+    #[test]
+    fn rows_print_as_they_always_did() {
+        let mut rows = Vec::new();
+        let mut ts = 1_795_492_181_588_311u64;
+        for (src, dst) in [
+            ("10.0.0.1", "192.0.2.1"),
+            ("2001:db8::7", "2001:db8:ffff::1"),
+            ("::ffff:10.1.2.3", "127.0.0.1"),
+        ] {
+            for kind in ["conn", "PA", "S", "FSRPAUEW", ".", "é", "odd,kind\"x"] {
+                for len in [None, Some(0), Some(1460), Some(123_456)] {
+                    rows.push(Row {
+                        ts_us: ts,
+                        src: src.parse().unwrap(),
+                        sport: 65535,
+                        dst: dst.parse().unwrap(),
+                        dport: 9,
+                        kind: kind.to_string().into(),
+                        len,
+                        backend: "redis-1".into(),
+                        agent: "web,1".into(),
+                    });
+                    ts += 333_333_337; // several rows a second, and a new second now and then
+                }
+            }
+        }
+        for with_date in [false, true] {
+            let mut w = RowWriter::new(Vec::new(), RowFormat::Table, with_date);
+            let mut want = String::new();
+            for r in &rows {
+                w.row(r).unwrap();
+                want.push_str(&table_row_as_before(r, with_date));
+            }
+            assert_eq!(String::from_utf8(w.w).unwrap(), want);
+        }
+        let mut w = RowWriter::new(Vec::new(), RowFormat::Json, false);
+        let mut want = String::new();
+        for r in &rows {
+            w.row(r).unwrap();
+            want.push_str(&serde_json::to_string(&row_json(r)).unwrap());
+            want.push('\n');
+        }
+        assert_eq!(String::from_utf8(w.w).unwrap(), want);
+        let mut w = RowWriter::new(Vec::new(), RowFormat::Csv, false);
+        for r in &rows {
+            w.row(r).unwrap();
+        }
+        let out = String::from_utf8(w.w).unwrap();
+        for (line, r) in out.lines().zip(&rows) {
+            assert!(line.starts_with(&format!("{},{},", rfc3339_us(r.ts_us), r.ts_us)));
         }
     }
 }

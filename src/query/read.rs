@@ -1,14 +1,19 @@
 //! Reading one backend: connect, discover agents and keys by SCAN, page through ranges.
 //!
-//! Owns the Redis I/O of the read side (SCAN, TYPE, XRANGE paging, XREAD, MGET). What the
-//! writer stored is decoded by its layout ([`crate::layout`]: key names, stream entries, key
-//! values); a record a layout does not recognise is skipped. It never writes to Redis.
+//! Owns the Redis I/O of the read side (SCAN, TYPE, XRANGE paging, XREAD, MGET) and how much
+//! of it is in flight: an agent's buckets are read [`BUCKETS_AHEAD`] at a time, each in its own
+//! task, a full one in ID slices read at once. Everything goes through one connection per
+//! backend (what [`spawn_readers`] and [`discover`] take), so a backend of several nodes is one
+//! call per node. What the writer stored is decoded by its layout ([`crate::layout`]: key
+//! names, bucket entries of either kind, key values); a record a layout does not recognise is
+//! skipped, and a packed entry that does not decode is counted in [`Progress`]. It never
+//! writes to Redis.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use crate::connect::Conn;
 use redis::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +24,7 @@ use super::{
 };
 use crate::config::{BackendConfig, Schema};
 use crate::connect::{ConnectError, Timeouts};
+use crate::layout::entry::{self, EntryDecoder, Item, Skipped};
 use crate::layout::stream::{entries, parse_bucket_rest, xread_streams, Listen};
 use crate::layout::{keys, stream, Decoded};
 use crate::record::now_us;
@@ -84,14 +90,17 @@ pub struct Holdings {
 }
 
 /// Connect to `b` with bounded connect and answer times, through the same
-/// [`crate::connect::connect`] as the writer (so `rediss://` with `tls_ca`/`tls_cert`/`tls_key`
+/// [`crate::connect::connect_backend`] as the writer (so `rediss://` with `tls_ca`/`tls_cert`/`tls_key`
 /// works for reads too, and a wrong password reads as such).
-pub async fn connect(b: &BackendConfig) -> Result<MultiplexedConnection, BackendError> {
+///
+/// A Redis Cluster backend connects to every primary: [`discover`] SCANs each
+/// ([`Conn::nodes`]), and every other read is routed by its key to the primary that holds it.
+pub async fn connect(b: &BackendConfig) -> Result<Conn, BackendError> {
     let t = Timeouts {
         connect: CONNECT_TIMEOUT,
         response: RESPONSE_TIMEOUT,
     };
-    Ok(crate::connect::connect(b, t).await?)
+    Ok(crate::connect::connect_backend(b, t).await?)
 }
 
 /// `s` with glob characters escaped for SCAN MATCH.
@@ -109,7 +118,7 @@ fn glob_escape(s: &str) -> String {
 /// Find the streams and keys of `sel`. Keys-schema names outside `window` (when given) are
 /// only counted. One SCAN of the keyspace at most, plus a TYPE per stream candidate.
 pub async fn discover(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     sel: &Selection,
     window: Option<Window>,
     progress: &Progress,
@@ -126,7 +135,8 @@ pub async fn discover(
         (Some(a), _, _) => {
             if streams_on {
                 candidates.push(stream::stream_key(&sel.prefix, a));
-                patterns.push(format!("{prefix}:events:{{{}}}:*", glob_escape(a)));
+                // `{a}:…`, and on a Redis Cluster its stripes `{a/<k>}:…`.
+                patterns.push(format!("{prefix}:events:{{{}[}}/]*", glob_escape(a)));
             }
             if keys_on {
                 patterns.push(format!("{prefix}:ev:{}:*", glob_escape(a)));
@@ -140,7 +150,13 @@ pub async fn discover(
     let ev = format!("{}:ev:", sel.prefix);
     // (agent, bucket second, key)
     let mut buckets: Vec<(Arc<str>, u64, String)> = Vec::new();
-    for pattern in patterns {
+    let mut scans = Vec::new();
+    for (_, c) in conn.nodes() {
+        for p in &patterns {
+            scans.push((c.clone(), p.clone()));
+        }
+    }
+    for (mut node, pattern) in scans {
         let mut cursor: u64 = 0;
         loop {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -149,7 +165,7 @@ pub async fn discover(
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(PAGE)
-                .query_async(conn)
+                .query_async(&mut node)
                 .await
                 .map_err(BackendError::Read)?;
             progress.add_keys(batch.len() as u64);
@@ -230,11 +246,12 @@ pub async fn discover(
     Ok(h)
 }
 
-/// Start one reader task per stream and one for all of the keys; each sends pages of rows that
-/// pass `window` and `filter`, in capture order, ending its channel when done or after an error.
+/// Start one reader task per agent's streams and one for all of the keys; each sends pages of
+/// rows that pass `window` and `filter`, in capture order, ending its channel when done or
+/// after an error.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_readers(
-    conn: MultiplexedConnection,
+    conn: Conn,
     backend: Arc<str>,
     sel: &Selection,
     mut holdings: Holdings,
@@ -244,18 +261,19 @@ pub fn spawn_readers(
     ahead: usize,
 ) -> Vec<mpsc::Receiver<Result<Vec<Row>, BackendError>>> {
     let mut out = Vec::new();
+    let filter = Arc::new(filter);
     for (agent, keys) in holdings.streams {
         let (tx, rx) = mpsc::channel(ahead);
         out.push(rx);
-        let r = Reader {
+        let ctx = Arc::new(Ctx {
             conn: conn.clone(),
             backend: backend.clone(),
+            agent,
             window,
             filter: filter.clone(),
             progress: progress.clone(),
-            tx,
-        };
-        tokio::spawn(r.streams(keys, agent));
+        });
+        tokio::spawn(streams(ctx, keys, tx));
     }
     if !holdings.keys.is_empty() {
         // Order by time, then agent name, then sequence.
@@ -269,7 +287,7 @@ pub fn spawn_readers(
         });
         let (tx, rx) = mpsc::channel(ahead);
         out.push(rx);
-        let r = Reader {
+        let r = KeysReader {
             conn,
             backend,
             window,
@@ -282,75 +300,252 @@ pub fn spawn_readers(
     out
 }
 
-/// One reader task's state.
-struct Reader {
-    conn: MultiplexedConnection,
+/// Bucket reads of one agent in flight at once, each its own task: while the merge takes one
+/// bucket's rows, the next ones are fetched and decoded (on another core when there is one).
+/// With a bucket per capture second, memory holds this many seconds of one agent's records.
+pub const BUCKETS_AHEAD: usize = 4;
+
+/// A bucket that fills its first page is read in up to this many ID ranges at once, each paged
+/// on its own: pipelined round trips instead of one page after the other.
+const SLICES: u64 = 8;
+
+/// What every read of one agent's streams shares.
+struct Ctx {
+    conn: Conn,
     backend: Arc<str>,
+    agent: Arc<str>,
     window: Window,
-    filter: Filter,
+    filter: Arc<Filter>,
     progress: Arc<Progress>,
-    tx: mpsc::Sender<Result<Vec<Row>, BackendError>>,
 }
 
-impl Reader {
-    /// Read an agent's streams one after the other (they are in capture order).
-    async fn streams(mut self, keys: Vec<String>, agent: Arc<str>) {
-        for key in keys {
-            if !self.stream(key, &agent).await {
-                return;
-            }
+type Tx = mpsc::Sender<Result<Vec<Row>, BackendError>>;
+
+/// The capture second of a bucket key (`…}:<second>`); `None` for the single stream of earlier
+/// versions (whose name cannot end so: an agent name has no `:`).
+fn bucket_second(key: &str) -> Option<u64> {
+    key.rsplit_once("}:")?.1.parse().ok()
+}
+
+/// Read an agent's streams in capture order: the single stream of earlier versions page by
+/// page, then the buckets, [`BUCKETS_AHEAD`] at a time.
+async fn streams(ctx: Arc<Ctx>, keys: Vec<String>, tx: Tx) {
+    let (buckets, single): (Vec<String>, Vec<String>) =
+        keys.into_iter().partition(|k| bucket_second(k).is_some());
+    for key in single {
+        if !single_stream(&ctx, &key, &tx).await {
+            return;
         }
     }
-
-    /// Page through one stream with XRANGE over the window's entry IDs (IDs are capture ms).
-    /// `false` when reading should stop (an error was sent, or nobody listens).
-    async fn stream(&mut self, key: String, agent: &Arc<str>) -> bool {
-        let listen = match bucket_listen(&mut self.conn, &key).await {
-            Ok(l) => l,
+    let mut todo = buckets.into_iter();
+    let mut running = std::collections::VecDeque::new();
+    loop {
+        while running.len() < BUCKETS_AHEAD {
+            let Some(key) = todo.next() else { break };
+            running.push_back(tokio::spawn(read_bucket(ctx.clone(), key)));
+        }
+        let Some(task) = running.pop_front() else {
+            return;
+        };
+        let sent = match task.await {
+            Ok(Ok(rows)) => rows.is_empty() || tx.send(Ok(rows)).await.is_ok(),
+            Ok(Err(e)) => {
+                let _ = tx.send(Err(BackendError::Read(e))).await;
+                false
+            }
             Err(e) => {
-                let _ = self.tx.send(Err(BackendError::Read(e))).await;
+                let _ = tx.send(Err(BackendError::Internal(e.to_string()))).await;
+                false
+            }
+        };
+        if !sent {
+            // An error, or the merge stopped (limit reached): nothing more is wanted.
+            running.iter().for_each(|t| t.abort());
+            return;
+        }
+    }
+}
+
+/// Decode an XRANGE answer read from `key` into `rows` (those inside the window that pass the
+/// filter); the number of entries and the last ID.
+fn decode_page<'v>(
+    ctx: &Ctx,
+    key: &str,
+    reply: &'v Value,
+    listen: Option<Listen>,
+    dec: &mut EntryDecoder,
+    rows: &mut Vec<Row>,
+) -> (usize, Option<&'v str>) {
+    let es = entries(reply);
+    let mut read = 0u64;
+    for &(id, fields) in &es {
+        let r = dec.decode(id, fields, listen, |i| {
+            read += 1;
+            if ctx.window.contains(i.ts_us) {
+                let row = row_of(i, &ctx.backend, &ctx.agent);
+                if ctx.filter.matches(&row) {
+                    rows.push(row);
+                }
+            }
+        });
+        if let Err(Skipped::Packed(e)) = r {
+            ctx.progress.skip(key, id, &e);
+        }
+    }
+    ctx.progress.add_records(read);
+    (es.len(), es.last().map(|e| e.0))
+}
+
+/// Page through one stream of earlier versions with XRANGE over the window's entry IDs (its
+/// IDs are capture ms). `false` when reading should stop (an error was sent, or nobody
+/// listens).
+async fn single_stream(ctx: &Ctx, key: &str, tx: &Tx) -> bool {
+    let mut conn = ctx.conn.clone();
+    let mut dec = EntryDecoder::default();
+    let first: Result<Value, _> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await;
+    let listen = match first {
+        Ok(v) => entry::bucket_listen(&v),
+        Err(e) => {
+            let _ = tx.send(Err(BackendError::Read(e))).await;
+            return false;
+        }
+    };
+    let mut start = (ctx.window.from_us / 1000).to_string();
+    let end = (ctx.window.to_us / 1000).to_string();
+    loop {
+        let reply: Value = match xrange(&mut conn, key, &start, &end).await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = tx.send(Err(BackendError::Read(e))).await;
                 return false;
             }
         };
-        let mut start = (self.window.from_us / 1000).to_string();
-        let end = (self.window.to_us / 1000).to_string();
-        loop {
-            let reply: Value = match redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(&start)
-                .arg(&end)
-                .arg("COUNT")
-                .arg(PAGE)
-                .query_async(&mut self.conn)
-                .await
-            {
-                Ok(v) => v,
-                Err(e) => {
-                    let _ = self.tx.send(Err(BackendError::Read(e))).await;
-                    return false;
-                }
-            };
-            let entries = entries(&reply);
-            let n = entries.len();
-            self.progress.add_records(n as u64);
-            let Some(last) = entries.last().map(|e| e.0) else {
-                return true;
-            };
-            start = format!("({last}");
-            let rows: Vec<Row> = entries
-                .into_iter()
-                .filter_map(|(id, fields)| row_from_entry(id, fields, listen, &self.backend, agent))
-                .filter(|r| self.window.contains(r.ts_us) && self.filter.matches(r))
-                .collect();
-            if !rows.is_empty() && self.tx.send(Ok(rows)).await.is_err() {
-                return false; // the merge stopped (limit reached)
-            }
-            if n < PAGE {
-                return true;
+        let mut rows = Vec::new();
+        let (n, last) = decode_page(ctx, key, &reply, listen, &mut dec, &mut rows);
+        let Some(last) = last else {
+            return true;
+        };
+        start = format!("({last}");
+        if !rows.is_empty() && tx.send(Ok(rows)).await.is_err() {
+            return false; // the merge stopped (limit reached)
+        }
+        if n < PAGE {
+            return true;
+        }
+    }
+}
+
+/// `XRANGE key start end COUNT PAGE`.
+async fn xrange(
+    conn: &mut Conn,
+    key: &str,
+    start: &str,
+    end: &str,
+) -> Result<Value, redis::RedisError> {
+    redis::cmd("XRANGE")
+        .arg(key)
+        .arg(start)
+        .arg(end)
+        .arg("COUNT")
+        .arg(PAGE)
+        .query_async(conn)
+        .await
+}
+
+/// Read one bucket whole (a second of one agent's records; the window is applied to each
+/// record's capture time, which in a packed entry need not match the entry ID). The first page
+/// names the bucket's listen address; if more follow, the rest of the bucket's ID range is
+/// cut into [`SLICES`] read at once.
+async fn read_bucket(ctx: Arc<Ctx>, key: String) -> Result<Vec<Row>, redis::RedisError> {
+    let mut conn = ctx.conn.clone();
+    let first = xrange(&mut conn, &key, "-", "+").await?;
+    let listen = entry::bucket_listen(&first);
+    let mut dec = EntryDecoder::default();
+    let mut rows = Vec::new();
+    let (n, last) = decode_page(&ctx, &key, &first, listen, &mut dec, &mut rows);
+    let Some(last) = last.and_then(stream::parse_stream_id).filter(|_| n == PAGE) else {
+        return Ok(rows);
+    };
+    // The ID range after the first page, cut at millisecond bounds up to the bucket's end; the
+    // last slice runs to `+` (an ID may lie past its second when the clock went back).
+    let lo = last.major;
+    let hi = bucket_second(&key).map_or(lo, |s| ((s + 1) * 1000).saturating_sub(1).max(lo));
+    let mut cuts: Vec<u64> = (1..SLICES).map(|i| lo + (hi - lo) * i / SLICES).collect();
+    cuts.dedup();
+    cuts.retain(|&c| c > lo);
+    let mut ranges = Vec::new();
+    let mut start = format!("({}-{}", last.major, last.seq);
+    for c in cuts {
+        ranges.push((start, format!("{c}-{}", u64::MAX)));
+        start = format!("({c}-{}", u64::MAX);
+    }
+    ranges.push((start, "+".to_string()));
+    let tasks: Vec<_> = ranges
+        .into_iter()
+        .map(|(start, end)| {
+            let (ctx, key) = (ctx.clone(), key.clone());
+            tokio::spawn(async move { read_range(&ctx, &key, start, &end, listen).await })
+        })
+        .collect();
+    let mut failed = None;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(r)) => rows.extend(r),
+            Ok(Err(e)) => failed = failed.or(Some(e)),
+            Err(e) => {
+                failed = failed.or(Some(redis::RedisError::from((
+                    redis::ErrorKind::ClientError,
+                    "reader task failed",
+                    e.to_string(),
+                ))))
             }
         }
     }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(rows),
+    }
+}
 
+/// Page through `(start, end]` of one stream (`start` exclusive, `(`-prefixed).
+async fn read_range(
+    ctx: &Ctx,
+    key: &str,
+    mut start: String,
+    end: &str,
+    listen: Option<Listen>,
+) -> Result<Vec<Row>, redis::RedisError> {
+    let mut conn = ctx.conn.clone();
+    let mut dec = EntryDecoder::default();
+    let mut rows = Vec::new();
+    loop {
+        let reply = xrange(&mut conn, key, &start, end).await?;
+        let (n, last) = decode_page(ctx, key, &reply, listen, &mut dec, &mut rows);
+        match last {
+            Some(id) if n == PAGE => start = format!("({id}"),
+            _ => return Ok(rows),
+        }
+    }
+}
+
+/// The keys-schema reader's state.
+struct KeysReader {
+    conn: Conn,
+    backend: Arc<str>,
+    window: Window,
+    filter: Arc<Filter>,
+    progress: Arc<Progress>,
+    tx: Tx,
+}
+
+impl KeysReader {
     /// Fetch keys by name, in the given order, with MGET. Expired keys come back nil.
     async fn keys(mut self, prefix: String, names: Vec<KeyName>, agents: Vec<Arc<str>>) {
         for page in names.chunks(PAGE) {
@@ -390,29 +585,30 @@ pub fn row(d: Decoded, backend: &Arc<str>, agent: &Arc<str>) -> Row {
         sport: d.sport,
         dst: d.dst,
         dport: d.dport,
-        kind: d.kind,
+        kind: d.kind.into(),
         len: d.len,
         backend: backend.clone(),
         agent: agent.clone(),
     }
 }
 
-/// A stream entry in a bucket sent to `listen` → a row; `None` if it is not one of ours.
-fn row_from_entry(
-    id: &str,
-    fields: &Value,
-    listen: Option<Listen>,
-    backend: &Arc<str>,
-    agent: &Arc<str>,
-) -> Option<Row> {
-    stream::decode(id, fields, listen).map(|d| row(d, backend, agent))
+/// A record read from a stream entry → a row of `backend` and `agent`.
+fn row_of(i: Item, backend: &Arc<str>, agent: &Arc<str>) -> Row {
+    Row {
+        ts_us: i.ts_us,
+        src: i.src,
+        sport: i.sport,
+        dst: i.dst,
+        dport: i.dport,
+        kind: i.kind,
+        len: i.len,
+        backend: backend.clone(),
+        agent: agent.clone(),
+    }
 }
 
 /// The listen address a bucket's first entry names, which its other entries may leave out.
-async fn bucket_listen(
-    conn: &mut MultiplexedConnection,
-    key: &str,
-) -> Result<Option<Listen>, redis::RedisError> {
+async fn bucket_listen(conn: &mut Conn, key: &str) -> Result<Option<Listen>, redis::RedisError> {
     let first: Value = redis::cmd("XRANGE")
         .arg(key)
         .arg("-")
@@ -421,7 +617,7 @@ async fn bucket_listen(
         .arg(1)
         .query_async(conn)
         .await?;
-    Ok(stream::bucket_listen(&first))
+    Ok(entry::bucket_listen(&first))
 }
 
 /// A keys-layout value → a row; `None` if it is not one of ours.
@@ -446,7 +642,7 @@ pub struct HeldStats {
 
 /// Count one backend's records: inside retention (captured at or after `floor_us`) and held.
 pub async fn backend_stats(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     sel: &Selection,
     floor_us: u64,
     progress: &Progress,
@@ -459,16 +655,33 @@ pub async fn backend_stats(
     let mut s = HeldStats::default();
     let floor_ms = floor_us / 1000;
     let first_ts = |v: &Value| entries(v).first().and_then(|(id, f)| stream::ts_of(id, f));
-    for key in &h.buckets_outside {
-        s.held += q::<u64>(conn, redis::cmd("XLEN").arg(key)).await?;
-    }
     let mut streams: Vec<(Arc<str>, String)> = Vec::new();
     for (agent, keys) in &h.streams {
         for key in keys {
             streams.push((agent.clone(), key.clone()));
         }
     }
+    let mut dec = EntryDecoder::default();
+    for key in &h.buckets_outside {
+        // XLEN counts entries; a packed entry holds many records.
+        if has_packed(conn, key).await? {
+            s.held += scan_stream(conn, key, floor_us, progress, &mut dec)
+                .await?
+                .0;
+        } else {
+            s.held += q::<u64>(conn, redis::cmd("XLEN").arg(key)).await?;
+        }
+    }
     for (agent, key) in &streams {
+        if has_packed(conn, key).await? {
+            let (held, inside, oldest, newest) =
+                scan_stream(conn, key, floor_us, progress, &mut dec).await?;
+            s.held += held;
+            *s.agents.entry(agent.to_string()).or_default() += inside;
+            merge_min(&mut s.oldest_us, oldest);
+            merge_max(&mut s.newest_us, newest);
+            continue;
+        }
         let len: u64 = q(conn, redis::cmd("XLEN").arg(key)).await?;
         // Entries before the floor that expiry (or, in an old single stream, trimming) has not
         // removed yet.
@@ -533,10 +746,96 @@ pub async fn backend_stats(
     Ok(s)
 }
 
-async fn q<T: redis::FromRedisValue>(
-    conn: &mut MultiplexedConnection,
-    cmd: &redis::Cmd,
-) -> Result<T, BackendError> {
+/// Whether a stream's first or last entry is packed: then XLEN (entries) is not its record
+/// count. A bucket changes kind at most once (an upgrade or a downgrade within its second).
+async fn has_packed(conn: &mut Conn, key: &str) -> Result<bool, BackendError> {
+    let first: Value = q(
+        conn,
+        redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1),
+    )
+    .await?;
+    let last: Value = q(
+        conn,
+        redis::cmd("XREVRANGE")
+            .arg(key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1),
+    )
+    .await?;
+    let packed = |v: &Value| {
+        entries(v)
+            .first()
+            .is_some_and(|(_, f)| entry::packed_value(f).is_some())
+    };
+    Ok(packed(&first) || packed(&last))
+}
+
+/// Count a stream's records by reading it whole: (held, captured at or after `floor_us`,
+/// oldest of those, newest). Entries that do not decode are counted in `progress`.
+async fn scan_stream(
+    conn: &mut Conn,
+    key: &str,
+    floor_us: u64,
+    progress: &Progress,
+    dec: &mut EntryDecoder,
+) -> Result<(u64, u64, Option<u64>, Option<u64>), BackendError> {
+    let first: Value = q(
+        conn,
+        redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1),
+    )
+    .await?;
+    let listen = entry::bucket_listen(&first);
+    let (mut held, mut inside, mut oldest, mut newest) = (0, 0, None, None);
+    let mut start = "-".to_string();
+    loop {
+        let v: Value = q(
+            conn,
+            redis::cmd("XRANGE")
+                .arg(key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE),
+        )
+        .await?;
+        let e = entries(&v);
+        for &(id, fields) in &e {
+            let r = dec.decode(id, fields, listen, |i| {
+                held += 1;
+                if i.ts_us >= floor_us {
+                    inside += 1;
+                    merge_min(&mut oldest, Some(i.ts_us));
+                    merge_max(&mut newest, Some(i.ts_us));
+                }
+            });
+            match r {
+                Ok(()) => {}
+                Err(Skipped::Packed(err)) => progress.skip(key, id, &err),
+                // Not ours: still an entry Redis holds, as XLEN would count it.
+                Err(Skipped::NotOurs) => held += 1,
+            }
+        }
+        match e.last() {
+            Some((id, _)) if e.len() == PAGE => start = format!("({id}"),
+            _ => break,
+        }
+    }
+    Ok((held, inside, oldest, newest))
+}
+
+async fn q<T: redis::FromRedisValue>(conn: &mut Conn, cmd: &redis::Cmd) -> Result<T, BackendError> {
     cmd.query_async(conn).await.map_err(BackendError::Read)
 }
 
@@ -579,6 +878,7 @@ pub async fn follow(
         listens: HashMap::new(),
         seen_keys: HashSet::new(),
         first_look: true,
+        decoder: EntryDecoder::default(),
         tx,
     };
     tokio::select! {
@@ -603,6 +903,8 @@ struct Follower {
     seen_keys: HashSet<(Arc<str>, u64, u64)>,
     /// Whether no discovery has succeeded yet.
     first_look: bool,
+    /// Reused for every entry.
+    decoder: EntryDecoder,
     tx: mpsc::Sender<TailEvent>,
 }
 
@@ -641,7 +943,7 @@ impl Follower {
     /// Follow over one connection: `Some(error)` when it fails, `None` when the receiver is gone.
     async fn follow_conn(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         discover_every: Duration,
     ) -> Option<BackendError> {
         let mut last_discover: Option<tokio::time::Instant> = None;
@@ -724,10 +1026,18 @@ impl Follower {
                 if let Some((id, _)) = es.last() {
                     *last = id.to_string();
                 }
-                rows.extend(
-                    es.into_iter()
-                        .filter_map(|(id, f)| row_from_entry(id, f, listen, &self.backend, agent)),
-                );
+                for (id, f) in es {
+                    let r = self.decoder.decode(id, f, listen, |i| {
+                        rows.push(row_of(i, &self.backend, agent));
+                    });
+                    if let Err(Skipped::Packed(e)) = r {
+                        // A tail has no end to report at: say it as it happens.
+                        eprintln!(
+                            "redtap: a packed entry ({key} {id}) could not be read and its \
+                             records are missing: {e}; a newer redtap may read it"
+                        );
+                    }
+                }
             }
             if !self.send_rows(rows).await {
                 return None;
@@ -736,11 +1046,7 @@ impl Follower {
     }
 
     /// Fetch and send keys-schema records not shown yet. Outer `None`: the receiver is gone.
-    async fn new_keys(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        h: Holdings,
-    ) -> Option<Result<(), BackendError>> {
+    async fn new_keys(&mut self, conn: &mut Conn, h: Holdings) -> Option<Result<(), BackendError>> {
         let mut fresh: Vec<KeyName> = h
             .keys
             .into_iter()
@@ -832,7 +1138,7 @@ mod tests {
             &a,
         )
         .unwrap();
-        assert_eq!((r.kind.as_str(), r.len), ("PA", Some(1460)));
+        assert_eq!((&*r.kind, r.len), ("PA", Some(1460)));
         let fields = Value::Array(
             [
                 "src", "::1", "dst", "::1", "sport", "1", "dport", "2", "ts", "3", "kind", "conn",
@@ -841,7 +1147,8 @@ mod tests {
             .map(|s| Value::BulkString(s.as_bytes().to_vec()))
             .collect(),
         );
-        let r = row_from_entry("3-0", &fields, None, &b, &a).unwrap();
-        assert_eq!((r.kind.as_str(), r.len, r.ts_us), ("conn", None, 3));
+        let i = EntryDecoder::default().items("3-0", &fields, None).unwrap();
+        let r = row_of(i[0].clone(), &b, &a);
+        assert_eq!((&*r.kind, r.len, r.ts_us), ("conn", None, 3));
     }
 }

@@ -32,7 +32,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::aio::ConnectionLike;
 use redis::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::buffer::{Budget, OnFull};
-use crate::connect::{connect_client, ConnectError, Timeouts};
+use crate::connect::{connect_target, Conn, ConnectError, Target, Timeouts};
 use crate::health::{self, Board, Cause, Transition};
 use crate::layout::{Answer, Layout};
 use crate::metrics::{BackendMetrics, DropReason, Metrics};
@@ -74,7 +74,7 @@ struct TickOutcome {
     /// The probe's command and how it went.
     probe: Option<(&'static str, Result<(), Cause>)>,
     failed: bool,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
     /// `conn_gen` of the connection the job started with.
     conn_gen: u64,
 }
@@ -102,8 +102,10 @@ pub struct Writer {
     /// Its backend's number (metrics, board).
     idx: usize,
     name: String,
-    client: redis::Client,
-    conn: Option<MultiplexedConnection>,
+    /// The server or cluster it writes to (a cluster backend routes each command by key:
+    /// `connect::cluster`).
+    target: Target,
+    conn: Option<Conn>,
     /// Bumped whenever `conn` is replaced, so a tick job that failed on an old connection does
     /// not throw away a newer one.
     conn_gen: u64,
@@ -127,11 +129,11 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// A writer for backend number `idx`. Connects lazily.
+    /// A writer for backend number `idx` (a `redis::Client`, or a [`Target`]). Connects lazily.
     pub fn new(
         idx: usize,
         name: String,
-        client: redis::Client,
+        target: impl Into<Target>,
         layout: Layout,
         ctx: WriterContext,
     ) -> Self {
@@ -139,7 +141,7 @@ impl Writer {
         Writer {
             idx,
             name,
-            client,
+            target: target.into(),
             conn: None,
             conn_gen: 0,
             metrics: ctx.metrics.backends[idx].clone(),
@@ -382,7 +384,7 @@ impl Writer {
         };
         let conn = self.conn.clone();
         let conn_gen = self.conn_gen;
-        let client = self.client.clone();
+        let target = self.target.clone();
         let timeout = self.tracker.config().timeout;
         self.tick_job = Some(Box::pin(async move {
             let mut outcome = TickOutcome {
@@ -393,7 +395,7 @@ impl Writer {
             };
             let mut conn = match conn {
                 Some(c) => c,
-                None => match connect_client(&client, Timeouts::both(timeout)).await {
+                None => match connect_target(&target, Timeouts::both(timeout)).await {
                     Ok(c) => {
                         outcome.conn = Some(c.clone());
                         c
@@ -476,10 +478,10 @@ impl Writer {
     }
 
     /// The connection, made if needed.
-    async fn connect(&mut self) -> Result<&mut MultiplexedConnection, ConnectError> {
+    async fn connect(&mut self) -> Result<&mut Conn, ConnectError> {
         if self.conn.is_none() {
             let conn =
-                connect_client(&self.client, Timeouts::both(self.tracker.config().timeout)).await?;
+                connect_target(&self.target, Timeouts::both(self.tracker.config().timeout)).await?;
             debug!(backend = %self.name, "connected");
             self.conn = Some(conn);
             self.conn_gen += 1;

@@ -4,6 +4,8 @@
 //!   log is printed if the test panics.
 //! - [`Daemon`]: the `redtap` binary with given flags, its admin API on a free port; SIGKILLed on
 //!   drop, stopped cleanly with [`Daemon::stop`].
+//! - [`RedisCluster`]: a Redis Cluster of that many primaries (no replicas), one
+//!   [`RedisServer`] each, slots spread by `redis-cli --cluster create`.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
 
 #![allow(dead_code)]
@@ -348,6 +350,100 @@ impl Drop for RedisServer {
         if std::thread::panicking() {
             eprintln!("--- redis-server :{} log ---\n{}", self.port, self.log());
         }
+    }
+}
+
+/// A Redis Cluster of real `redis-server` processes, each a primary with its own directory
+/// (`nodes.conf` kept there, so a node restarted on its port rejoins as itself).
+pub struct RedisCluster {
+    /// The primaries, in the order given to `redis-cli --cluster create`.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Start `primaries` nodes with `extra` redis-server arguments, create the cluster and wait
+    /// until every node says `cluster_state:ok`.
+    pub fn start(primaries: usize, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ];
+        args.extend_from_slice(extra);
+        let nodes: Vec<RedisServer> = (0..primaries)
+            .map(|_| RedisServer::start_with(&args))
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli not found: install redis-tools");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Wait until every node reports `cluster_state:ok` (and knows every other).
+    pub fn wait_ok(&self, within: Duration) {
+        eventually(within, "cluster_state:ok on every node", || {
+            self.nodes.iter().all(|n| {
+                n.conn()
+                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
+                    .is_ok_and(|i| {
+                        i.contains("cluster_state:ok")
+                            && i.contains(&format!("cluster_known_nodes:{}", self.nodes.len()))
+                    })
+            })
+        });
+    }
+
+    /// `redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,…`.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// Every record of every stream under `<prefix>:events:` on each node, decoded, as (node
+    /// index, capture µs, source address, source port). A node's own keys only: SCAN runs on
+    /// each.
+    pub fn records(&self, prefix: &str) -> Vec<(usize, u64, std::net::IpAddr, u16)> {
+        use redtap::layout::stream;
+        let mut out = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let mut c = n.conn().unwrap();
+            for key in n.keys(&format!("{prefix}:events:*")) {
+                let v: redis::Value = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query(&mut c)
+                    .unwrap();
+                let listen = stream::bucket_listen(&v);
+                for (id, fields) in stream::entries(&v) {
+                    let d = stream::decode(id, fields, listen).expect("a redtap record");
+                    out.push((i, d.ts_us, d.src, d.sport));
+                }
+            }
+        }
+        out
     }
 }
 

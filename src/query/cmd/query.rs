@@ -56,6 +56,7 @@ pub async fn run(args: &QueryArgs, out: impl Write) -> Result<Exit, CliError> {
         .await
     };
     line.finish().await;
+    crate::query::args::report_skipped(&progress);
     if let Some(e) = err {
         return Err(e.into());
     }

@@ -193,6 +193,7 @@ pub async fn run(args: &StatsArgs, out: impl Write) -> Result<Exit, CliError> {
     let line = ProgressLine::start(args.source.progress, &progress);
     let mut s = stats(&sources, &progress).await;
     line.finish().await;
+    crate::query::args::report_skipped(&progress);
     if let Some(admin) = args.admin.as_ref().or(sources.admin.as_ref()) {
         let url = client::admin_url(admin);
         let token = args.token.as_deref().or(sources.admin_token.as_deref());

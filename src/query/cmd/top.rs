@@ -147,6 +147,7 @@ pub async fn run(args: &TopArgs, out: impl Write) -> Result<Exit, CliError> {
     let line = ProgressLine::start(args.range.source.progress, &progress);
     let t = top(&sources, window, &filter, args.by, args.n, &progress).await;
     line.finish().await;
+    crate::query::args::report_skipped(&progress);
     print_document(
         out,
         args.format,

@@ -1,0 +1,337 @@
+//! Redis Cluster backends (`redis+cluster://`): a real three-primary cluster started by the test,
+//! the real daemon in connections mode, real connections. Every record is identified by its
+//! (capture time, source address, source port) and counted across every primary and the single
+//! server beside the cluster.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{
+    eventually, free_port, paced_connections, redtap_bin, Daemon, RedisCluster, RedisServer,
+};
+
+const PREFIX: &str = "redtap";
+
+/// One stored record's identity.
+type Id = (u64, IpAddr, u16);
+
+/// `redtap run` in connections mode in front of the cluster (weight `wc`) and `single`
+/// (weight `ws`), plus `extra` flags.
+fn daemon(
+    cluster: &RedisCluster,
+    wc: u32,
+    single: &RedisServer,
+    ws: u32,
+    extra: &[&str],
+) -> Daemon {
+    let c = format!("C={}@{wc}", cluster.url());
+    let s = format!("S={}@{ws}", single.url());
+    let mut args = vec!["--capture", "connections", "--agent", "t"];
+    args.extend_from_slice(extra);
+    args.extend(["--backend", &c, "--backend", &s]);
+    Daemon::start(&args)
+}
+
+/// The records on the single server.
+fn single_records(s: &RedisServer) -> Vec<Id> {
+    s.xrange("redtap:events:t")
+        .into_iter()
+        .map(|(_, f)| {
+            let get = |k: &str| f.iter().find(|(n, _)| n == k).unwrap().1.clone();
+            (
+                get("ts").parse().unwrap(),
+                get("src").parse().unwrap(),
+                get("sport").parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// How many times each identity is stored, over the cluster and the single server.
+fn counts(cluster: &RedisCluster, single: &RedisServer) -> (HashMap<Id, usize>, Vec<usize>, usize) {
+    let mut seen = HashMap::new();
+    let mut per_node = vec![0; cluster.nodes.len()];
+    for (node, ts, src, sport) in cluster.records(PREFIX) {
+        per_node[node] += 1;
+        *seen.entry((ts, src, sport)).or_insert(0) += 1;
+    }
+    let on_single = single_records(single);
+    for id in &on_single {
+        *seen.entry(*id).or_insert(0) += 1;
+    }
+    (seen, per_node, on_single.len())
+}
+
+fn redtap(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(redtap_bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn records_spread_over_every_primary_once_each_with_exact_shares_and_query_reads_them_all() {
+    let cluster = RedisCluster::start(3, &[]);
+    let single = RedisServer::start();
+    let d = daemon(&cluster, 60, &single, 40, &[]);
+
+    // Paced over about six seconds: a cluster backend's buckets rotate over the primaries by
+    // capture second, and six seconds in a row reach every primary of an even three.
+    let n = 3000;
+    let sent = paced_connections(d.listen, n, 50, Duration::from_millis(100))
+        .join()
+        .unwrap();
+    assert_eq!(sent, n);
+    eventually(Duration::from_secs(30), "every record stored", || {
+        counts(&cluster, &single).0.len() >= n
+    });
+    let (seen, per_node, on_single) = counts(&cluster, &single);
+    assert_eq!(seen.len(), n, "every record stored");
+    assert!(seen.values().all(|&c| c == 1), "no record stored twice");
+    let on_cluster: usize = per_node.iter().sum();
+    assert!(
+        (1799..=1801).contains(&on_cluster),
+        "cluster holds {on_cluster}"
+    );
+    assert!(
+        (1199..=1201).contains(&on_single),
+        "single holds {on_single}"
+    );
+    assert!(
+        per_node.iter().all(|&k| k > 0),
+        "every primary holds a share: {per_node:?}"
+    );
+    assert_eq!(d.metric_sum("redtap_records_dropped_total"), 0.0);
+
+    // Reading back over the cluster backend: SCAN on each primary, every record found.
+    let c = format!("C={}@1", cluster.url());
+    let s = format!("S={}@1", single.url());
+    let (code, out, err) = redtap(&[
+        "query",
+        "--format",
+        "json",
+        "--since",
+        "10m",
+        "--backend",
+        &c,
+        "--backend",
+        &s,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), n, "query returns every record once:\n{err}");
+    // The agent filter finds its cluster stripes too.
+    let (code, out, err) = redtap(&[
+        "query",
+        "--format",
+        "json",
+        "--since",
+        "10m",
+        "--agent",
+        "t",
+        "--backend",
+        &c,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), on_cluster, "{err}");
+
+    // `redtap check` reaches the cluster and names each primary.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(redtap_bin())
+        .current_dir(dir.path())
+        .args(["check", "--capture", "connections", "--agent", "t2"])
+        .args(["--listen", &listen, "--admin", &admin, "--backend", &c])
+        .output()
+        .unwrap();
+    let (code, out, err) = (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("cluster of 3 primaries"), "{out}");
+    for node in &cluster.nodes {
+        assert!(out.contains(&format!("127.0.0.1:{}", node.port)), "{out}");
+    }
+}
+
+#[test]
+fn a_primary_restarted_mid_load_loses_and_doubles_nothing() {
+    // Durable nodes: what a primary acknowledged before it was killed is still there after.
+    let cluster = RedisCluster::start(3, &["--appendonly", "yes", "--appendfsync", "always"]);
+    let single = RedisServer::start();
+    let d = daemon(&cluster, 50, &single, 50, &["--on-backend-down", "hold"]);
+
+    let n = 3000;
+    let load = paced_connections(d.listen, n, 50, Duration::from_millis(100));
+    let mut cluster = cluster;
+    eventually(Duration::from_secs(20), "records on the cluster", || {
+        !cluster.records(PREFIX).is_empty()
+    });
+    cluster.nodes[1].kill9();
+    std::thread::sleep(Duration::from_secs(2)); // an outage while connections keep coming
+    cluster.nodes[1].restart();
+    cluster.wait_ok(Duration::from_secs(30));
+    assert_eq!(load.join().unwrap(), n);
+
+    eventually(
+        Duration::from_secs(60),
+        "every record stored or dropped",
+        || {
+            let stored = counts(&cluster, &single).0.len();
+            stored + d.metric_sum("redtap_records_dropped_total") as usize >= n
+        },
+    );
+    let (seen, per_node, on_single) = counts(&cluster, &single);
+    let dropped = d.metric_sum("redtap_records_dropped_total") as usize;
+    assert!(seen.values().all(|&c| c == 1), "no record stored twice");
+    assert_eq!(
+        seen.len() + dropped,
+        n,
+        "every record stored or counted as dropped"
+    );
+    if dropped == 0 {
+        let on_cluster: usize = per_node.iter().sum();
+        assert!(
+            (1499..=1501).contains(&on_cluster),
+            "cluster holds {on_cluster}"
+        );
+        assert!(
+            (1499..=1501).contains(&on_single),
+            "single holds {on_single}"
+        );
+    }
+    // The outage was felt: the cluster backend's writes failed while the primary was gone.
+    assert!(
+        d.metric("redtap_write_errors_total{backend=\"C\"}") > 0.0,
+        "{}",
+        d.log()
+    );
+    eprintln!("stored per primary {per_node:?}, single {on_single}, dropped {dropped}");
+}
+
+#[test]
+fn slots_resharded_mid_load_are_followed_without_loss_or_doubles() {
+    let cluster = RedisCluster::start(3, &[]);
+    let single = RedisServer::start();
+    let d = daemon(&cluster, 50, &single, 50, &["--on-backend-down", "hold"]);
+    let id = |i: usize| -> String {
+        let mut c = cluster.nodes[i].conn().unwrap();
+        redis::cmd("CLUSTER").arg("MYID").query(&mut c).unwrap()
+    };
+    let (from, to) = (id(0), id(1));
+
+    let n = 3000;
+    let load = paced_connections(d.listen, n, 50, Duration::from_millis(100));
+    eventually(Duration::from_secs(20), "records on the cluster", || {
+        !cluster.records(PREFIX).is_empty()
+    });
+    // Move most of node 0's slots (and the keys in them) to node 1 while records keep coming:
+    // the writer meets MOVED and ASK answers and must follow them.
+    let out = Command::new("redis-cli")
+        .args([
+            "--cluster",
+            "reshard",
+            &format!("127.0.0.1:{}", cluster.nodes[0].port),
+        ])
+        .args(["--cluster-from", &from, "--cluster-to", &to])
+        .args(["--cluster-slots", "4000", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(load.join().unwrap(), n);
+
+    eventually(
+        Duration::from_secs(60),
+        "every record stored or dropped",
+        || {
+            let stored = counts(&cluster, &single).0.len();
+            stored + d.metric_sum("redtap_records_dropped_total") as usize >= n
+        },
+    );
+    let (seen, per_node, on_single) = counts(&cluster, &single);
+    let dropped = d.metric_sum("redtap_records_dropped_total") as usize;
+    assert!(seen.values().all(|&c| c == 1), "no record stored twice");
+    assert_eq!(
+        seen.len() + dropped,
+        n,
+        "every record stored or counted as dropped"
+    );
+    assert_eq!(dropped, 0, "a reshard loses nothing");
+    assert!(
+        (1499..=1501).contains(&on_single),
+        "single holds {on_single}"
+    );
+    eprintln!(
+        "stored per primary {per_node:?}, single {on_single}; redirected or failed writes: {}",
+        d.metric("redtap_write_errors_total{backend=\"C\"}")
+    );
+}
+
+#[test]
+fn keys_schema_records_spread_over_every_primary_once_each() {
+    let cluster = RedisCluster::start(3, &[]);
+    let single = RedisServer::start();
+    let d = daemon(&cluster, 60, &single, 40, &["--schema", "keys"]);
+    let n = 1000;
+    assert_eq!(common::connect_many(d.listen, n, 8), n);
+
+    // Each key is its own record (no hash tag): identity from its JSON value.
+    let read = |r: &RedisServer| -> Vec<Id> {
+        let mut c = r.conn().unwrap();
+        r.keys("redtap:ev:*")
+            .iter()
+            .map(|k| {
+                let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+                let j: serde_json::Value = serde_json::from_str(&v).unwrap();
+                (
+                    j["ts"].as_u64().unwrap(),
+                    j["src"].as_str().unwrap().parse().unwrap(),
+                    j["sport"].as_u64().unwrap() as u16,
+                )
+            })
+            .collect()
+    };
+    let all = || -> (HashMap<Id, usize>, Vec<usize>) {
+        let mut seen = HashMap::new();
+        let mut per = Vec::new();
+        for r in cluster.nodes.iter().chain([&single]) {
+            let ids = read(r);
+            per.push(ids.len());
+            for id in ids {
+                *seen.entry(id).or_insert(0) += 1;
+            }
+        }
+        (seen, per)
+    };
+    eventually(Duration::from_secs(30), "every record stored", || {
+        all().0.len() >= n
+    });
+    let (seen, per) = all();
+    assert_eq!(seen.len(), n);
+    assert!(seen.values().all(|&c| c == 1), "no record stored twice");
+    let on_cluster: usize = per[..3].iter().sum();
+    assert!(
+        (599..=601).contains(&on_cluster),
+        "cluster holds {on_cluster}: {per:?}"
+    );
+    assert!(
+        per[..3].iter().all(|&k| k > 0),
+        "every primary holds a share: {per:?}"
+    );
+}
