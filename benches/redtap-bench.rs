@@ -1243,7 +1243,7 @@ fn fill_reads(
                     let bucket = r.ts_us / 1_000_000;
                     let create = bucket != buckets[side];
                     buckets[side] = bucket;
-                    layouts[side].push_store(&mut pipe, r, slot, create);
+                    layouts[side].push_store(&mut pipe, std::slice::from_ref(r), &[], slot, create);
                 }
                 // The pipeline's answers are IDs; only errors matter.
                 let answers: Vec<redis::Value> =
