@@ -143,6 +143,18 @@ fn the_keys_layout_reads_back_what_run_wrote_over_ipv6() {
     written_by_run_read_by_query("keys", &listen, "::1".parse().unwrap());
 }
 
+#[test]
+fn the_packed_layout_reads_back_what_run_wrote_over_ipv4() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    written_by_run_read_by_query("packed", &listen, "127.0.0.1".parse().unwrap());
+}
+
+#[test]
+fn the_packed_layout_reads_back_what_run_wrote_over_ipv6() {
+    let listen = format!("[::1]:{}", free_port());
+    written_by_run_read_by_query("packed", &listen, "::1".parse().unwrap());
+}
+
 /// A row as (ts_us, src, sport, dst, dport, kind, len).
 type Flat = (u64, String, u64, String, u64, String, Option<u64>);
 

@@ -238,9 +238,14 @@ impl Progress {
     }
 }
 
-/// Which schemas a selection reads.
+/// Which schemas a selection reads. The packed layout shares the stream layout's buckets (each
+/// entry says which it is), so `--schema packed` and `--schema stream` read the same keys.
 pub fn reads_schema(sel: Option<Schema>, s: Schema) -> bool {
-    sel.is_none_or(|x| x == s)
+    let keys_of = |x: Schema| match x {
+        Schema::Packed => Schema::Stream,
+        x => x,
+    };
+    sel.is_none_or(|x| keys_of(x) == keys_of(s))
 }
 
 #[cfg(test)]
