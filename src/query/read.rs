@@ -966,7 +966,11 @@ impl Follower {
                     Ok(h) => h,
                     Err(e) => return Some(e),
                 };
-                let start_id = format!("{}-{}", (self.start_us / 1000).saturating_sub(1), u64::MAX);
+                // From the start of the capture second of `--since`, not its millisecond: a
+                // packed entry's ID is not its records' times (rows are cut at `start_us` when
+                // sent), and every entry of a second's bucket has an ID in or after it.
+                let start_ms = self.start_us / 1_000_000 * 1000;
+                let start_id = format!("{}-{}", start_ms.saturating_sub(1), u64::MAX);
                 // Buckets that left the window (expired, or older than the lag) are no longer
                 // followed.
                 let found: HashSet<&String> =
