@@ -23,8 +23,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use redis::{Pipeline, Value};
 
-use super::stream::CREATE_BUCKET_LUA;
-use super::{bucket_expire_at_ms, Decoded, Layout, Slot, StackBuf};
+use super::stream;
+use super::{Decoded, Layout, Slot, StackBuf};
 use crate::record::{flags_str, Kind, Record};
 
 /// The format version, the value's first byte.
@@ -144,17 +144,7 @@ pub fn push_store(
     let mut id = StackBuf::new();
     let _ = write!(id, "{}-{}", slot.major, slot.seq);
     let mut cmd = redis::Cmd::with_capacity(9, layout.key.len() + value.len() + 160);
-    if create {
-        cmd.arg("EVAL")
-            .arg(CREATE_BUCKET_LUA)
-            .arg(1)
-            .arg(layout.bucket_key(bucket))
-            .arg(bucket_expire_at_ms(bucket, layout.retention_ms));
-    } else {
-        cmd.arg("XADD")
-            .arg(layout.bucket_key(bucket))
-            .arg("NOMKSTREAM");
-    }
+    stream::store_head(&mut cmd, layout, bucket, create);
     cmd.arg(id.as_str()).arg(FIELD).arg(value);
     pipe.add_command(cmd);
 }

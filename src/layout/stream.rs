@@ -67,17 +67,7 @@ pub fn push_store(layout: &Layout, pipe: &mut Pipeline, rec: &Record, slot: Slot
     let bucket = bucket_of(rec);
     // Sized up front: one allocation per command instead of a string of reallocs.
     let mut cmd = redis::Cmd::with_capacity(20, layout.key.len() + 160);
-    if create {
-        cmd.arg("EVAL")
-            .arg(CREATE_BUCKET_LUA)
-            .arg(1)
-            .arg(layout.bucket_key(bucket))
-            .arg(bucket_expire_at_ms(bucket, layout.retention_ms));
-    } else {
-        cmd.arg("XADD")
-            .arg(layout.bucket_key(bucket))
-            .arg("NOMKSTREAM");
-    }
+    store_head(&mut cmd, layout, bucket, create);
     // The ID's ms is the capture ms unless the clock went back or the ID was taken: then the
     // offset is what keeps the capture time exact (negative, or 1000 and above).
     let us = rec.ts_us as i64 - (slot.major as i64).wrapping_mul(1000);
@@ -283,4 +273,21 @@ pub fn check_answer(v: &Value) -> Option<(u64, u16)> {
 /// The ID of the single entry in an `XREVRANGE … COUNT 1` answer.
 pub fn newest_id(v: &Value) -> Option<Slot> {
     parse_stream_id(entries(v).first()?.0)
+}
+
+/// The start of a command storing an entry in `bucket`: the script that creates the bucket with
+/// its expiry when `create` ([`CREATE_BUCKET_LUA`]), else `XADD key NOMKSTREAM`; the ID and
+/// fields follow. Shared by the readable and the packed layout, which use the same buckets.
+pub(super) fn store_head(cmd: &mut redis::Cmd, layout: &Layout, bucket: u64, create: bool) {
+    if create {
+        cmd.arg("EVAL")
+            .arg(CREATE_BUCKET_LUA)
+            .arg(1)
+            .arg(layout.bucket_key(bucket))
+            .arg(bucket_expire_at_ms(bucket, layout.retention_ms));
+    } else {
+        cmd.arg("XADD")
+            .arg(layout.bucket_key(bucket))
+            .arg("NOMKSTREAM");
+    }
 }

@@ -705,26 +705,7 @@ pub async fn backend_stats(
                 _ => break,
             }
         }
-        let oldest: Value = q(
-            conn,
-            redis::cmd("XRANGE")
-                .arg(key)
-                .arg(floor_ms)
-                .arg("+")
-                .arg("COUNT")
-                .arg(1),
-        )
-        .await?;
-        let newest: Value = q(
-            conn,
-            redis::cmd("XREVRANGE")
-                .arg(key)
-                .arg("+")
-                .arg(floor_ms)
-                .arg("COUNT")
-                .arg(1),
-        )
-        .await?;
+        let (oldest, newest) = ends(conn, key, &floor_ms.to_string()).await?;
         s.held += len;
         *s.agents.entry(agent.to_string()).or_default() += len.saturating_sub(stale);
         merge_min(&mut s.oldest_us, first_ts(&oldest));
@@ -746,29 +727,35 @@ pub async fn backend_stats(
     Ok(s)
 }
 
-/// Whether a stream's first or last entry is packed: then XLEN (entries) is not its record
-/// count. A bucket changes kind at most once (an upgrade or a downgrade within its second).
-async fn has_packed(conn: &mut Conn, key: &str) -> Result<bool, BackendError> {
-    let first: Value = q(
+/// A stream's oldest and newest entry from ID `from` on (`XRANGE`/`XREVRANGE … COUNT 1`).
+async fn ends(conn: &mut Conn, key: &str, from: &str) -> Result<(Value, Value), BackendError> {
+    let oldest = q(
         conn,
         redis::cmd("XRANGE")
             .arg(key)
-            .arg("-")
+            .arg(from)
             .arg("+")
             .arg("COUNT")
             .arg(1),
     )
     .await?;
-    let last: Value = q(
+    let newest = q(
         conn,
         redis::cmd("XREVRANGE")
             .arg(key)
             .arg("+")
-            .arg("-")
+            .arg(from)
             .arg("COUNT")
             .arg(1),
     )
     .await?;
+    Ok((oldest, newest))
+}
+
+/// Whether a stream's first or last entry is packed: then XLEN (entries) is not its record
+/// count. A bucket changes kind at most once (an upgrade or a downgrade within its second).
+async fn has_packed(conn: &mut Conn, key: &str) -> Result<bool, BackendError> {
+    let (first, last) = ends(conn, key, "-").await?;
     let packed = |v: &Value| {
         entries(v)
             .first()
