@@ -192,6 +192,43 @@ fn row(what: &str, value: String, note: &str) {
 // ---------------------------------------------------------------------------------------------
 // sink: in-process records → balancer → writers → Redis, against redis-benchmark.
 
+/// Run `cfg`'s pipeline in this process with `n` connection records from distinct sources,
+/// record `i` captured at `ts(now, i)`, until all are written or dropped: its summary and the
+/// pipelines its writers sent.
+async fn produce(
+    cfg: &Config,
+    n: u64,
+    ts: impl Fn(u64, u64) -> u64 + Send + 'static,
+) -> (redtap::Summary, u64) {
+    let pipeline = redtap::Pipeline::start(cfg, OnFull::Wait).unwrap();
+    let queue = pipeline.queue.clone();
+    let metrics = pipeline.metrics.clone();
+    let producer = tokio::spawn(async move {
+        let base = now_us();
+        for i in 0..n {
+            let rec = Record {
+                ts_us: ts(base, i),
+                src: SocketAddr::new(
+                    Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8).into(),
+                    40_000 + (i % 20_000) as u16,
+                ),
+                dst: "127.0.0.1:9000".parse().unwrap(),
+                kind: Kind::Conn,
+            };
+            metrics.captured.inc();
+            queue.send(rec).await.unwrap();
+        }
+    });
+    let metrics = pipeline.metrics.clone();
+    let summary = pipeline
+        .finish(Duration::from_secs(600), async {
+            producer.await.unwrap();
+        })
+        .await;
+    let batches: u64 = metrics.backends.iter().map(|b| b.batches.get()).sum();
+    (summary, batches)
+}
+
 fn sink(schema: Schema, smoke: bool) {
     let n: u64 = if smoke { 20_000 } else { 1_000_000 };
     let (a, b) = (Redis::start(), Redis::start());
@@ -205,36 +242,7 @@ fn sink(schema: Schema, smoke: bool) {
     let pid = std::process::id();
     let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
-    let summary = rt.block_on(async {
-        let pipeline = redtap::Pipeline::start(&cfg, OnFull::Wait).unwrap();
-        let queue = pipeline.queue.clone();
-        let metrics = pipeline.metrics.clone();
-        let producer = tokio::spawn(async move {
-            let base = now_us();
-            for i in 0..n {
-                let rec = Record {
-                    ts_us: base + i / 4,
-                    src: SocketAddr::new(
-                        Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8).into(),
-                        40_000 + (i % 20_000) as u16,
-                    ),
-                    dst: "127.0.0.1:9000".parse().unwrap(),
-                    kind: Kind::Conn,
-                };
-                metrics.captured.inc();
-                queue.send(rec).await.unwrap();
-            }
-        });
-        let metrics = pipeline.metrics.clone();
-        let summary = pipeline
-            .finish(Duration::from_secs(600), async {
-                producer.await.unwrap();
-            })
-            .await;
-        let batches: u64 = metrics.backends.iter().map(|b| b.batches.get()).sum();
-        (summary, batches)
-    });
-    let (summary, batches) = summary;
+    let (summary, batches) = rt.block_on(produce(&cfg, n, |base, i| base + i / 4));
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu0;
     let stored = count(&a, schema, "bench") + count(&b, schema, "bench");
@@ -1094,36 +1102,8 @@ fn sink_into(url: &str, n: u64) -> (f64, u64) {
         .build()
         .unwrap();
     let t0 = Instant::now();
-    let (summary, batches) = rt.block_on(async {
-        let pipeline = redtap::Pipeline::start(&cfg, OnFull::Wait).unwrap();
-        let queue = pipeline.queue.clone();
-        let metrics = pipeline.metrics.clone();
-        let producer = tokio::spawn(async move {
-            let base = now_us();
-            for i in 0..n {
-                let rec = Record {
-                    // Over 8 s of capture time: eight buckets, on different primaries.
-                    ts_us: base + i * 8_000_000 / n,
-                    src: SocketAddr::new(
-                        Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8).into(),
-                        40_000 + (i % 20_000) as u16,
-                    ),
-                    dst: "127.0.0.1:9000".parse().unwrap(),
-                    kind: Kind::Conn,
-                };
-                metrics.captured.inc();
-                queue.send(rec).await.unwrap();
-            }
-        });
-        let metrics = pipeline.metrics.clone();
-        let summary = pipeline
-            .finish(Duration::from_secs(600), async {
-                producer.await.unwrap();
-            })
-            .await;
-        let batches: u64 = metrics.backends.iter().map(|b| b.batches.get()).sum();
-        (summary, batches)
-    });
+    // Over 8 s of capture time: eight buckets, on different primaries.
+    let (summary, batches) = rt.block_on(produce(&cfg, n, move |base, i| base + i * 8_000_000 / n));
     let rate = n as f64 / t0.elapsed().as_secs_f64();
     assert_eq!(summary.written, n, "sink lost records: {summary:?}");
     (rate, batches)
