@@ -224,6 +224,21 @@ async fn backend(b: &BackendConfig, prefix: &str, agent: &str) -> (Item, Option<
     let policy = field("maxmemory_policy").unwrap_or_else(|| "?".into());
     let maxmemory: u64 = field("maxmemory").and_then(|m| m.parse().ok()).unwrap_or(0);
     let mut about = format!("redis {version}, {role}, maxmemory-policy {policy}");
+    if matches!(conn, Conn::Single(_)) && field("cluster_enabled").as_deref() == Some("1") {
+        // As one server it would answer MOVED for every key another node owns: a backend that
+        // is down for ever, not a configuration error, unless said here.
+        return (
+            Item::new(
+                what,
+                Verdict::Usage,
+                format!(
+                    "{url} ({about}) is a node of a Redis Cluster: name it as \
+                     redis+cluster://HOST:PORT[,HOST:PORT…] so records spread over every primary"
+                ),
+            ),
+            reached,
+        );
+    }
     if let Conn::Cluster(c) = &conn {
         // Connecting reached every primary (it fails otherwise): name them, with their slots.
         let t = c.topology();

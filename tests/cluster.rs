@@ -164,6 +164,22 @@ fn records_spread_over_every_primary_once_each_with_exact_shares_and_query_reads
     for node in &cluster.nodes {
         assert!(out.contains(&format!("127.0.0.1:{}", node.port)), "{out}");
     }
+
+    // One node named as a single server is a usage error that says how to name a cluster.
+    let one = format!("A=redis://127.0.0.1:{}@1", cluster.nodes[0].port);
+    let out = Command::new(redtap_bin())
+        .current_dir(dir.path())
+        .args(["check", "--capture", "connections", "--agent", "t2"])
+        .args(["--listen", &listen, "--admin", &admin, "--backend", &one])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{text}");
+    assert!(
+        text.contains("is a node of a Redis Cluster") && text.contains("redis+cluster://"),
+        "{text}"
+    );
 }
 
 #[test]
