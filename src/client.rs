@@ -1,5 +1,8 @@
 //! `redtap weights`: the command-line client of the admin API, and with `--control` of the
 //! fleet's weights in a control Redis ([`fleet`]).
+//!
+//! Owns how weights are asked for, shown and changed from a terminal; never decides a weight
+//! itself (the daemon's `WeightStore` and the control scripts check every change).
 
 use std::collections::BTreeMap;
 

@@ -90,7 +90,7 @@ pub struct Holder {
     pub host: String,
     /// Process id.
     pub pid: u32,
-    /// Process start time, clock ticks since boot (/proc/<pid>/stat field 22), so a reused pid
+    /// Process start time, clock ticks since boot (`/proc/<pid>/stat` field 22), so a reused pid
     /// is not mistaken for the holder.
     pub start: u64,
     /// The pid namespace (`/proc/self/ns/pid`), so that containers sharing the host's name

@@ -2,6 +2,9 @@
 //!
 //! A [`Record`] is produced by capture and flows one way through the dispatcher to a sink. It is
 //! small and `Copy` so the hot path moves it without allocating.
+//!
+//! Owns the record's fields, its TCP-flags text and the capture clock; never how a record is
+//! stored (that is `layout`) or where it goes (`balance`).
 
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -14,7 +14,7 @@
 //! device, and a device's N handles form one `PACKET_FANOUT` group: the kernel hashes each
 //! packet by flow (after reassembling IP fragments) to one member, so a flow stays on one thread
 //! and every packet reaches exactly one ring. A handle joins its group before its filter admits
-//! anything (see [`Opener::open`]), so no packet is seen twice at start or on a reopening.
+//! anything (see `Opener::open`), so no packet is seen twice at start or on a reopening.
 //!
 //! The loop never waits on the record queue: when it is full the record is dropped and counted
 //! (`queue_full`), because waiting would only move the loss into the kernel ring. Every loss —

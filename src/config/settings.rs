@@ -10,6 +10,10 @@
 //! A default is text, read by the same parser as a typed value: there is no second literal to
 //! drift from the help, and a test checks that every default passes validation.
 
+// The doc comments in `settings!` are the CLI help (clap reads them), written for a terminal:
+// `[[backend]]` and `[::1]` there are TOML and addresses, not rustdoc links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::path::PathBuf;
 
 use serde::Deserialize;

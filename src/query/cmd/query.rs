@@ -1,4 +1,7 @@
 //! `redtap query`: the records of a window, oldest first, as a table, JSON Lines or CSV.
+//!
+//! Owns its flags and `run`; the reading is `query::merge`/`read`, the formats `query::output`.
+//! Never writes.
 
 use std::io::Write;
 use std::ops::ControlFlow;

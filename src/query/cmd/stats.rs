@@ -1,4 +1,7 @@
 //! `redtap stats`: what each backend holds against its weight.
+//!
+//! Owns its flags, the per-backend counts and their table; never writes (read-only, like
+//! every read command).
 
 use std::collections::BTreeMap;
 use std::io::Write;

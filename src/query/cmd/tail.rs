@@ -1,4 +1,7 @@
 //! `redtap tail`: new records as they arrive, until Ctrl-C.
+//!
+//! Owns its flags and the follow loop's hand-off to the output; never writes, never ends on its
+//! own while backends answer.
 
 use std::collections::HashSet;
 use std::io::Write;
