@@ -494,8 +494,18 @@ fn connections(smoke: bool) {
                             continue;
                         };
                         for id in key.ids {
-                            if let Some(redis::Value::BulkString(ts)) = id.map.get("ts") {
-                                let ts: u64 = String::from_utf8_lossy(ts).parse().unwrap_or(now);
+                            // Capture time: the entry ID's ms plus the `us` field (the µs
+                            // beyond it; docs/redis-schema.md).
+                            let ms: Option<i64> =
+                                id.id.split('-').next().and_then(|m| m.parse().ok());
+                            let us: i64 = match id.map.get("us") {
+                                Some(redis::Value::BulkString(us)) => {
+                                    String::from_utf8_lossy(us).parse().unwrap_or(0)
+                                }
+                                _ => 0,
+                            };
+                            if let Some(ms) = ms {
+                                let ts = (ms * 1000 + us) as u64;
                                 lat.lock().unwrap().push(now.saturating_sub(ts));
                             }
                             last.insert(b, id.id);
