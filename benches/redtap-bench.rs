@@ -158,11 +158,7 @@ fn count(r: &Redis, schema: Schema, agent: &str) -> u64 {
                     .arg("+")
                     .query(&mut c)
                     .unwrap();
-                for (id, fields) in redtap::layout::stream::entries(&v) {
-                    let ms = redtap::layout::stream::parse_stream_id(id).unwrap().major;
-                    let value = redtap::layout::packed::value_of(fields).expect("a packed entry");
-                    n += redtap::layout::packed::decode(value, ms).unwrap().len() as u64;
-                }
+                n += common::bucket_records(&v).len() as u64;
             }
             n
         }

@@ -66,6 +66,34 @@ fn counts(cluster: &RedisCluster, single: &RedisServer) -> (HashMap<Id, usize>, 
     (seen, per_node, on_single.len())
 }
 
+/// Wait until each of the `n` records is stored or counted as dropped, then check that none is
+/// stored twice and none is missing uncounted: (stored per primary, stored on the single server,
+/// dropped).
+fn settled_once_each(
+    cluster: &RedisCluster,
+    single: &RedisServer,
+    d: &Daemon,
+    n: usize,
+) -> (Vec<usize>, usize, usize) {
+    eventually(
+        Duration::from_secs(60),
+        "every record stored or dropped",
+        || {
+            let stored = counts(cluster, single).0.len();
+            stored + d.metric_sum("redtap_records_dropped_total") as usize >= n
+        },
+    );
+    let (seen, per_node, on_single) = counts(cluster, single);
+    let dropped = d.metric_sum("redtap_records_dropped_total") as usize;
+    assert!(seen.values().all(|&c| c == 1), "no record stored twice");
+    assert_eq!(
+        seen.len() + dropped,
+        n,
+        "every record stored or counted as dropped"
+    );
+    (per_node, on_single, dropped)
+}
+
 fn redtap(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(redtap_bin()).args(args).output().unwrap();
     (
@@ -201,22 +229,7 @@ fn a_primary_restarted_mid_load_loses_and_doubles_nothing() {
     cluster.wait_ok(Duration::from_secs(30));
     assert_eq!(load.join().unwrap(), n);
 
-    eventually(
-        Duration::from_secs(60),
-        "every record stored or dropped",
-        || {
-            let stored = counts(&cluster, &single).0.len();
-            stored + d.metric_sum("redtap_records_dropped_total") as usize >= n
-        },
-    );
-    let (seen, per_node, on_single) = counts(&cluster, &single);
-    let dropped = d.metric_sum("redtap_records_dropped_total") as usize;
-    assert!(seen.values().all(|&c| c == 1), "no record stored twice");
-    assert_eq!(
-        seen.len() + dropped,
-        n,
-        "every record stored or counted as dropped"
-    );
+    let (per_node, on_single, dropped) = settled_once_each(&cluster, &single, &d, n);
     if dropped == 0 {
         let on_cluster: usize = per_node.iter().sum();
         assert!(
@@ -272,22 +285,7 @@ fn slots_resharded_mid_load_are_followed_without_loss_or_doubles() {
     );
     assert_eq!(load.join().unwrap(), n);
 
-    eventually(
-        Duration::from_secs(60),
-        "every record stored or dropped",
-        || {
-            let stored = counts(&cluster, &single).0.len();
-            stored + d.metric_sum("redtap_records_dropped_total") as usize >= n
-        },
-    );
-    let (seen, per_node, on_single) = counts(&cluster, &single);
-    let dropped = d.metric_sum("redtap_records_dropped_total") as usize;
-    assert!(seen.values().all(|&c| c == 1), "no record stored twice");
-    assert_eq!(
-        seen.len() + dropped,
-        n,
-        "every record stored or counted as dropped"
-    );
+    let (per_node, on_single, dropped) = settled_once_each(&cluster, &single, &d, n);
     assert_eq!(dropped, 0, "a reshard loses nothing");
     assert!(
         (1499..=1501).contains(&on_single),

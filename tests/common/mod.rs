@@ -425,7 +425,6 @@ impl RedisCluster {
     /// index, capture µs, source address, source port). A node's own keys only: SCAN runs on
     /// each.
     pub fn records(&self, prefix: &str) -> Vec<(usize, u64, std::net::IpAddr, u16)> {
-        use redtap::layout::stream;
         let mut out = Vec::new();
         for (i, n) in self.nodes.iter().enumerate() {
             let mut c = n.conn().unwrap();
@@ -436,15 +435,32 @@ impl RedisCluster {
                     .arg("+")
                     .query(&mut c)
                     .unwrap();
-                let listen = stream::bucket_listen(&v);
-                for (id, fields) in stream::entries(&v) {
-                    let d = stream::decode(id, fields, listen).expect("a redtap record");
+                for (_, d) in bucket_records(&v) {
                     out.push((i, d.ts_us, d.src, d.sport));
                 }
             }
         }
         out
     }
+}
+
+/// Every redtap record in one `XRANGE` answer of a bucket, readable and packed entries alike,
+/// with the ID of the entry that holds it (a packed entry holds many). Entries that are not
+/// redtap records are left out.
+pub fn bucket_records(v: &redis::Value) -> Vec<(String, redtap::layout::Decoded)> {
+    use redtap::layout::{packed, stream};
+    let listen = stream::bucket_listen(v);
+    let mut out = Vec::new();
+    for (id, fields) in stream::entries(v) {
+        if let Some(value) = packed::value_of(fields) {
+            let ms = stream::parse_stream_id(id).expect("an entry ID").major;
+            let recs = packed::decode(value, ms).expect("a packed value");
+            out.extend(recs.into_iter().map(|d| (id.to_string(), d)));
+        } else if let Some(d) = stream::decode(id, fields, listen) {
+            out.push((id.to_string(), d));
+        }
+    }
+    out
 }
 
 /// A running `redtap run`.
