@@ -94,6 +94,16 @@ fn settled_once_each(
     (per_node, on_single, dropped)
 }
 
+/// Whether some capture second's records are stored on more than one primary: pipelines, not
+/// seconds, rotate over the stripes.
+fn spread_within_a_second(cluster: &RedisCluster) -> bool {
+    let mut nodes: HashMap<u64, std::collections::HashSet<usize>> = HashMap::new();
+    for (node, ts, _, _) in cluster.records(PREFIX) {
+        nodes.entry(ts / 1_000_000).or_default().insert(node);
+    }
+    nodes.values().any(|n| n.len() > 1)
+}
+
 fn redtap(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(redtap_bin()).args(args).output().unwrap();
     (
@@ -109,8 +119,8 @@ fn records_spread_over_every_primary_once_each_with_exact_shares_and_query_reads
     let single = RedisServer::start();
     let d = daemon(&cluster, 60, &single, 40, &[]);
 
-    // Paced over about six seconds: a cluster backend's buckets rotate over the primaries by
-    // capture second, and six seconds in a row reach every primary of an even three.
+    // Paced over about six seconds, many pipelines a second: a cluster backend's pipelines
+    // rotate over the primaries.
     let n = 3000;
     let sent = paced_connections(d.listen, n, 50, Duration::from_millis(100))
         .join()
@@ -136,6 +146,10 @@ fn records_spread_over_every_primary_once_each_with_exact_shares_and_query_reads
         "every primary holds a share: {per_node:?}"
     );
     assert_eq!(d.metric_sum("redtap_records_dropped_total"), 0.0);
+    assert!(
+        spread_within_a_second(&cluster),
+        "one second's records went to several primaries (a stripe per pipeline)"
+    );
 
     // Reading back over the cluster backend: SCAN on each primary, every record found.
     let c = format!("C={}@1", cluster.url());
@@ -348,4 +362,54 @@ fn keys_schema_records_spread_over_every_primary_once_each() {
         per[..3].iter().all(|&k| k > 0),
         "every primary holds a share: {per:?}"
     );
+}
+
+#[test]
+fn packed_entries_spread_over_every_primary_and_query_returns_them_in_order() {
+    let cluster = RedisCluster::start(3, &[]);
+    let single = RedisServer::start();
+    let d = daemon(&cluster, 60, &single, 40, &["--schema", "packed"]);
+    let n = 2000;
+    let sent = paced_connections(d.listen, n, 50, Duration::from_millis(100))
+        .join()
+        .unwrap();
+    assert_eq!(sent, n);
+    let (per_node, on_single, dropped) = settled_once_each(&cluster, &single, &d, n);
+    assert_eq!(dropped, 0);
+    let on_cluster: usize = per_node.iter().sum();
+    assert!(
+        (1199..=1201).contains(&on_cluster) && (799..=801).contains(&on_single),
+        "cluster {on_cluster}, single {on_single}"
+    );
+    assert!(
+        per_node.iter().all(|&k| k > 0),
+        "every primary holds a share: {per_node:?}"
+    );
+    assert!(spread_within_a_second(&cluster));
+
+    // One second of the agent is several streams (one per stripe): read back whole, in capture
+    // order.
+    let c = format!("C={}@1", cluster.url());
+    let (code, out, err) = redtap(&[
+        "query",
+        "--format",
+        "json",
+        "--since",
+        "10m",
+        "--schema",
+        "packed",
+        "--backend",
+        &c,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let ts: Vec<u64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["ts_us"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ts.len(), on_cluster, "{err}");
+    assert!(ts.windows(2).all(|w| w[0] <= w[1]), "rows in capture order");
 }
