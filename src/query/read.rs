@@ -987,11 +987,19 @@ impl Follower {
                 let start_ms = self.start_us / 1_000_000 * 1000;
                 let start_id = format!("{}-{}", start_ms.saturating_sub(1), u64::MAX);
                 // Buckets that left the window (expired, or older than the lag) are no longer
-                // followed.
+                // followed. One still inside it stays followed from its last ID even if this
+                // look missed it: on a cluster a key moving between primaries during a reshard
+                // can be missed by SCANs of both, and found again later would be read again
+                // from the start.
                 let found: HashSet<&String> =
                     h.streams.iter().flat_map(|(_, keys)| keys.iter()).collect();
-                self.streams.retain(|k, _| found.contains(k));
-                self.listens.retain(|k, _| found.contains(k));
+                let keep = |k: &String| {
+                    found.contains(k)
+                        || bucket_second(k)
+                            .is_some_and(|s| (s + 1).saturating_mul(1_000_000) > floor)
+                };
+                self.streams.retain(|k, _| keep(k));
+                self.listens.retain(|k, _| keep(k));
                 for (agent, keys) in std::mem::take(&mut h.streams) {
                     for key in keys {
                         self.streams
