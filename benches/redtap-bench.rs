@@ -1229,7 +1229,14 @@ fn fill_reads(
                     let bucket = r.ts_us / 1_000_000;
                     let create = bucket != buckets[side];
                     buckets[side] = bucket;
-                    layouts[side].push_store(&mut pipe, std::slice::from_ref(r), &[], slot, create);
+                    layouts[side].push_store(
+                        &mut pipe,
+                        std::slice::from_ref(r),
+                        &[],
+                        slot,
+                        0,
+                        create,
+                    );
                 }
                 // The pipeline's answers are IDs; only errors matter.
                 let answers: Vec<redis::Value> =

@@ -11,6 +11,13 @@
 //! ID not above a stream's top. The writer's side — capture, health going down and up (budget,
 //! drop-oldest), expiry, shutdown — is driven by the same seed.
 //!
+//! A share of the schedules model a Redis Cluster backend of three primaries, as
+//! `redtap::connect::cluster` drives one: the layout stripes buckets per pipeline, a pipeline is
+//! split into one part per primary (by each key's hash slot), each part queued on its primary's
+//! own connection and run in that primary's order, independently of the others; a part lost
+//! fails the whole pipeline while the other parts may still run; a primary restarts alone
+//! (losing only its keys); and a command may be answered `MOVED`/`ASK` (a refusal).
+//!
 //! After each schedule, for every captured record: it was written or dropped exactly once; a
 //! written record was stored; no record was ever readable twice; a record dropped for any reason
 //! but `unknown` was never readable; and `written` equals what the model holds plus what the
@@ -24,7 +31,8 @@ use std::sync::Arc;
 
 use redtap::buffer::{Budget, OnFull, RECORD_COST};
 use redtap::config::Schema;
-use redtap::layout::{bucket_expire_at_ms, bucket_of, Answer, Layout, Slot};
+use redtap::connect::cluster::{hash_slot, stripe_tags, SLOTS, STRIPES};
+use redtap::layout::{bucket_expire_at_ms, bucket_of, Answer, Bucket as BucketId, Layout, Slot};
 use redtap::metrics::DropReason;
 use redtap::record::{Kind, Record};
 use redtap::sink::backlog::{Backlog, Cmd, Fate, Plan};
@@ -56,16 +64,22 @@ enum Op {
     /// `EVAL <create bucket> …` (create) or `XADD key NOMKSTREAM id …`: an entry of one record
     /// (stream) or several (packed), each (record, capture µs).
     Xadd {
-        bucket: u64,
+        /// The bucket stream's key, its second and stripe.
+        key: String,
+        bucket: BucketId,
         id: Slot,
         create: bool,
         recs: Vec<(u16, u64)>,
         expire_at: u64,
     },
     /// `XRANGE key id id`.
-    Xrange { bucket: u64, id: Slot },
+    Xrange {
+        key: String,
+        bucket: BucketId,
+        id: Slot,
+    },
     /// `XREVRANGE key + - COUNT 1`.
-    Xrevrange { bucket: u64 },
+    Xrevrange { key: String, bucket: BucketId },
     /// `SET key value PXAT expire_at NX`.
     Set {
         key: Slot,
@@ -75,6 +89,29 @@ enum Op {
     },
     /// `GET key`.
     Get { key: Slot },
+}
+
+impl Op {
+    /// The key it works on, as Redis names it.
+    fn key(&self) -> String {
+        match self {
+            Op::Xadd { key, .. } | Op::Xrange { key, .. } | Op::Xrevrange { key, .. } => {
+                key.clone()
+            }
+            Op::Set { key, .. } | Op::Get { key } => key_name(*key),
+        }
+    }
+}
+
+/// The keys schema's name for `slot`.
+fn key_name(slot: Slot) -> String {
+    format!("sim:ev:a:{}:{}", slot.major, slot.seq)
+}
+
+/// The primary (of `nodes`, owning even slot ranges as `redis-cli --cluster create` makes them)
+/// that holds `key`; 0 outside a cluster.
+fn node_of(key: &str, nodes: usize) -> usize {
+    usize::from(hash_slot(key.as_bytes())) * nodes / usize::from(SLOTS)
 }
 
 /// The ops of `plan`, built from the backlog's records and layout.
@@ -89,7 +126,8 @@ fn ops(b: &Backlog, plan: &Plan) -> Vec<Op> {
                 let r = b.record(h);
                 match layout.schema {
                     Schema::Stream | Schema::Packed => Op::Xadd {
-                        bucket: bucket_of(r),
+                        key: layout.bucket_key(BucketId::of(r, b.stripe(h))),
+                        bucket: BucketId::of(r, b.stripe(h)),
                         id: slot,
                         create,
                         recs: b.entry(h).iter().map(|r| (r.src.port(), r.ts_us)).collect(),
@@ -104,13 +142,20 @@ fn ops(b: &Backlog, plan: &Plan) -> Vec<Op> {
                 }
             }
             Cmd::Check { h, slot } => match layout.schema {
-                Schema::Stream | Schema::Packed => Op::Xrange {
-                    bucket: bucket_of(b.record(h)),
-                    id: slot,
-                },
+                Schema::Stream | Schema::Packed => {
+                    let bucket = BucketId::of(b.record(h), b.stripe(h));
+                    Op::Xrange {
+                        key: layout.bucket_key(bucket),
+                        bucket,
+                        id: slot,
+                    }
+                }
                 Schema::Keys => Op::Get { key: slot },
             },
-            Cmd::Top { bucket } => Op::Xrevrange { bucket },
+            Cmd::Top { bucket } => Op::Xrevrange {
+                key: layout.bucket_key(bucket),
+                bucket,
+            },
         })
         .collect()
 }
@@ -139,7 +184,8 @@ struct Bucket {
 
 #[derive(Debug, Default)]
 struct Model {
-    buckets: HashMap<u64, Bucket>,
+    /// Bucket streams by key.
+    buckets: HashMap<String, Bucket>,
     /// Keys schema: key → (entry, expiry).
     keys: HashMap<Slot, (Entry, u64)>,
     /// Per record: copies that became readable, copies a restart destroyed, copies present now,
@@ -159,6 +205,8 @@ struct Model {
     touched: std::collections::HashSet<Slot>,
     /// Percent of commands refused.
     refuse: u64,
+    /// Primaries: 1 for one server.
+    nodes: usize,
 }
 
 impl Model {
@@ -199,21 +247,25 @@ impl Model {
     fn exec(&mut self, op: Op, now: u64, rng: &mut Rng) -> Answer {
         self.expire(now);
         if rng.chance(self.refuse) {
-            let e = ["OOM", "READONLY", "LOADING", "MISCONF"][rng.below(4) as usize];
+            let errors = ["OOM", "READONLY", "LOADING", "MISCONF", "MOVED", "ASK"];
+            // Redirects only from a cluster.
+            let kinds = if self.nodes > 1 { 6 } else { 4 };
+            let e = errors[rng.below(kinds) as usize];
             self.refused += 1;
             return Answer::Refused(e.into());
         }
         match op {
             Op::Xadd {
-                bucket,
+                key,
                 id,
                 create,
                 recs,
                 expire_at,
+                ..
             } => {
-                let b = match self.buckets.get_mut(&bucket) {
+                let b = match self.buckets.get_mut(&key) {
                     Some(b) => b,
-                    None if create => self.buckets.entry(bucket).or_insert(Bucket {
+                    None if create => self.buckets.entry(key.clone()).or_insert(Bucket {
                         entries: BTreeMap::new(),
                         expire_at,
                         created_at: now,
@@ -222,7 +274,7 @@ impl Model {
                 };
                 if b.entries.keys().next_back().is_some_and(|top| id <= *top) {
                     if b.entries.is_empty() {
-                        self.buckets.remove(&bucket);
+                        self.buckets.remove(&key);
                     }
                     return Answer::NotAbove;
                 }
@@ -242,19 +294,19 @@ impl Model {
                 }
                 if !alive {
                     // PEXPIREAT in the past: the key is deleted at once, never readable.
-                    self.buckets.remove(&bucket);
+                    self.buckets.remove(&key);
                 }
                 Answer::Done
             }
-            Op::Xrange { bucket, id } => Answer::Found(
+            Op::Xrange { key, id, .. } => Answer::Found(
                 self.buckets
-                    .get(&bucket)
+                    .get(&key)
                     .and_then(|b| b.entries.get(&id))
                     .map(Entry::id),
             ),
-            Op::Xrevrange { bucket } => Answer::Top(
+            Op::Xrevrange { key, .. } => Answer::Top(
                 self.buckets
-                    .get(&bucket)
+                    .get(&key)
                     .and_then(|b| b.entries.keys().next_back().copied()),
             ),
             Op::Get { key } => Answer::Found(self.keys.get(&key).map(|(e, _)| e.id())),
@@ -288,8 +340,9 @@ impl Model {
         }
     }
 
-    /// A restart: everything written since `since` is gone (0: everything).
-    fn restart(&mut self, since: u64) {
+    /// A restart of primary `node` (or every one): everything it had written since `since` is
+    /// gone (0: everything).
+    fn restart(&mut self, since: u64, node: Option<usize>) {
         let (lost, present) = (&mut self.lost, &mut self.present);
         let mut gone = |e: &Entry| {
             for &(r, _) in &e.recs {
@@ -297,7 +350,12 @@ impl Model {
                 present[r as usize] = present[r as usize].saturating_sub(1);
             }
         };
-        self.buckets.retain(|_, b| {
+        let nodes = self.nodes;
+        let hit = |key: &str| node.is_none_or(|n| node_of(key, nodes) == n);
+        self.buckets.retain(|key, b| {
+            if !hit(key) {
+                return true;
+            }
             // Entries of a bucket created since then are gone with their key.
             let keep = b.created_at < since;
             b.entries.retain(|_, e| {
@@ -309,8 +367,8 @@ impl Model {
             });
             keep
         });
-        self.keys.retain(|_, (e, _)| {
-            let keep = e.at < since;
+        self.keys.retain(|&slot, (e, _)| {
+            let keep = !hit(&key_name(slot)) || e.at < since;
             if !keep {
                 gone(e);
             }
@@ -346,6 +404,12 @@ struct Stats {
     tops: u64,
     /// Packed: stores of an entry of more than one record.
     multi_record_stores: u64,
+    /// Schedules against a cluster.
+    clusters: u64,
+    /// Cluster: pipelines split over more than one primary.
+    split_pipelines: u64,
+    /// Cluster: restarts of one primary alone.
+    node_restarts: u64,
 }
 
 impl Stats {
@@ -361,19 +425,54 @@ impl Stats {
         self.read_backs += o.read_backs;
         self.tops += o.tops;
         self.multi_record_stores += o.multi_record_stores;
+        self.clusters += o.clusters;
+        self.split_pipelines += o.split_pipelines;
+        self.node_restarts += o.node_restarts;
     }
 }
 
-/// A pipeline Redis has received on a connection and not executed yet.
+/// A pipeline (on a cluster: its part for one primary) Redis has received on a connection and
+/// not executed yet.
 struct Queued {
     plan: u64,
+    /// The index of each op in its pipeline.
+    idx: Vec<usize>,
     ops: Vec<Op>,
-    /// The writer gave up on its answer (timeout): it may still execute.
+    /// The writer gave up on its answer (timeout, or another part was lost): it may still
+    /// execute.
     abandoned: bool,
 }
 
+/// A writer's connection: one queue per primary (one, for one server).
 struct Conn {
-    queue: std::collections::VecDeque<Queued>,
+    nodes: Vec<std::collections::VecDeque<Queued>>,
+}
+
+impl Conn {
+    /// Whatever is left of pipeline `plan` may still run, but nobody awaits its answer.
+    fn abandon(&mut self, plan: u64) {
+        for q in self.nodes.iter_mut().flatten() {
+            if q.plan == plan {
+                q.abandoned = true;
+            }
+        }
+    }
+}
+
+/// A pipeline the writer awaits: on which connection, the answers of its parts so far, and
+/// how many parts have not answered.
+struct Awaited {
+    conn: usize,
+    answers: Vec<Option<Answer>>,
+    parts: usize,
+}
+
+/// The writer's answer to pipeline `plan` is lost: settle it so, and abandon what is left of it.
+fn lose(plan: u64, awaiting: &mut BTreeMap<u64, Awaited>, conns: &mut [Conn], b: &mut Backlog) {
+    if let Some(a) = awaiting.remove(&plan) {
+        conns[a.conn].abandon(plan);
+        b.settle(plan, Err(()));
+    }
 }
 
 /// Run one schedule; `Err` describes what broke.
@@ -395,7 +494,19 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
         OnFull::Wait
     };
     let budget = Arc::new(Budget::new((2 + rng.below(4) as usize) * RECORD_COST));
+    // A cluster of three primaries, as often as one server for the bucket layouts.
+    let nodes = if rng.chance(if stream { 50 } else { 25 }) {
+        3
+    } else {
+        1
+    };
+    st.clusters = u64::from(nodes > 1);
     let layout = Layout::new(schema, "sim", "a", retention);
+    let layout = if nodes > 1 {
+        layout.for_cluster("sim", "a")
+    } else {
+        layout
+    };
     let mut b = Backlog::new(layout, batch, on_full, budget.clone());
     b.keep_journal();
     let total = 2 + rng.below(if schema == Schema::Packed { 7 } else { 5 }) as u16;
@@ -406,13 +517,22 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
         executed: vec![0; total as usize + 1],
         refuse: [0, 5, 20, 50][rng.below(4) as usize],
         foreign: [0, 0, 10, 30][rng.below(4) as usize],
+        nodes,
         ..Default::default()
     };
-    // A previous run's entries at or above where this run's IDs start.
+    // A previous run's entries at or above where this run's IDs start (on a cluster, in the
+    // stripe this run's first pipeline takes, or another).
     if stream && rng.chance(20) {
         let bucket = now / 1000;
+        let mut stripe = b.layout().stripe_after(0);
+        for _ in 0..rng.below(3) {
+            stripe = b.layout().stripe_after(stripe);
+        }
         model.buckets.insert(
-            bucket,
+            b.layout().bucket_key(BucketId {
+                sec: bucket,
+                stripe,
+            }),
             Bucket {
                 entries: [(
                     Slot {
@@ -434,8 +554,8 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
     }
     let mut conns: Vec<Conn> = Vec::new();
     let mut conn: Option<usize> = None;
-    // Plans the writer still awaits: plan id → connection.
-    let mut awaiting: BTreeMap<u64, usize> = BTreeMap::new();
+    // Plans the writer still awaits.
+    let mut awaiting: BTreeMap<u64, Awaited> = BTreeMap::new();
     let mut captured: u16 = 0;
     let mut checked_resp = false;
     let mut steps = 0;
@@ -492,7 +612,7 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
                 }
                 let c = *conn.get_or_insert_with(|| {
                     conns.push(Conn {
-                        queue: Default::default(),
+                        nodes: (0..nodes).map(|_| Default::default()).collect(),
                     });
                     conns.len() - 1
                 });
@@ -517,23 +637,48 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
                     plan.id,
                     plan.cmds
                 );
-                awaiting.insert(plan.id, c);
-                conns[c].queue.push_back(Queued {
-                    plan: plan.id,
-                    ops,
-                    abandoned: false,
-                });
+                // One part per primary that owns a key of the pipeline, in send order.
+                let mut parts: Vec<Queued> = (0..nodes)
+                    .map(|_| Queued {
+                        plan: plan.id,
+                        idx: Vec::new(),
+                        ops: Vec::new(),
+                        abandoned: false,
+                    })
+                    .collect();
+                let n_ops = ops.len();
+                for (i, op) in ops.into_iter().enumerate() {
+                    let part = &mut parts[node_of(&op.key(), nodes)];
+                    part.idx.push(i);
+                    part.ops.push(op);
+                }
+                parts.retain(|p| !p.ops.is_empty());
+                st.split_pipelines += u64::from(parts.len() > 1);
+                awaiting.insert(
+                    plan.id,
+                    Awaited {
+                        conn: c,
+                        answers: vec![None; n_ops],
+                        parts: parts.len(),
+                    },
+                );
+                for part in parts {
+                    let n = node_of(&part.ops[0].key(), nodes);
+                    conns[c].nodes[n].push_back(part);
+                }
             }
-            // Redis executes the oldest pipeline of some connection, old ones included.
+            // A primary executes the oldest pipeline (part) of some connection, old ones
+            // included.
             4..=6 => {
-                let live: Vec<usize> = (0..conns.len())
-                    .filter(|&i| !conns[i].queue.is_empty())
+                let live: Vec<(usize, usize)> = (0..conns.len())
+                    .flat_map(|i| (0..nodes).map(move |n| (i, n)))
+                    .filter(|&(i, n)| !conns[i].nodes[n].is_empty())
                     .collect();
                 if live.is_empty() {
                     continue;
                 }
-                let c = live[rng.below(live.len() as u64) as usize];
-                let q = conns[c].queue.pop_front().unwrap();
+                let (c, node) = live[rng.below(live.len() as u64) as usize];
+                let q = conns[c].nodes[node].pop_front().unwrap();
                 // How the answer fares: delivered, executed and lost, or cut mid-pipeline.
                 let fate = if faults { rng.below(10) } else { 0 };
                 let upto = if fate == 9 {
@@ -547,65 +692,78 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
                     .take(upto)
                     .map(|op| model.exec(op.clone(), now, &mut rng))
                     .collect();
-                trace!("t={now} conn {c} runs plan {} ({upto} of {} ops, fate {fate}, abandoned {}): {answers:?}", q.plan, q.ops.len(), q.abandoned);
+                trace!("t={now} conn {c} node {node} runs plan {} ops {:?} ({upto} of {}, fate {fate}, abandoned {}): {answers:?}", q.plan, q.idx, q.ops.len(), q.abandoned);
                 if q.abandoned {
                     st.late_runs += u64::from(upto > 0);
                     continue;
                 }
-                awaiting.remove(&q.plan);
                 st.answers_lost += u64::from(fate >= 8);
-                let result = if fate >= 8 {
-                    // The connection is gone: its other pipelines never run.
-                    for q in conns[c].queue.drain(..) {
-                        if !q.abandoned {
-                            awaiting.remove(&q.plan);
-                            b.settle(q.plan, Err(()));
-                        }
+                if fate >= 8 {
+                    // The connection to this primary is gone: its other pipelines never run,
+                    // and a pipeline with a part lost is lost whole (other parts may still run).
+                    let dead: Vec<u64> = conns[c].nodes[node].drain(..).map(|q| q.plan).collect();
+                    for plan in std::iter::once(q.plan).chain(dead) {
+                        lose(plan, &mut awaiting, &mut conns, &mut b);
                     }
                     if conn == Some(c) {
                         conn = None;
                     }
-                    Err(())
-                } else {
-                    Ok(answers)
-                };
-                let s = b.settle(q.plan, result);
+                    b.failed();
+                    continue;
+                }
+                let a = awaiting.get_mut(&q.plan).expect("awaited");
+                for (&i, answer) in q.idx.iter().zip(answers) {
+                    a.answers[i] = Some(answer);
+                }
+                a.parts -= 1;
+                if a.parts > 0 {
+                    continue;
+                }
+                let a = awaiting.remove(&q.plan).expect("awaited");
+                let answers = a
+                    .answers
+                    .into_iter()
+                    .map(|x| x.expect("answered"))
+                    .collect();
+                let s = b.settle(q.plan, Ok(answers));
                 if !s.ok() {
                     b.failed();
                 }
             }
             // The writer gives up on a pipeline (timeout); Redis may still run it later.
             7 if faults => {
-                let Some((&plan, &c)) = awaiting.iter().next() else {
+                let Some(&plan) = awaiting.keys().next() else {
                     continue;
                 };
-                awaiting.remove(&plan);
-                if let Some(q) = conns[c].queue.iter_mut().find(|q| q.plan == plan) {
-                    q.abandoned = true;
-                }
                 trace!("t={now} writer gives up on plan {plan}");
                 st.answers_lost += 1;
-                b.settle(plan, Err(()));
+                lose(plan, &mut awaiting, &mut conns, &mut b);
                 b.failed();
                 conn = None;
             }
-            // Redis restarts, losing everything or the last second; every connection dies.
+            // Redis (on a cluster: one primary, or now and then all) restarts, losing
+            // everything or the last second; the connections to it die.
             8 if faults && rng.chance(15) => {
                 let since = if rng.chance(50) {
                     0
                 } else {
                     now.saturating_sub(1000)
                 };
-                trace!("t={now} restart losing since {since}");
+                let node = (nodes > 1 && rng.chance(80)).then(|| rng.below(nodes as u64) as usize);
+                trace!("t={now} restart of {node:?} losing since {since}");
                 st.restarts += 1;
-                model.restart(since);
+                st.node_restarts += u64::from(node.is_some());
+                model.restart(since, node);
+                let mut dead = Vec::new();
                 for c in conns.iter_mut() {
-                    for q in c.queue.drain(..) {
-                        if !q.abandoned {
-                            awaiting.remove(&q.plan);
-                            b.settle(q.plan, Err(()));
+                    for (n, q) in c.nodes.iter_mut().enumerate() {
+                        if node.is_none_or(|x| x == n) {
+                            dead.extend(q.drain(..).map(|q| q.plan));
                         }
                     }
+                }
+                for plan in dead {
+                    lose(plan, &mut awaiting, &mut conns, &mut b);
                 }
                 conn = None;
             }
@@ -622,8 +780,8 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
         }
     }
     // Late pipelines of abandoned connections may still run after the writer is done.
-    for c in conns.iter_mut() {
-        for q in c.queue.drain(..) {
+    for q in conns.iter_mut().flat_map(|c| c.nodes.iter_mut()) {
+        for q in q.drain(..) {
             if rng.chance(50) {
                 st.late_runs += 1;
                 for op in q.ops {
@@ -725,7 +883,23 @@ fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
     if cmds.len() != ops.len() {
         return Err(format!("{} commands for {} ops", cmds.len(), ops.len()));
     }
-    let key_of = |bucket: u64| format!("sim:events:{{a}}:{bucket}");
+    // Written out here, not taken from the layout: one agent's bucket of a second, and on a
+    // cluster the stripe's hash tag (whose slot lies in the stripe's share of the slots).
+    let tags = stripe_tags("a");
+    let cluster = b.layout().bucket_key(BucketId { sec: 0, stripe: 1 }) != "sim:events:{a}:0";
+    let key_of = |bucket: BucketId| {
+        if cluster {
+            let tag = &tags[usize::from(bucket.stripe)];
+            assert_eq!(
+                usize::from(hash_slot(tag.as_bytes())) * STRIPES / usize::from(SLOTS),
+                usize::from(bucket.stripe)
+            );
+            format!("sim:events:{{{tag}}}:{}", bucket.sec)
+        } else {
+            assert_eq!(bucket.stripe, 0);
+            format!("sim:events:{{a}}:{}", bucket.sec)
+        }
+    };
     for (raw, op) in cmds.iter().zip(&ops) {
         let args: Vec<String> = raw
             .iter()
@@ -749,6 +923,7 @@ fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
                 create: true,
                 expire_at,
                 ref recs,
+                ..
             } => {
                 a[0] == "EVAL"
                     && a[2] == "1"
@@ -772,7 +947,7 @@ fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
                     ]
                     && packed_ok(4, i, recs)
             }
-            Op::Xrange { bucket, id: i } => {
+            Op::Xrange { bucket, id: i, .. } => {
                 a == [
                     "XRANGE",
                     key_of(bucket).as_str(),
@@ -780,7 +955,7 @@ fn check_resp(b: &Backlog, plan: &Plan) -> Result<(), String> {
                     id(i).as_str(),
                 ]
             }
-            Op::Xrevrange { bucket } => {
+            Op::Xrevrange { bucket, .. } => {
                 a == ["XREVRANGE", key_of(bucket).as_str(), "+", "-", "COUNT", "1"]
             }
             Op::Get { key } => {

@@ -48,10 +48,10 @@ pub struct Layout {
     /// of (nearly) every record, which the stream layout then stores once per bucket instead
     /// of once per record ([`Layout::with_listen`]).
     pub listen: Option<std::net::SocketAddr>,
-    /// Stream schema on a Redis Cluster: the bucket key prefixes of the agent's stripes
-    /// (`<prefix>:events:{<agent>/<k>}:`, [`crate::connect::cluster::stripe_tags`]), one per
-    /// capture second in turn, so the buckets spread over every primary. `None`: every bucket
-    /// under `key`.
+    /// Stream and packed schemas on a Redis Cluster: the bucket key prefixes of the agent's
+    /// stripes (`<prefix>:events:{<agent>/<k>}:`, [`crate::connect::cluster::stripe_tags`]),
+    /// one per pipeline in turn (the writer picks, [`Layout::stripe_after`]), so the buckets
+    /// spread over every primary. `None`: every bucket under `key`.
     stripes: Option<std::sync::Arc<[String]>>,
     /// The last slot handed out; slots only grow, so a retried write reuses its slot and a new
     /// record never takes an old one.
@@ -98,6 +98,28 @@ impl Decoded {
 /// The bucket (capture second, Unix time) a record goes to.
 pub fn bucket_of(rec: &Record) -> u64 {
     rec.ts_us / 1_000_000
+}
+
+/// One bucket stream: a capture second, and on a Redis Cluster the stripe (hash tag) it is
+/// written under. One agent's second may then be several streams, one per stripe that a
+/// pipeline of that second was given; each is created once with its expiry, and entry IDs
+/// grow in each as in one. Stripe 0 is the only one elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bucket {
+    /// The capture second (Unix time).
+    pub sec: u64,
+    /// The stripe; always 0 outside a cluster.
+    pub stripe: u8,
+}
+
+impl Bucket {
+    /// The bucket of `rec` under `stripe`.
+    pub fn of(rec: &Record, stripe: u8) -> Bucket {
+        Bucket {
+            sec: bucket_of(rec),
+            stripe,
+        }
+    }
 }
 
 /// When a bucket's key expires: the end of its second plus retention, so no record in it
@@ -197,12 +219,12 @@ impl Layout {
         }
     }
 
-    /// The same, for a Redis Cluster backend: the stream schema's buckets rotate over the
-    /// agent's stripes by capture second. A bucket's key stays a function of its second alone,
-    /// so every resend of a record goes to the same key (and a bucket is one key, created once
-    /// with its expiry). The keys schema has no hash tag: its keys spread by themselves.
+    /// The same, for a Redis Cluster backend: the stream and packed schemas' buckets rotate
+    /// over the agent's stripes by pipeline. An entry's stripe is fixed when it is formed, as
+    /// its slot is, so every resend goes to the same key; the keys schema has no hash tag: its
+    /// keys spread by themselves.
     pub fn for_cluster(mut self, prefix: &str, agent: &str) -> Self {
-        if self.schema == Schema::Stream {
+        if self.is_stream() {
             let tags = crate::connect::cluster::stripe_tags(agent);
             self.stripes = Some(
                 tags.iter()
@@ -254,16 +276,24 @@ impl Layout {
         slot
     }
 
-    /// The key of bucket `bucket` (stream schema).
-    pub fn bucket_key(&self, bucket: u64) -> String {
+    /// The stripe a pipeline after one on `stripe` takes: stride 7 (prime to the stripe
+    /// count), so consecutive pipelines land far apart in the slot space, on different
+    /// primaries. Always 0 outside a cluster.
+    pub fn stripe_after(&self, stripe: u8) -> u8 {
+        match &self.stripes {
+            Some(s) => ((usize::from(stripe) + 7) % s.len()) as u8,
+            None => 0,
+        }
+    }
+
+    /// The key of bucket `bucket` (stream and packed schemas).
+    pub fn bucket_key(&self, bucket: Bucket) -> String {
         let head = match &self.stripes {
-            // Stride 7 (prime to the stripe count): consecutive seconds land far apart in the
-            // slot space, so on different primaries.
-            Some(s) => &s[((bucket % s.len() as u64) * 7 % s.len() as u64) as usize],
+            Some(s) => &s[usize::from(bucket.stripe) % s.len()],
             None => &self.key,
         };
         let mut key = String::with_capacity(head.len() + 12);
-        let _ = write!(key, "{head}{bucket}");
+        let _ = write!(key, "{head}{}", bucket.sec);
         key
     }
 
@@ -281,25 +311,26 @@ impl Layout {
     }
 
     /// Queue the command that stores the entry `recs` (one record, except in the packed
-    /// layout) at `slot` ([`stream::push_store`], [`keys::push_store`],
-    /// [`packed::push_store`] with `value`, the entry's encoding by [`Layout::pack`]).
-    /// `create`: a bucket stream's first entry in this pipeline. A second copy at the same
-    /// slot is never stored: XADD refuses an ID not above the stream's top, and SET … NX keeps
-    /// the first value.
+    /// layout) at `slot` of the bucket of its stripe `stripe` ([`stream::push_store`],
+    /// [`keys::push_store`], [`packed::push_store`] with `value`, the entry's encoding by
+    /// [`Layout::pack`]). `create`: the bucket stream's first entry in this pipeline. A second
+    /// copy at the same slot is never stored: XADD refuses an ID not above the stream's top,
+    /// and SET … NX keeps the first value.
+    #[allow(clippy::too_many_arguments)]
     pub fn push_store(
         &self,
         pipe: &mut Pipeline,
         recs: &[Record],
         value: &[u8],
         slot: Slot,
+        stripe: u8,
         create: bool,
     ) {
+        let bucket = Bucket::of(&recs[0], stripe);
         match self.schema {
-            Schema::Stream => stream::push_store(self, pipe, &recs[0], slot, create),
+            Schema::Stream => stream::push_store(self, pipe, &recs[0], bucket, slot, create),
             Schema::Keys => keys::push_store(self, pipe, &recs[0], slot),
-            Schema::Packed => {
-                packed::push_store(self, pipe, bucket_of(&recs[0]), value, slot, create)
-            }
+            Schema::Packed => packed::push_store(self, pipe, bucket, value, slot, create),
         }
     }
 
@@ -312,11 +343,13 @@ impl Layout {
         }
     }
 
-    /// Queue a read of what is stored at `rec`'s `slot`: `XRANGE key id id` (stream schema),
-    /// `GET key` (keys schema).
-    pub fn push_check(&self, pipe: &mut Pipeline, rec: &Record, slot: Slot) {
+    /// Queue a read of what is stored at `rec`'s `slot` (in its stripe's bucket): `XRANGE key
+    /// id id` (stream schema), `GET key` (keys schema).
+    pub fn push_check(&self, pipe: &mut Pipeline, rec: &Record, slot: Slot, stripe: u8) {
         match self.schema {
-            Schema::Stream | Schema::Packed => stream::push_check(self, pipe, rec, slot),
+            Schema::Stream | Schema::Packed => {
+                stream::push_check(self, pipe, Bucket::of(rec, stripe), slot)
+            }
             Schema::Keys => {
                 pipe.cmd("GET").arg(self.key_name(slot));
             }
@@ -324,7 +357,7 @@ impl Layout {
     }
 
     /// Queue a read of bucket `bucket`'s newest entry (stream schema).
-    pub fn push_top(&self, pipe: &mut Pipeline, bucket: u64) {
+    pub fn push_top(&self, pipe: &mut Pipeline, bucket: Bucket) {
         stream::push_top(self, pipe, bucket)
     }
 
@@ -391,7 +424,7 @@ fn kind_text<'a>(rec: &Record, buf: &'a mut StackBuf) -> &'a str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::record::Kind;
 
@@ -474,7 +507,7 @@ mod tests {
             let slot = l.next_slot(r);
             let create = !created.contains(&bucket_of(r));
             created.push(bucket_of(r));
-            l.push_store(&mut pipe, std::slice::from_ref(r), &[], slot, create);
+            l.push_store(&mut pipe, std::slice::from_ref(r), &[], slot, 0, create);
         }
         args(&pipe)
             .into_iter()
@@ -637,7 +670,7 @@ mod tests {
             let exp = bucket_expire_at_ms(bucket_of(&r), l.retention_ms);
             assert!(exp >= l.expire_at_ms(&r) && exp <= r.ts_ms() + 3000 + 1000);
         }
-        assert_eq!(l.bucket_key(5), "p:events:{a}:5");
+        assert_eq!(l.bucket_key(Bucket { sec: 5, stripe: 0 }), "p:events:{a}:5");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use redis::{Pipeline, Value};
 
 use super::stream;
-use super::{Decoded, Layout, Slot, StackBuf};
+use super::{Bucket, Decoded, Layout, Slot, StackBuf};
 use crate::record::{flags_str, Kind, Record};
 
 /// The format version, the value's first byte.
@@ -136,7 +136,7 @@ pub const FIELD: &str = "p";
 pub fn push_store(
     layout: &Layout,
     pipe: &mut Pipeline,
-    bucket: u64,
+    bucket: Bucket,
     value: &[u8],
     slot: Slot,
     create: bool,
@@ -439,7 +439,7 @@ mod tests {
         let value = l.pack(&recs, slot);
         for create in [true, false] {
             let mut pipe = Pipeline::new();
-            l.push_store(&mut pipe, &recs, &value, slot, create);
+            l.push_store(&mut pipe, &recs, &value, slot, 0, create);
             let args = &crate::layout::tests::args(&pipe)[0];
             let at = if create { 5 } else { 3 };
             let id = format!("{}-{}", slot.major, slot.seq);

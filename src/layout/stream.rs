@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use redis::{Pipeline, Value};
 
-use super::{bucket_expire_at_ms, bucket_of, text, Decoded, Layout, Slot, StackBuf};
+use super::{bucket_expire_at_ms, text, Bucket, Decoded, Layout, Slot, StackBuf};
 use crate::record::{Kind, Record};
 
 /// Creates a bucket stream and fixes its expiry in one atomic step, so that a bucket key never
@@ -57,14 +57,20 @@ pub fn parse_bucket_rest(rest: &str) -> Option<(&str, u64)> {
 /// Queue the command that stores `rec` at `slot`: `create` sends the bucket-creating script
 /// ([`CREATE_BUCKET_LUA`]), else `XADD … NOMKSTREAM`, which never makes a key without an
 /// expiry (a nil answer: the bucket is missing).
-pub fn push_store(layout: &Layout, pipe: &mut Pipeline, rec: &Record, slot: Slot, create: bool) {
+pub fn push_store(
+    layout: &Layout,
+    pipe: &mut Pipeline,
+    rec: &Record,
+    bucket: Bucket,
+    slot: Slot,
+    create: bool,
+) {
     // Formatted on the stack: this runs once per record, and heap strings were the largest
     // cost of building a batch (see BENCHMARKS.md).
     let mut src = StackBuf::new();
     let _ = write!(src, "{}", rec.src.ip());
     let mut id = StackBuf::new();
     let _ = write!(id, "{}-{}", slot.major, slot.seq);
-    let bucket = bucket_of(rec);
     // Sized up front: one allocation per command instead of a string of reallocs.
     let mut cmd = redis::Cmd::with_capacity(20, layout.key.len() + 160);
     store_head(&mut cmd, layout, bucket, create);
@@ -97,17 +103,17 @@ pub fn push_store(layout: &Layout, pipe: &mut Pipeline, rec: &Record, slot: Slot
     pipe.add_command(cmd);
 }
 
-/// Queue `XRANGE key id id`: what is stored at `rec`'s `slot`.
-pub fn push_check(layout: &Layout, pipe: &mut Pipeline, rec: &Record, slot: Slot) {
+/// Queue `XRANGE key id id`: what is stored at `slot` of `bucket`.
+pub fn push_check(layout: &Layout, pipe: &mut Pipeline, bucket: Bucket, slot: Slot) {
     let id = format!("{}-{}", slot.major, slot.seq);
     pipe.cmd("XRANGE")
-        .arg(layout.bucket_key(bucket_of(rec)))
+        .arg(layout.bucket_key(bucket))
         .arg(&id)
         .arg(&id);
 }
 
 /// Queue `XREVRANGE key + - COUNT 1`: bucket `bucket`'s newest entry.
-pub fn push_top(layout: &Layout, pipe: &mut Pipeline, bucket: u64) {
+pub fn push_top(layout: &Layout, pipe: &mut Pipeline, bucket: Bucket) {
     pipe.cmd("XREVRANGE")
         .arg(layout.bucket_key(bucket))
         .arg("+")
@@ -278,13 +284,13 @@ pub fn newest_id(v: &Value) -> Option<Slot> {
 /// The start of a command storing an entry in `bucket`: the script that creates the bucket with
 /// its expiry when `create` ([`CREATE_BUCKET_LUA`]), else `XADD key NOMKSTREAM`; the ID and
 /// fields follow. Shared by the readable and the packed layout, which use the same buckets.
-pub(super) fn store_head(cmd: &mut redis::Cmd, layout: &Layout, bucket: u64, create: bool) {
+pub(super) fn store_head(cmd: &mut redis::Cmd, layout: &Layout, bucket: Bucket, create: bool) {
     if create {
         cmd.arg("EVAL")
             .arg(CREATE_BUCKET_LUA)
             .arg(1)
             .arg(layout.bucket_key(bucket))
-            .arg(bucket_expire_at_ms(bucket, layout.retention_ms));
+            .arg(bucket_expire_at_ms(bucket.sec, layout.retention_ms));
     } else {
         cmd.arg("XADD")
             .arg(layout.bucket_key(bucket))

@@ -343,12 +343,21 @@ async fn streams(ctx: Arc<Ctx>, keys: Vec<String>, tx: Tx) {
             return;
         }
     }
-    let mut todo = buckets.into_iter();
+    // One agent's second is one bucket, or on a Redis Cluster one per stripe its pipelines took
+    // in that second (the keys come sorted by second): read together, handed on as one.
+    let mut seconds: Vec<Vec<String>> = Vec::new();
+    for key in buckets {
+        match seconds.last_mut() {
+            Some(last) if bucket_second(&last[0]) == bucket_second(&key) => last.push(key),
+            _ => seconds.push(vec![key]),
+        }
+    }
+    let mut todo = seconds.into_iter();
     let mut running = std::collections::VecDeque::new();
     loop {
         while running.len() < BUCKETS_AHEAD {
-            let Some(key) = todo.next() else { break };
-            running.push_back(tokio::spawn(read_bucket(ctx.clone(), key)));
+            let Some(keys) = todo.next() else { break };
+            running.push_back(tokio::spawn(read_second(ctx.clone(), keys)));
         }
         let Some(task) = running.pop_front() else {
             return;
@@ -463,6 +472,34 @@ async fn xrange(
         .arg(PAGE)
         .query_async(conn)
         .await
+}
+
+/// Read the buckets of one second, `keys` (several on a cluster: one per stripe), into one list
+/// in capture order.
+async fn read_second(ctx: Arc<Ctx>, mut keys: Vec<String>) -> Result<Vec<Row>, redis::RedisError> {
+    if keys.len() == 1 {
+        return read_bucket(ctx, keys.pop().expect("one")).await;
+    }
+    let tasks: Vec<_> = keys
+        .into_iter()
+        .map(|k| tokio::spawn(read_bucket(ctx.clone(), k)))
+        .collect();
+    let mut rows = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(r) => rows.extend(r?),
+            Err(e) => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::ClientError,
+                    "reader task failed",
+                    e.to_string(),
+                )))
+            }
+        }
+    }
+    // Each stripe's rows are in order; the stripes interleave in time.
+    rows.sort_by_key(|r| r.ts_us);
+    Ok(rows)
 }
 
 /// Read one bucket whole (a second of one agent's records; the window is applied to each

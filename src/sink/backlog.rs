@@ -8,6 +8,13 @@
 //! entry that takes a new slot is encoded again for it. Counts stay per record: an entry's
 //! records are written, or dropped for one reason, together.
 //!
+//! On a Redis Cluster an entry also has a *stripe* (the hash tag of its bucket's key), fixed
+//! for its life when it is formed: the new entries of one pipeline share one stripe, and the
+//! next pipeline takes the next ([`Layout::stripe_after`]), so pipelines rotate over the
+//! primaries while every resend and read-back of an entry goes to the same key. Its bucket is
+//! then (capture second, stripe) — [`Bucket`] — and everything said of a bucket below (created
+//! once, IDs grow in it, its top) is said of that stream.
+//!
 //! Owns: the records a writer holds (never sent, in flight, answer lost, to be read back), their
 //! entries and slots, the pipelines in flight with the exact commands each carries, the share of the buffer
 //! budget the records hold, and the written / dropped tally. It never touches a socket, a clock
@@ -46,7 +53,7 @@ use redis::Pipeline;
 use super::WINDOW;
 use crate::buffer::{Budget, OnFull};
 use crate::config::Schema;
-use crate::layout::{bucket_of, Answer, Ask, Layout, Slot};
+use crate::layout::{bucket_of, Answer, Ask, Bucket, Layout, Slot};
 use crate::metrics::DropReason;
 use crate::record::Record;
 
@@ -77,8 +84,8 @@ pub enum Cmd {
     },
     /// Learn the newest ID of bucket `bucket`.
     Top {
-        /// The bucket (capture second).
-        bucket: u64,
+        /// The bucket (capture second and stripe).
+        bucket: Bucket,
     },
 }
 
@@ -180,6 +187,8 @@ struct Held {
     recs: Vec<Record>,
     /// Packed layout: its value at its current slot (empty in the other layouts).
     value: Vec<u8>,
+    /// Its stripe, fixed when it was formed (always 0 outside a cluster).
+    stripe: u8,
     st: St,
     /// A read-back found it absent, which may also mean its bucket expired with it: if it is
     /// dropped before it is stored again, it counts as `unknown`.
@@ -215,7 +224,9 @@ pub struct Backlog {
     inflight: Vec<(u64, Vec<Cmd>)>,
     next_plan: u64,
     /// Buckets whose newest ID to learn.
-    tops: Vec<u64>,
+    tops: Vec<Bucket>,
+    /// The stripe of the last pipeline that formed new entries.
+    stripe: u8,
     /// Send nothing new until every pipeline in flight has settled (after a failure, or while a
     /// resend or read-back is out).
     draining: bool,
@@ -246,6 +257,7 @@ impl Backlog {
             inflight: Vec::new(),
             next_plan: 0,
             tops: Vec::new(),
+            stripe: 0,
             draining: false,
             tally: Tally::default(),
             totals: Tally::default(),
@@ -314,6 +326,11 @@ impl Backlog {
         &self.held[&h].recs
     }
 
+    /// The stripe of entry `h` (held): 0 outside a cluster.
+    pub fn stripe(&self, h: Handle) -> u8 {
+        self.held[&h].stripe
+    }
+
     /// The packed value of entry `h` (held) at its current slot; empty in the other layouts.
     pub fn value(&self, h: Handle) -> &[u8] {
         &self.held[&h].value
@@ -376,9 +393,9 @@ impl Backlog {
             cmds.push(Cmd::Top { bucket });
             careful = true;
         }
-        let mut created: Vec<u64> = Vec::new();
-        let mut create = |rec: &Record| {
-            let b = bucket_of(rec);
+        let mut created: Vec<Bucket> = Vec::new();
+        let mut create = |rec: &Record, stripe: u8| {
+            let b = Bucket::of(rec, stripe);
             let first = stream && !created.contains(&b);
             if first {
                 created.push(b);
@@ -406,7 +423,7 @@ impl Backlog {
             cmds.push(Cmd::Store {
                 h,
                 slot,
-                create: create(&held.recs[0]),
+                create: create(&held.recs[0], held.stripe),
                 resend: true,
             });
             stores += held.recs.len();
@@ -429,12 +446,16 @@ impl Backlog {
                     cmds.push(Cmd::Store {
                         h,
                         slot,
-                        create: create(&held.recs[0]),
+                        create: create(&held.recs[0], held.stripe),
                         resend: false,
                     });
                     stores += held.recs.len();
                 }
             }
+            if stores < self.limit && !self.fresh.is_empty() {
+                self.stripe = self.layout.stripe_after(self.stripe);
+            }
+            let stripe = self.stripe;
             while stores < self.limit {
                 let Some(first) = self.fresh.pop_front() else {
                     break;
@@ -461,7 +482,7 @@ impl Backlog {
                 cmds.push(Cmd::Store {
                     h,
                     slot,
-                    create: create(&recs[0]),
+                    create: create(&recs[0], stripe),
                     resend: false,
                 });
                 stores += recs.len();
@@ -471,6 +492,7 @@ impl Backlog {
                     Held {
                         recs,
                         value,
+                        stripe,
                         st: St::Sending {
                             slot,
                             resend: false,
@@ -503,10 +525,20 @@ impl Backlog {
                     h, slot, create, ..
                 } => {
                     let held = &self.held[&h];
-                    self.layout
-                        .push_store(&mut pipe, &held.recs, &held.value, slot, create)
+                    self.layout.push_store(
+                        &mut pipe,
+                        &held.recs,
+                        &held.value,
+                        slot,
+                        held.stripe,
+                        create,
+                    )
                 }
-                Cmd::Check { h, slot } => self.layout.push_check(&mut pipe, self.record(h), slot),
+                Cmd::Check { h, slot } => {
+                    let held = &self.held[&h];
+                    self.layout
+                        .push_check(&mut pipe, &held.recs[0], slot, held.stripe)
+                }
                 Cmd::Top { bucket } => self.layout.push_top(&mut pipe, bucket),
             }
         }
@@ -558,7 +590,8 @@ impl Backlog {
                         Some(Answer::Nil) if stream && resend => Some(St::Unknown(slot)),
                         Some(Answer::NotAbove) if stream && resend => Some(St::Check(slot)),
                         Some(Answer::NotAbove) if stream => {
-                            let b = bucket_of(&self.held[&h].recs[0]);
+                            let held = &self.held[&h];
+                            let b = Bucket::of(&held.recs[0], held.stripe);
                             if !self.tops.contains(&b) {
                                 self.tops.push(b);
                             }
@@ -855,7 +888,12 @@ mod tests {
         let p = b.plan().unwrap();
         b.settle(p.id, Ok(vec![Answer::NotAbove]));
         let p = b.plan().unwrap();
-        assert_eq!(p.cmds, vec![Cmd::Top { bucket: 1 }]);
+        assert_eq!(
+            p.cmds,
+            vec![Cmd::Top {
+                bucket: Bucket { sec: 1, stripe: 0 }
+            }]
+        );
         let top = Slot {
             major: 1500,
             seq: 7,
@@ -917,6 +955,71 @@ mod tests {
         b.settle(p.id, Ok(vec![Answer::Done; n]));
         assert_eq!(b.totals().written, 4);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn on_a_cluster_each_pipeline_takes_the_next_stripe_and_an_entry_keeps_its_own() {
+        for schema in [Schema::Stream, Schema::Packed] {
+            let layout = Layout::new(schema, "t", "a", 10_000).for_cluster("t", "a");
+            let mut b = Backlog::new(
+                layout,
+                2,
+                OnFull::DropOldest,
+                Arc::new(Budget::new(1 << 20)),
+            );
+            // Two records a second, so a packed pipeline also holds two entries.
+            b.accept((0..32u16).map(|i| rec(1_000_000 + u64::from(i / 2) * 1_000_000, i + 1)));
+            let keys = |b: &Backlog, p: &Plan| -> Vec<(Handle, Slot, Vec<u8>)> {
+                let args = crate::layout::tests::args(&b.pipeline(p));
+                stores(p)
+                    .iter()
+                    .zip(args)
+                    .map(|(s, a)| (s.0, s.1, a[if a[0] == b"EVAL" { 3 } else { 1 }].clone()))
+                    .collect()
+            };
+            let mut seen = Vec::new();
+            let mut lost: Vec<(Handle, Slot, Vec<u8>)> = Vec::new();
+            let mut resent = Vec::new();
+            while let Some(p) = b.plan() {
+                let sent = keys(&b, &p);
+                if stores(&p).iter().any(|s| s.3) {
+                    // A resend goes with the entries it was formed with (and may share its
+                    // pipeline with new entries, on the next stripe).
+                    resent.extend(sent.into_iter().filter(|k| lost.iter().any(|l| l.0 == k.0)));
+                    if let Some(new) = stores(&p).iter().find(|s| !s.3) {
+                        seen.push(b.stripe(new.0));
+                    }
+                } else {
+                    let slot = crate::connect::cluster::hash_slot(&sent[0].2);
+                    assert!(
+                        sent.iter()
+                            .all(|k| crate::connect::cluster::hash_slot(&k.2) == slot),
+                        "one hash slot a pipeline"
+                    );
+                    seen.push(b.stripe(stores(&p)[0].0));
+                }
+                let n = p.cmds.len();
+                // The fourth pipeline's answer is lost: it is resent to the same keys.
+                if seen.len() == 4 && lost.is_empty() {
+                    lost = keys(&b, &p);
+                    b.settle(p.id, Err(()));
+                } else {
+                    b.settle(p.id, Ok(vec![Answer::Done; n]));
+                }
+            }
+            assert_eq!(resent, lost, "resent at the same slots and keys");
+            assert_eq!(b.totals().written, 32);
+            // Every stripe in turn, consecutive pipelines far apart.
+            let mut all = seen.clone();
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(
+                all.len(),
+                crate::connect::cluster::STRIPES,
+                "{schema:?} {seen:?}"
+            );
+            assert!(seen.windows(2).all(|w| w[0] != w[1]));
+        }
     }
 
     #[test]

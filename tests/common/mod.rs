@@ -354,10 +354,11 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of real `redis-server` processes, each a primary with its own directory
-/// (`nodes.conf` kept there, so a node restarted on its port rejoins as itself).
+/// A Redis Cluster of real `redis-server` processes, each with its own directory (`nodes.conf`
+/// kept there, so a node restarted on its port rejoins as itself).
 pub struct RedisCluster {
-    /// The primaries, in the order given to `redis-cli --cluster create`.
+    /// Every node, in the order given to `redis-cli --cluster create`: the primaries first, then
+    /// their replicas (if any).
     pub nodes: Vec<RedisServer>,
 }
 
@@ -365,6 +366,11 @@ impl RedisCluster {
     /// Start `primaries` nodes with `extra` redis-server arguments, create the cluster and wait
     /// until every node says `cluster_state:ok`.
     pub fn start(primaries: usize, extra: &[&str]) -> Self {
+        Self::start_with_replicas(primaries, 0, extra)
+    }
+
+    /// The same with `replicas` replicas of each primary.
+    pub fn start_with_replicas(primaries: usize, replicas: usize, extra: &[&str]) -> Self {
         let mut args = vec![
             "--cluster-enabled",
             "yes",
@@ -374,7 +380,7 @@ impl RedisCluster {
             "5000",
         ];
         args.extend_from_slice(extra);
-        let nodes: Vec<RedisServer> = (0..primaries)
+        let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
             .map(|_| RedisServer::start_with(&args))
             .collect();
         let addrs: Vec<String> = nodes
@@ -384,7 +390,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli not found: install redis-tools");
         assert!(
@@ -412,6 +418,14 @@ impl RedisCluster {
         });
     }
 
+    /// Whether node `i` is a primary now (`ROLE`).
+    pub fn is_primary(&self, i: usize) -> bool {
+        self.nodes[i]
+            .conn()
+            .and_then(|mut c| redis::cmd("ROLE").query::<Vec<redis::Value>>(&mut c))
+            .is_ok_and(|r| matches!(r.first(), Some(redis::Value::BulkString(b)) if b == b"master"))
+    }
+
     /// `redis+cluster://127.0.0.1:<p1>,127.0.0.1:<p2>,…`.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self
@@ -422,12 +436,16 @@ impl RedisCluster {
         format!("redis+cluster://{}", seeds.join(","))
     }
 
-    /// Every record of every stream under `<prefix>:events:` on each node, decoded, as (node
+    /// Every record of every stream under `<prefix>:events:` on each primary, decoded, as (node
     /// index, capture µs, source address, source port). A node's own keys only: SCAN runs on
     /// each.
     pub fn records(&self, prefix: &str) -> Vec<(usize, u64, std::net::IpAddr, u16)> {
         let mut out = Vec::new();
         for (i, n) in self.nodes.iter().enumerate() {
+            // A replica's copies are not records of their own.
+            if !self.is_primary(i) {
+                continue;
+            }
             let mut c = n.conn().unwrap();
             for key in n.keys(&format!("{prefix}:events:*")) {
                 let v: redis::Value = redis::cmd("XRANGE")
