@@ -148,8 +148,21 @@ impl RedisServer {
                 return false;
             }
             if let Ok(mut c) = self.conn() {
-                match redis::cmd("PING").query::<String>(&mut c) {
-                    Ok(_) => return true,
+                match redis::cmd("INFO")
+                    .arg("server")
+                    .arg("persistence")
+                    .query::<String>(&mut c)
+                {
+                    // Ours, not another test's server that took the port first (ours then fails
+                    // to bind and exits, and is started again on another port); and done loading
+                    // its data (as PING would say).
+                    Ok(info)
+                        if info.contains(&format!("process_id:{}\r", self.child.id()))
+                            && info.contains("loading:0\r") =>
+                    {
+                        return true
+                    }
+                    Ok(_) => {}
                     // Started with --requirepass: up, and refusing strangers.
                     Err(e) if e.code() == Some("NOAUTH") => return true,
                     Err(_) => {}
