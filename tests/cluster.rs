@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    eventually, free_port, paced_connections, redtap_bin, Daemon, RedisCluster, RedisServer,
+    eventually, free_port, paced_connections, redtap_bin, Daemon, RedisCluster, RedisServer, Tail,
 };
 
 const PREFIX: &str = "redtap";
@@ -102,6 +102,24 @@ fn spread_within_a_second(cluster: &RedisCluster) -> bool {
         nodes.entry(ts / 1_000_000).or_default().insert(node);
     }
     nodes.values().any(|n| n.len() > 1)
+}
+
+/// The keys-schema records on one server. Each key is its own record (no hash tag): identity
+/// from its JSON value.
+fn key_records(r: &RedisServer) -> Vec<Id> {
+    let mut c = r.conn().unwrap();
+    r.keys("redtap:ev:*")
+        .iter()
+        .map(|k| {
+            let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
+            let j: serde_json::Value = serde_json::from_str(&v).unwrap();
+            (
+                j["ts"].as_u64().unwrap(),
+                j["src"].as_str().unwrap().parse().unwrap(),
+                j["sport"].as_u64().unwrap() as u16,
+            )
+        })
+        .collect()
 }
 
 fn redtap(args: &[&str]) -> (i32, String, String) {
@@ -383,27 +401,11 @@ fn keys_schema_records_spread_over_every_primary_once_each() {
     let n = 1000;
     assert_eq!(common::connect_many(d.listen, n, 8), n);
 
-    // Each key is its own record (no hash tag): identity from its JSON value.
-    let read = |r: &RedisServer| -> Vec<Id> {
-        let mut c = r.conn().unwrap();
-        r.keys("redtap:ev:*")
-            .iter()
-            .map(|k| {
-                let v: String = redis::cmd("GET").arg(k).query(&mut c).unwrap();
-                let j: serde_json::Value = serde_json::from_str(&v).unwrap();
-                (
-                    j["ts"].as_u64().unwrap(),
-                    j["src"].as_str().unwrap().parse().unwrap(),
-                    j["sport"].as_u64().unwrap() as u16,
-                )
-            })
-            .collect()
-    };
     let all = || -> (HashMap<Id, usize>, Vec<usize>) {
         let mut seen = HashMap::new();
         let mut per = Vec::new();
         for r in cluster.nodes.iter().chain([&single]) {
-            let ids = read(r);
+            let ids = key_records(r);
             per.push(ids.len());
             for id in ids {
                 *seen.entry(id).or_insert(0) += 1;
@@ -476,4 +478,239 @@ fn packed_entries_spread_over_every_primary_and_query_returns_them_in_order() {
         .collect();
     assert_eq!(ts.len(), on_cluster, "{err}");
     assert!(ts.windows(2).all(|w| w[0] <= w[1]), "rows in capture order");
+}
+
+/// `redtap run` in connections mode with the cluster as its only backend, plus `extra` flags.
+fn cluster_daemon(cluster: &RedisCluster, extra: &[&str]) -> Daemon {
+    let c = format!("C={}@1", cluster.url());
+    let mut args = vec!["--capture", "connections", "--agent", "t"];
+    args.extend_from_slice(extra);
+    args.extend(["--backend", &c]);
+    Daemon::start(&args)
+}
+
+/// `redtap tail --format json` of the cluster backend, from a minute ago: the daemon is newer,
+/// so every record it captures is to be shown, however soon the tail takes its first look.
+fn tail_of(cluster: &RedisCluster) -> Tail {
+    let c = format!("C={}@1", cluster.url());
+    Tail::start(&["--backend", &c, "--format", "json", "--since", "1m"])
+}
+
+/// How many times the tail printed each record.
+fn printed(tail: &Tail) -> HashMap<Id, usize> {
+    let mut seen = HashMap::new();
+    for r in tail.records() {
+        let id = (
+            r["ts_us"].as_u64().unwrap(),
+            r["src"].as_str().unwrap().parse().unwrap(),
+            r["sport"].as_u64().unwrap() as u16,
+        );
+        *seen.entry(id).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// Wait until the tail has printed every record in `stored`, give a late double a moment to
+/// show up, then check that it printed each exactly once and nothing else.
+fn printed_once_each(tail: &Tail, stored: &HashMap<Id, usize>) {
+    eventually(
+        Duration::from_secs(30),
+        "every stored record printed",
+        || {
+            let p = printed(tail);
+            stored.keys().all(|id| p.contains_key(id))
+        },
+    );
+    // Not a timing assert: a few of the tail's poll rounds, for a double to arrive if one would.
+    std::thread::sleep(Duration::from_secs(1));
+    let p = printed(tail);
+    let twice: Vec<_> = p.iter().filter(|(_, &c)| c > 1).collect();
+    assert!(twice.is_empty(), "records printed twice: {twice:?}");
+    let unknown: Vec<_> = p.keys().filter(|id| !stored.contains_key(id)).collect();
+    assert!(unknown.is_empty(), "printed but not stored: {unknown:?}");
+    assert_eq!(p.len(), stored.len());
+}
+
+#[test]
+fn tail_over_a_cluster_shows_every_new_record_once() {
+    let cluster = RedisCluster::start(3, &[]);
+    let d = cluster_daemon(&cluster, &[]);
+    let tail = tail_of(&cluster);
+
+    // Paced over six seconds: records keep arriving while the tail follows them.
+    let n = 1200;
+    let sent = paced_connections(d.listen, n, 20, Duration::from_millis(100))
+        .join()
+        .unwrap();
+    assert_eq!(sent, n);
+    eventually(Duration::from_secs(30), "every record stored", || {
+        cluster.records(PREFIX).len() >= n
+    });
+    let mut stored = HashMap::new();
+    let mut per_node = vec![0; cluster.nodes.len()];
+    for (node, ts, src, sport) in cluster.records(PREFIX) {
+        per_node[node] += 1;
+        *stored.entry((ts, src, sport)).or_insert(0) += 1;
+    }
+    assert_eq!(stored.len(), n);
+    assert!(
+        per_node.iter().filter(|&&k| k > 0).count() >= 2,
+        "records on more than one primary: {per_node:?}"
+    );
+    printed_once_each(&tail, &stored);
+    assert!(
+        !tail.has_line("backend C"),
+        "no failure reported: {:?}",
+        tail.lines()
+    );
+}
+
+#[test]
+fn tail_over_a_cluster_reports_a_killed_primary_and_goes_on_once_each_after_its_restart() {
+    // Durable nodes: what a primary acknowledged before it was killed is still there after.
+    let mut cluster = RedisCluster::start(3, &["--appendonly", "yes", "--appendfsync", "always"]);
+    let d = cluster_daemon(&cluster, &["--on-backend-down", "hold"]);
+    let tail = tail_of(&cluster);
+
+    let n = 1600;
+    let load = paced_connections(d.listen, n, 20, Duration::from_millis(100));
+    eventually(Duration::from_secs(20), "the tail prints records", || {
+        !tail.records().is_empty()
+    });
+    cluster.nodes[1].kill9();
+    eventually(
+        Duration::from_secs(20),
+        "the tail reports the backend down",
+        || tail.has_line("backend C"),
+    );
+    cluster.nodes[1].restart();
+    cluster.wait_ok(Duration::from_secs(30));
+    eventually(
+        Duration::from_secs(30),
+        "the tail says the backend answers again",
+        || tail.has_line("backend C answers again"),
+    );
+    assert_eq!(load.join().unwrap(), n);
+
+    eventually(
+        Duration::from_secs(60),
+        "every record stored or dropped",
+        || {
+            cluster.records(PREFIX).len() + d.metric_sum("redtap_records_dropped_total") as usize
+                >= n
+        },
+    );
+    let mut stored = HashMap::new();
+    for (_, ts, src, sport) in cluster.records(PREFIX) {
+        *stored.entry((ts, src, sport)).or_insert(0) += 1;
+    }
+    assert!(stored.values().all(|&c| c == 1), "no record stored twice");
+    printed_once_each(&tail, &stored);
+    eprintln!(
+        "stored {}, dropped {}",
+        stored.len(),
+        d.metric_sum("redtap_records_dropped_total")
+    );
+}
+
+#[test]
+fn keys_schema_over_a_cluster_is_read_by_query_and_tail_once_each() {
+    let cluster = RedisCluster::start(3, &[]);
+    let d = cluster_daemon(&cluster, &["--schema", "keys"]);
+    let tail = tail_of(&cluster);
+    let n = 300;
+    assert_eq!(common::connect_many(d.listen, n, 4), n);
+    let stored = || -> HashMap<Id, usize> {
+        let mut seen = HashMap::new();
+        for r in &cluster.nodes {
+            for id in key_records(r) {
+                *seen.entry(id).or_insert(0) += 1;
+            }
+        }
+        seen
+    };
+    eventually(Duration::from_secs(30), "every record stored", || {
+        stored().len() >= n
+    });
+    let stored = stored();
+    assert_eq!(stored.len(), n);
+
+    // The keys spread over every slot: one MGET of them would be refused (CROSSSLOT).
+    let c = format!("C={}@1", cluster.url());
+    let (code, out, err) = redtap(&[
+        "query",
+        "--format",
+        "json",
+        "--since",
+        "10m",
+        "--backend",
+        &c,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mut queried: HashMap<Id, usize> = HashMap::new();
+    for l in out.lines() {
+        let r: serde_json::Value = serde_json::from_str(l).unwrap();
+        let id = (
+            r["ts_us"].as_u64().unwrap(),
+            r["src"].as_str().unwrap().parse().unwrap(),
+            r["sport"].as_u64().unwrap() as u16,
+        );
+        *queried.entry(id).or_insert(0) += 1;
+    }
+    assert_eq!(queried, stored, "query returns each record once:\n{err}");
+
+    printed_once_each(&tail, &stored);
+}
+
+#[test]
+fn tail_over_a_cluster_follows_a_reshard_without_loss_or_doubles() {
+    let cluster = RedisCluster::start(3, &[]);
+    let d = cluster_daemon(&cluster, &["--on-backend-down", "hold"]);
+    let tail = tail_of(&cluster);
+    let id = |i: usize| -> String {
+        let mut c = cluster.nodes[i].conn().unwrap();
+        redis::cmd("CLUSTER").arg("MYID").query(&mut c).unwrap()
+    };
+    let (from, to) = (id(0), id(1));
+
+    let n = 1600;
+    let load = paced_connections(d.listen, n, 20, Duration::from_millis(100));
+    eventually(Duration::from_secs(20), "the tail prints records", || {
+        !tail.records().is_empty()
+    });
+    // Move most of node 0's slots, with the buckets in them, to node 1 while records keep
+    // coming and the tail reads: its XREADs meet MOVED and ASK answers.
+    let out = Command::new("redis-cli")
+        .args([
+            "--cluster",
+            "reshard",
+            &format!("127.0.0.1:{}", cluster.nodes[0].port),
+        ])
+        .args(["--cluster-from", &from, "--cluster-to", &to])
+        .args(["--cluster-slots", "4000", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(load.join().unwrap(), n);
+
+    eventually(Duration::from_secs(60), "every record stored", || {
+        cluster.records(PREFIX).len() >= n
+    });
+    assert_eq!(d.metric_sum("redtap_records_dropped_total"), 0.0);
+    let mut stored = HashMap::new();
+    for (_, ts, src, sport) in cluster.records(PREFIX) {
+        *stored.entry((ts, src, sport)).or_insert(0) += 1;
+    }
+    assert_eq!(stored.len(), n);
+    assert!(stored.values().all(|&c| c == 1), "no record stored twice");
+    printed_once_each(&tail, &stored);
+    let lines = tail.lines();
+    eprintln!(
+        "the tail reported the backend down {} times",
+        lines.iter().filter(|l| l.contains("backend C (")).count()
+    );
 }

@@ -5,10 +5,9 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{connect_many, eventually, free_port, redtap_bin, Daemon, RedisServer};
+use common::{connect_many, eventually, free_port, redtap_bin, Daemon, RedisServer, Tail};
 use serde_json::Value;
 
 fn now_us() -> u64 {
@@ -571,61 +570,6 @@ fn top_counts_talkers() {
         table.contains("-- 26 records from 3 groups; top 3 shown"),
         "{table}"
     );
-}
-
-/// Lines printed by a running `redtap tail`, collected by a thread.
-struct Tail {
-    child: std::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Tail {
-    fn start(args: &[&str]) -> Tail {
-        let mut child = Command::new(redtap_bin())
-            .arg("tail")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let l = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    l.lock().unwrap().push(line.unwrap());
-                }
-            });
-        }
-        Tail { child, lines }
-    }
-
-    fn records(&self) -> Vec<Value> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .collect()
-    }
-
-    fn has_line(&self, needle: &str) -> bool {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-}
-
-impl Drop for Tail {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Reading one backend: connect, discover agents and keys by SCAN, page through ranges.
 //!
-//! Owns the Redis I/O of the read side (SCAN, TYPE, XRANGE paging, XREAD, MGET) and how much
+//! Owns the Redis I/O of the read side (SCAN, TYPE, XRANGE paging, XREAD, MGET — on a Redis
+//! Cluster, XREAD per hash slot and GET pipelines instead of commands across slots) and how much
 //! of it is in flight: an agent's buckets are read [`BUCKETS_AHEAD`] at a time, each in its own
 //! task, a full one in ID slices read at once. Everything goes through one connection per
 //! backend (what [`spawn_readers`] and [`discover`] take), so a backend of several nodes is one
@@ -13,7 +14,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::connect::cluster::hash_slot;
 use crate::connect::Conn;
+use redis::aio::ConnectionLike;
 use redis::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +38,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one XREAD of a tail blocks.
 const TAIL_BLOCK_MS: u64 = 500;
+/// How long a tail of a Redis Cluster waits after finding nothing new on any primary (its
+/// XREADs do not block: see `Follower::read_new`).
+const TAIL_POLL_MS: u64 = 100;
 
 /// Why a backend did not (fully) answer.
 #[derive(Debug, thiserror::Error)]
@@ -468,10 +474,6 @@ async fn xrange(
         .await
 }
 
-/// Read one bucket whole (a second of one agent's records; the window is applied to each
-/// record's capture time, which in a packed entry need not match the entry ID). The first page
-/// names the bucket's listen address; if more follow, the rest of the bucket's ID range is
-/// cut into [`SLICES`] read at once.
 /// Read the buckets of one second, `keys` (several on a cluster: one per stripe), into one list
 /// in capture order.
 async fn read_second(ctx: Arc<Ctx>, mut keys: Vec<String>) -> Result<Vec<Row>, redis::RedisError> {
@@ -500,6 +502,10 @@ async fn read_second(ctx: Arc<Ctx>, mut keys: Vec<String>) -> Result<Vec<Row>, r
     Ok(rows)
 }
 
+/// Read one bucket whole (a second of one agent's records; the window is applied to each
+/// record's capture time, which in a packed entry need not match the entry ID). The first page
+/// names the bucket's listen address; if more follow, the rest of the bucket's ID range is
+/// cut into [`SLICES`] read at once.
 async fn read_bucket(ctx: Arc<Ctx>, key: String) -> Result<Vec<Row>, redis::RedisError> {
     let mut conn = ctx.conn.clone();
     let first = xrange(&mut conn, &key, "-", "+").await?;
@@ -583,17 +589,19 @@ struct KeysReader {
 }
 
 impl KeysReader {
-    /// Fetch keys by name, in the given order, with MGET. Expired keys come back nil.
+    /// Fetch keys by name, in the given order ([`get_many`]). Expired keys come back nil.
     async fn keys(mut self, prefix: String, names: Vec<KeyName>, agents: Vec<Arc<str>>) {
         for page in names.chunks(PAGE) {
-            let mut cmd = redis::cmd("MGET");
-            for k in page {
-                cmd.arg(format!(
-                    "{prefix}:ev:{}:{}:{}",
-                    agents[k.agent as usize], k.ts_us, k.seq
-                ));
-            }
-            let values: Vec<Option<Vec<u8>>> = match cmd.query_async(&mut self.conn).await {
+            let names: Vec<String> = page
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{prefix}:ev:{}:{}:{}",
+                        agents[k.agent as usize], k.ts_us, k.seq
+                    )
+                })
+                .collect();
+            let values = match get_many(&mut self.conn, &names).await {
                 Ok(v) => v,
                 Err(e) => {
                     let _ = self.tx.send(Err(BackendError::Read(e))).await;
@@ -610,6 +618,26 @@ impl KeysReader {
             if !rows.is_empty() && self.tx.send(Ok(rows)).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// The values of `keys`, nil for a key that is gone (expired). One server: one `MGET`. A
+/// cluster refuses an `MGET` whose keys lie in several slots (`CROSSSLOT`), and a keys-schema
+/// name has no hash tag, so each is its own `GET`, pipelined: the cluster connection sends each
+/// primary its part at once.
+async fn get_many(
+    conn: &mut Conn,
+    keys: &[String],
+) -> Result<Vec<Option<Vec<u8>>>, redis::RedisError> {
+    match conn {
+        Conn::Single(_) => redis::cmd("MGET").arg(keys).query_async(conn).await,
+        Conn::Cluster(_) => {
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.get(k);
+            }
+            pipe.query_async(conn).await
         }
     }
 }
@@ -996,11 +1024,19 @@ impl Follower {
                 let start_ms = self.start_us / 1_000_000 * 1000;
                 let start_id = format!("{}-{}", start_ms.saturating_sub(1), u64::MAX);
                 // Buckets that left the window (expired, or older than the lag) are no longer
-                // followed.
+                // followed. One still inside it stays followed from its last ID even if this
+                // look missed it: on a cluster a key moving between primaries during a reshard
+                // can be missed by SCANs of both, and found again later would be read again
+                // from the start.
                 let found: HashSet<&String> =
                     h.streams.iter().flat_map(|(_, keys)| keys.iter()).collect();
-                self.streams.retain(|k, _| found.contains(k));
-                self.listens.retain(|k, _| found.contains(k));
+                let keep = |k: &String| {
+                    found.contains(k)
+                        || bucket_second(k)
+                            .is_some_and(|s| (s + 1).saturating_mul(1_000_000) > floor)
+                };
+                self.streams.retain(|k, _| keep(k));
+                self.listens.retain(|k, _| keep(k));
                 for (agent, keys) in std::mem::take(&mut h.streams) {
                     for key in keys {
                         self.streams
@@ -1018,25 +1054,12 @@ impl Follower {
                 tokio::time::sleep(discover_every / 2).await;
                 continue;
             }
-            let mut cmd = redis::cmd("XREAD");
-            cmd.arg("COUNT")
-                .arg(PAGE)
-                .arg("BLOCK")
-                .arg(TAIL_BLOCK_MS)
-                .arg("STREAMS");
-            let order: Vec<String> = self.streams.keys().cloned().collect();
-            for k in &order {
-                cmd.arg(k);
-            }
-            for k in &order {
-                cmd.arg(&self.streams[k].1);
-            }
-            let reply: Value = match cmd.query_async(conn).await {
+            let replies = match self.read_new(conn).await {
                 Ok(v) => v,
                 Err(e) => return Some(BackendError::Read(e)),
             };
             let mut rows = Vec::new();
-            for (key, entries_v) in xread_streams(&reply) {
+            for (key, entries_v) in replies.iter().flat_map(xread_streams) {
                 let es = entries(entries_v);
                 if es.is_empty() {
                     continue;
@@ -1073,6 +1096,67 @@ impl Follower {
         }
     }
 
+    /// The entries after the last ID seen in every followed stream: one `XREAD` answer per
+    /// group of streams read together.
+    ///
+    /// One server: a single `XREAD BLOCK` naming every stream, which returns as soon as any
+    /// has something new.
+    ///
+    /// A cluster: one `XREAD` per hash slot (a cluster refuses a command whose keys lie in
+    /// several slots, even on one node — and an agent's stripes are in different slots), all
+    /// sent as one pipeline, which [`crate::connect::cluster`] splits by primary and sends to
+    /// every primary at once. They do not block: Redis answers one client's commands in
+    /// order, so several `BLOCK`s on one primary's connection would wait one after the other,
+    /// and a quiet stripe would hold back a busy one by the block time. When nothing was new
+    /// anywhere, it sleeps [`TAIL_POLL_MS`] before returning, so a quiet cluster costs each
+    /// primary a few small reads a second and a new row waits at most that long. A redirect
+    /// (`MOVED`/`ASK`) or any other error answer fails the whole read: the tail reports the
+    /// backend down, reconnects (reading the topology again) and goes on from the same IDs.
+    async fn read_new(&self, conn: &mut Conn) -> Result<Vec<Value>, redis::RedisError> {
+        let mut groups: BTreeMap<u16, Vec<&String>> = BTreeMap::new();
+        for k in self.streams.keys() {
+            let slot = match conn {
+                Conn::Single(_) => 0,
+                Conn::Cluster(_) => hash_slot(k.as_bytes()),
+            };
+            groups.entry(slot).or_default().push(k);
+        }
+        let xread = |keys: &[&String], block: Option<u64>| {
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT").arg(PAGE);
+            if let Some(ms) = block {
+                cmd.arg("BLOCK").arg(ms);
+            }
+            cmd.arg("STREAMS");
+            for k in keys {
+                cmd.arg(*k);
+            }
+            for k in keys {
+                cmd.arg(&self.streams[*k].1);
+            }
+            cmd
+        };
+        if let Conn::Single(_) = conn {
+            let keys: Vec<&String> = groups.into_values().flatten().collect();
+            let reply: Value = xread(&keys, Some(TAIL_BLOCK_MS)).query_async(conn).await?;
+            return Ok(vec![reply]);
+        }
+        let mut pipe = redis::pipe();
+        for keys in groups.values() {
+            pipe.add_command(xread(keys, None));
+        }
+        let replies = conn
+            .req_packed_commands(&pipe, 0, pipe.len())
+            .await?
+            .into_iter()
+            .map(Value::extract_error)
+            .collect::<Result<Vec<Value>, _>>()?;
+        if replies.iter().all(|r| xread_streams(r).is_empty()) {
+            tokio::time::sleep(Duration::from_millis(TAIL_POLL_MS)).await;
+        }
+        Ok(replies)
+    }
+
     /// Fetch and send keys-schema records not shown yet. Outer `None`: the receiver is gone.
     async fn new_keys(&mut self, conn: &mut Conn, h: Holdings) -> Option<Result<(), BackendError>> {
         let mut fresh: Vec<KeyName> = h
@@ -1085,14 +1169,16 @@ impl Follower {
             .collect();
         fresh.sort_unstable();
         for page in fresh.chunks(PAGE) {
-            let mut cmd = redis::cmd("MGET");
-            for k in page {
-                cmd.arg(format!(
-                    "{}:ev:{}:{}:{}",
-                    self.sel.prefix, h.key_agents[k.agent as usize], k.ts_us, k.seq
-                ));
-            }
-            let values: Vec<Option<Vec<u8>>> = match cmd.query_async(conn).await {
+            let names: Vec<String> = page
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{}:ev:{}:{}:{}",
+                        self.sel.prefix, h.key_agents[k.agent as usize], k.ts_us, k.seq
+                    )
+                })
+                .collect();
+            let values = match get_many(conn, &names).await {
                 Ok(v) => v,
                 Err(e) => return Some(Err(BackendError::Read(e))),
             };

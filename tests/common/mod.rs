@@ -6,6 +6,7 @@
 //!   drop, stopped cleanly with [`Daemon::stop`].
 //! - [`RedisCluster`]: a Redis Cluster of that many primaries (no replicas), one
 //!   [`RedisServer`] each, slots spread by `redis-cli --cluster create`.
+//! - [`Tail`]: a running `redtap tail`, its output lines collected as they come.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
 
 #![allow(dead_code)]
@@ -505,6 +506,72 @@ pub struct Daemon {
     /// The working directory; the state directory is `dir/state` (`STATE_DIRECTORY`).
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// Lines printed by a running `redtap tail` (stdout and stderr), collected by a thread each;
+/// killed and reaped on drop.
+pub struct Tail {
+    /// The `redtap tail` process.
+    pub child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Tail {
+    /// Start `redtap tail` with `args`.
+    pub fn start(args: &[&str]) -> Tail {
+        use std::io::BufRead;
+        let mut child = Command::new(redtap_bin())
+            .arg("tail")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let l = lines.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(pipe).lines() {
+                    l.lock().unwrap().push(line.unwrap());
+                }
+            });
+        }
+        Tail { child, lines }
+    }
+
+    /// Every line printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The lines printed so far that are JSON (records of `--format json`).
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .collect()
+    }
+
+    /// Whether some line printed so far contains `needle`.
+    pub fn has_line(&self, needle: &str) -> bool {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The path of the built `redtap` binary.

@@ -56,7 +56,8 @@ pub const TAIL_KEYS_LAG: Duration = Duration::from_secs(10);
 /// Follow every backend from `start_us` until `shutdown`, handing events to `on_event` as they
 /// come (rows in capture order per backend and batch; across backends, in arrival order).
 ///
-/// Streams are followed with `XREAD BLOCK` from the last ID seen in each; keys by SCAN for names
+/// Streams are followed with `XREAD BLOCK` from the last ID seen in each (on a Redis Cluster, a
+/// non-blocking `XREAD` per hash slot on every primary at once, polled); keys by SCAN for names
 /// not seen yet. Memory: the last ID per stream, and the keys seen in the last
 /// [`TAIL_KEYS_LAG`].
 pub async fn tail(
