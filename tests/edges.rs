@@ -690,9 +690,11 @@ fn capture_reopens_after_its_interface_disappears_and_healthz_says_so() {
     assert_eq!(metric(&d, "redtap_capture_up"), Some(0.0));
     // healthz says so as soon as the device is gone; the read error (and its log line) comes
     // when libpcap next wakes up.
-    eventually(Duration::from_secs(20), "the capture failure logged", || {
-        d.log().contains("capture failed; reopening it")
-    });
+    eventually(
+        Duration::from_secs(20),
+        "the capture failure logged",
+        || d.log().contains("capture failed; reopening it"),
+    );
     let again = ns.pair(2);
     assert_eq!(again.ns_ip, tapped.ns_ip);
     eventually(Duration::from_secs(30), "healthz ok again", || {

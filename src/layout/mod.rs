@@ -50,7 +50,7 @@ pub struct Layout {
     pub listen: Option<std::net::SocketAddr>,
     /// Stream and packed schemas on a Redis Cluster: the bucket key prefixes of the agent's
     /// stripes (`<prefix>:events:{<agent>/<k>}:`, [`crate::connect::cluster::stripe_tags`]),
-    /// one per pipeline in turn (the writer picks, [`Layout::stripe_after`]), so the buckets
+    /// one per pipeline (the writer picks, in [`Layout::stripe_after`] order), so the buckets
     /// spread over every primary. `None`: every bucket under `key`.
     stripes: Option<std::sync::Arc<[String]>>,
     /// The last slot handed out; slots only grow, so a retried write reuses its slot and a new
@@ -276,9 +276,14 @@ impl Layout {
         slot
     }
 
-    /// The stripe a pipeline after one on `stripe` takes: stride 7 (prime to the stripe
-    /// count), so consecutive pipelines land far apart in the slot space, on different
-    /// primaries. Always 0 outside a cluster.
+    /// How many stripes the buckets rotate over: 1 outside a cluster.
+    pub fn stripes(&self) -> usize {
+        self.stripes.as_ref().map_or(1, |s| s.len())
+    }
+
+    /// The stripe after `stripe` in the writer's order: stride 7 (prime to the stripe count),
+    /// so consecutive pipelines land far apart in the slot space, on different primaries.
+    /// Always 0 outside a cluster.
     pub fn stripe_after(&self, stripe: u8) -> u8 {
         match &self.stripes {
             Some(s) => ((usize::from(stripe) + 7) % s.len()) as u8,

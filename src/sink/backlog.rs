@@ -9,9 +9,11 @@
 //! records are written, or dropped for one reason, together.
 //!
 //! On a Redis Cluster an entry also has a *stripe* (the hash tag of its bucket's key), fixed
-//! for its life when it is formed: the new entries of one pipeline share one stripe, and the
-//! next pipeline takes the next ([`Layout::stripe_after`]), so pipelines rotate over the
-//! primaries while every resend and read-back of an entry goes to the same key. Its bucket is
+//! for its life when it is formed: the new entries of one pipeline share one stripe — the one
+//! that has taken the fewest records so far, the first in [`Layout::stripe_after`] order after
+//! the last pipeline's on a tie — so pipelines rotate over the primaries, records spread evenly
+//! over the stripes whatever the pipelines' sizes, and every resend and read-back of an entry
+//! goes to the same key. Its bucket is
 //! then (capture second, stripe) — [`Bucket`] — and everything said of a bucket below (created
 //! once, IDs grow in it, its top) is said of that stream.
 //!
@@ -227,6 +229,8 @@ pub struct Backlog {
     tops: Vec<Bucket>,
     /// The stripe of the last pipeline that formed new entries.
     stripe: u8,
+    /// Records formed into entries on each stripe (one, outside a cluster).
+    stripe_load: Vec<u64>,
     /// Send nothing new until every pipeline in flight has settled (after a failure, or while a
     /// resend or read-back is out).
     draining: bool,
@@ -241,6 +245,7 @@ pub struct Backlog {
 impl Backlog {
     /// An empty backlog writing with `layout`, at most `batch_size` records per pipeline.
     pub fn new(layout: Layout, batch_size: usize, on_full: OnFull, budget: Arc<Budget>) -> Self {
+        let stripes = layout.stripes();
         Backlog {
             layout,
             batch_size: batch_size.max(1),
@@ -258,6 +263,7 @@ impl Backlog {
             next_plan: 0,
             tops: Vec::new(),
             stripe: 0,
+            stripe_load: vec![0; stripes],
             draining: false,
             tally: Tally::default(),
             totals: Tally::default(),
@@ -453,7 +459,7 @@ impl Backlog {
                 }
             }
             if stores < self.limit && !self.fresh.is_empty() {
-                self.stripe = self.layout.stripe_after(self.stripe);
+                self.stripe = self.next_stripe();
             }
             let stripe = self.stripe;
             while stores < self.limit {
@@ -487,6 +493,7 @@ impl Backlog {
                 });
                 stores += recs.len();
                 self.held_recs += recs.len();
+                self.stripe_load[usize::from(stripe)] += recs.len() as u64;
                 self.held.insert(
                     h,
                     Held {
@@ -514,6 +521,20 @@ impl Backlog {
         self.next_plan += 1;
         self.inflight.push((id, cmds.clone()));
         Some(Plan { id, cmds })
+    }
+
+    /// The stripe for the next pipeline's new entries: the least loaded, in
+    /// [`Layout::stripe_after`] order from the last one.
+    fn next_stripe(&self) -> u8 {
+        let mut best = self.layout.stripe_after(self.stripe);
+        let mut s = best;
+        for _ in 1..self.stripe_load.len() {
+            s = self.layout.stripe_after(s);
+            if self.stripe_load[usize::from(s)] < self.stripe_load[usize::from(best)] {
+                best = s;
+            }
+        }
+        best
     }
 
     /// The Redis pipeline of `plan`.
@@ -1020,6 +1041,37 @@ mod tests {
             );
             assert!(seen.windows(2).all(|w| w[0] != w[1]));
         }
+    }
+
+    #[test]
+    fn on_a_cluster_records_spread_evenly_over_the_stripes_whatever_the_pipeline_sizes() {
+        let layout = Layout::new(Schema::Stream, "t", "a", 10_000).for_cluster("t", "a");
+        let mut b = Backlog::new(
+            layout,
+            8,
+            OnFull::DropOldest,
+            Arc::new(Budget::new(1 << 20)),
+        );
+        let stripes = crate::connect::cluster::STRIPES;
+        let mut per = vec![0u64; stripes];
+        let mut port = 0u16;
+        // Pipelines of 8 and 1 records in turn: a plain rotation would give every other stripe
+        // eight times the records of the rest.
+        for i in 0..256 {
+            let n = if i % 2 == 0 { 8 } else { 1 };
+            b.accept((0..n).map(|_| {
+                port += 1;
+                rec(1_000_000 + u64::from(port), port)
+            }));
+            let p = b.plan().unwrap();
+            for s in stores(&p) {
+                per[usize::from(b.stripe(s.0))] += 1;
+            }
+            let n = p.cmds.len();
+            b.settle(p.id, Ok(vec![Answer::Done; n]));
+        }
+        let (lo, hi) = (per.iter().min().unwrap(), per.iter().max().unwrap());
+        assert!(hi - lo <= 8, "records per stripe {per:?}");
     }
 
     #[test]
