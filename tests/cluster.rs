@@ -428,12 +428,6 @@ fn slots_resharded_mid_load_are_followed_without_loss_or_doubles() {
     let cluster = RedisCluster::start(3, &[]);
     let single = RedisServer::start();
     let d = daemon(&cluster, 50, &single, 50, &["--on-backend-down", "hold"]);
-    let id = |i: usize| -> String {
-        let mut c = cluster.nodes[i].conn().unwrap();
-        redis::cmd("CLUSTER").arg("MYID").query(&mut c).unwrap()
-    };
-    let (from, to) = (id(0), id(1));
-
     let n = 3000;
     let load = paced_connections(d.listen, n, 50, Duration::from_millis(100));
     eventually(Duration::from_secs(20), "records on the cluster", || {
@@ -441,21 +435,7 @@ fn slots_resharded_mid_load_are_followed_without_loss_or_doubles() {
     });
     // Move most of node 0's slots (and the keys in them) to node 1 while records keep coming:
     // the writer meets MOVED and ASK answers and must follow them.
-    let out = Command::new("redis-cli")
-        .args([
-            "--cluster",
-            "reshard",
-            &format!("127.0.0.1:{}", cluster.nodes[0].port),
-        ])
-        .args(["--cluster-from", &from, "--cluster-to", &to])
-        .args(["--cluster-slots", "4000", "--cluster-yes"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "reshard failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.reshard(0, 1, 4000);
     assert_eq!(load.join().unwrap(), n);
 
     let (per_node, on_single, dropped) = settled_once_each(&cluster, &single, &d, n);
@@ -744,12 +724,6 @@ fn tail_over_a_cluster_follows_a_reshard_without_loss_or_doubles() {
     let cluster = RedisCluster::start(3, &[]);
     let d = cluster_daemon(&cluster, &["--on-backend-down", "hold"]);
     let tail = tail_of(&cluster);
-    let id = |i: usize| -> String {
-        let mut c = cluster.nodes[i].conn().unwrap();
-        redis::cmd("CLUSTER").arg("MYID").query(&mut c).unwrap()
-    };
-    let (from, to) = (id(0), id(1));
-
     let n = 1600;
     let load = paced_connections(d.listen, n, 20, Duration::from_millis(100));
     eventually(Duration::from_secs(20), "the tail prints records", || {
@@ -757,21 +731,7 @@ fn tail_over_a_cluster_follows_a_reshard_without_loss_or_doubles() {
     });
     // Move most of node 0's slots, with the buckets in them, to node 1 while records keep
     // coming and the tail reads: its XREADs meet MOVED and ASK answers.
-    let out = Command::new("redis-cli")
-        .args([
-            "--cluster",
-            "reshard",
-            &format!("127.0.0.1:{}", cluster.nodes[0].port),
-        ])
-        .args(["--cluster-from", &from, "--cluster-to", &to])
-        .args(["--cluster-slots", "4000", "--cluster-yes"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "reshard failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.reshard(0, 1, 4000);
     assert_eq!(load.join().unwrap(), n);
 
     eventually(Duration::from_secs(60), "every record stored", || {

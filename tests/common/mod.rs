@@ -431,6 +431,30 @@ impl RedisCluster {
         });
     }
 
+    /// Move `slots` hash slots (and the keys in them) from node `from` to node `to` with
+    /// `redis-cli --cluster reshard`, while the cluster serves.
+    pub fn reshard(&self, from: usize, to: usize, slots: u32) {
+        let id = |i: usize| -> String {
+            let mut c = self.nodes[i].conn().unwrap();
+            redis::cmd("CLUSTER").arg("MYID").query(&mut c).unwrap()
+        };
+        let out = Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", self.nodes[from].port),
+            ])
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "reshard failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Whether node `i` is a primary now (`ROLE`).
     pub fn is_primary(&self, i: usize) -> bool {
         self.nodes[i]
