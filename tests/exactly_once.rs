@@ -502,8 +502,11 @@ fn schedule(seed: u64, trace: bool) -> Result<Stats, String> {
     };
     st.clusters = u64::from(nodes > 1);
     let layout = Layout::new(schema, "sim", "a", retention);
+    // Few stripes as often as all of them: a short schedule then reuses a stripe's bucket
+    // across pipelines, as a long run does with sixteen.
     let layout = if nodes > 1 {
-        layout.for_cluster("sim", "a")
+        let stripes = [2, 3, STRIPES][rng.below(3) as usize];
+        layout.for_cluster("sim", "a").with_stripes(stripes)
     } else {
         layout
     };
