@@ -50,7 +50,7 @@ pub struct Layout {
     pub listen: Option<std::net::SocketAddr>,
     /// Stream and packed schemas on a Redis Cluster: the bucket key prefixes of the agent's
     /// stripes (`<prefix>:events:{<agent>/<k>}:`, [`crate::connect::cluster::stripe_tags`]),
-    /// one per pipeline (the writer picks, in [`Layout::stripe_after`] order), so the buckets
+    /// one per pipeline (the writer picks the least loaded, `sink::backlog`), so the buckets
     /// spread over every primary. `None`: every bucket under `key`.
     stripes: Option<std::sync::Arc<[String]>>,
     /// The last slot handed out; slots only grow, so a retried write reuses its slot and a new
@@ -219,8 +219,8 @@ impl Layout {
         }
     }
 
-    /// The same, for a Redis Cluster backend: the stream and packed schemas' buckets rotate
-    /// over the agent's stripes by pipeline. An entry's stripe is fixed when it is formed, as
+    /// The same, for a Redis Cluster backend: the stream and packed schemas' buckets spread
+    /// over the agent's stripes, one stripe per pipeline. An entry's stripe is fixed when it is formed, as
     /// its slot is, so every resend goes to the same key; the keys schema has no hash tag: its
     /// keys spread by themselves.
     pub fn for_cluster(mut self, prefix: &str, agent: &str) -> Self {
@@ -235,13 +235,19 @@ impl Layout {
         self
     }
 
-    /// The same with only the first `n` (at least one) of the cluster stripes: the simulation
-    /// in `tests/exactly_once.rs` uses a few, so that its short schedules reuse a stripe's
-    /// bucket across pipelines as a long run does with all of them.
+    /// The same with only `n` (at least one) of the cluster stripes, spread over the slot space:
+    /// stripe `(2i + 1) · 16 / 2n` for `i < n`, which becomes stripe `i`. The simulation in
+    /// `tests/exactly_once.rs` uses a few, so that its short schedules reuse a stripe's bucket
+    /// across pipelines as a long run does with all sixteen.
     #[doc(hidden)]
     pub fn with_stripes(mut self, n: usize) -> Self {
         if let Some(s) = &self.stripes {
-            self.stripes = Some(s.iter().take(n.max(1)).cloned().collect());
+            let n = n.clamp(1, s.len());
+            self.stripes = Some(
+                (0..n)
+                    .map(|i| s[(2 * i + 1) * s.len() / (2 * n)].clone())
+                    .collect(),
+            );
         }
         self
     }
@@ -292,12 +298,16 @@ impl Layout {
         self.stripes.as_ref().map_or(1, |s| s.len())
     }
 
-    /// The stripe after `stripe` in the writer's order: stride 7 (prime to the stripe count),
-    /// so consecutive pipelines land far apart in the slot space, on different primaries.
-    /// Always 0 outside a cluster.
+    /// The stripe after `stripe` in the writer's order: stride 7 (prime to 16 stripes), so
+    /// consecutive pipelines land far apart in the slot space, on different primaries; stride
+    /// 1 for a count 7 divides, so the order still visits every stripe. Always 0 outside a
+    /// cluster.
     pub fn stripe_after(&self, stripe: u8) -> u8 {
         match &self.stripes {
-            Some(s) => ((usize::from(stripe) + 7) % s.len()) as u8,
+            Some(s) => {
+                let stride = if s.len() % 7 == 0 { 1 } else { 7 };
+                ((usize::from(stripe) + stride) % s.len()) as u8
+            }
             None => 0,
         }
     }

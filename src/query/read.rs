@@ -475,18 +475,19 @@ async fn xrange(
 }
 
 /// Read the buckets of one second, `keys` (several on a cluster: one per stripe), into one list
-/// in capture order.
+/// in capture order. Their reads are dropped (aborted) with this task: an error in one, or the
+/// merge stopping, ends them all.
 async fn read_second(ctx: Arc<Ctx>, mut keys: Vec<String>) -> Result<Vec<Row>, redis::RedisError> {
     if keys.len() == 1 {
         return read_bucket(ctx, keys.pop().expect("one")).await;
     }
-    let tasks: Vec<_> = keys
-        .into_iter()
-        .map(|k| tokio::spawn(read_bucket(ctx.clone(), k)))
-        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in keys {
+        tasks.spawn(read_bucket(ctx.clone(), k));
+    }
     let mut rows = Vec::new();
-    for t in tasks {
-        match t.await {
+    while let Some(t) = tasks.join_next().await {
+        match t {
             Ok(r) => rows.extend(r?),
             Err(e) => {
                 return Err(redis::RedisError::from((
@@ -497,7 +498,8 @@ async fn read_second(ctx: Arc<Ctx>, mut keys: Vec<String>) -> Result<Vec<Row>, r
             }
         }
     }
-    // Each stripe's rows are in order; the stripes interleave in time.
+    // The stripes interleave in time. (A single bucket is handed on in ID order, which is
+    // capture order but for the few entries given a fresh ID after the clock went back.)
     rows.sort_by_key(|r| r.ts_us);
     Ok(rows)
 }
@@ -1059,6 +1061,10 @@ impl Follower {
                 Err(e) => return Some(BackendError::Read(e)),
             };
             let mut rows = Vec::new();
+            // The last ID read in each stream, recorded only once its rows are handed on: a
+            // read that fails part way (a bucket's listen address lookup meeting a redirect)
+            // sends nothing, and the next attempt reads the same entries again.
+            let mut read_up_to: Vec<(&str, &str)> = Vec::new();
             for (key, entries_v) in replies.iter().flat_map(xread_streams) {
                 let es = entries(entries_v);
                 if es.is_empty() {
@@ -1071,11 +1077,11 @@ impl Follower {
                         Err(e) => return Some(BackendError::Read(e)),
                     },
                 };
-                let Some((agent, last)) = self.streams.get_mut(key) else {
+                let Some((agent, _)) = self.streams.get(key) else {
                     continue;
                 };
                 if let Some((id, _)) = es.last() {
-                    *last = id.to_string();
+                    read_up_to.push((key, id));
                 }
                 for (id, f) in es {
                     let r = self.decoder.decode(id, f, listen, |i| {
@@ -1092,6 +1098,11 @@ impl Follower {
             }
             if !self.send_rows(rows).await {
                 return None;
+            }
+            for (key, id) in read_up_to {
+                if let Some((_, last)) = self.streams.get_mut(key) {
+                    *last = id.to_string();
+                }
             }
         }
     }

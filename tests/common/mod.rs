@@ -4,8 +4,8 @@
 //!   log is printed if the test panics.
 //! - [`Daemon`]: the `redtap` binary with given flags, its admin API on a free port; SIGKILLed on
 //!   drop, stopped cleanly with [`Daemon::stop`].
-//! - [`RedisCluster`]: a Redis Cluster of that many primaries (no replicas), one
-//!   [`RedisServer`] each, slots spread by `redis-cli --cluster create`.
+//! - [`RedisCluster`]: a Redis Cluster of that many primaries (and optionally replicas of
+//!   each), one [`RedisServer`] a node, slots spread by `redis-cli --cluster create`.
 //! - [`Tail`]: a running `redtap tail`, its output lines collected as they come.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
 
@@ -140,7 +140,9 @@ impl RedisServer {
         }
     }
 
-    /// Wait until it answers PING; false if it exited (port taken) or never answered.
+    /// Wait until it answers as itself (its process id) and has loaded its data; false if it
+    /// exited (port taken) or never answered. With `--requirepass` a NOAUTH answer counts as
+    /// ready: the process id cannot be read without the password.
     fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
