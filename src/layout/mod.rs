@@ -700,6 +700,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_stripe_order_visits_every_stripe_whatever_their_count() {
+        for n in [1, 2, 3, 7, 14, 16] {
+            let l = Layout::new(Schema::Stream, "p", "a", 1000)
+                .for_cluster("p", "a")
+                .with_stripes(n);
+            assert_eq!(l.stripes(), n);
+            let mut s = 0;
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..n {
+                s = l.stripe_after(s);
+                seen.insert(s);
+            }
+            assert_eq!(seen.len(), n, "{n} stripes");
+        }
+        let keys = Layout::new(Schema::Keys, "p", "a", 1000).for_cluster("p", "a");
+        assert_eq!((keys.stripes(), keys.stripe_after(0)), (1, 0));
+    }
+
+    #[test]
     fn stream_ids_parse() {
         assert_eq!(
             stream::parse_stream_id("1700000000000-3"),
