@@ -96,6 +96,16 @@ pub fn stripe_tags(agent: &str) -> Vec<String> {
         .collect()
 }
 
+/// The error a connection gives once a redirect made its topology stale.
+const STALE: &str = "the cluster topology changed (MOVED/ASK); reconnecting";
+
+/// Whether `e` says the topology moved under a connection — a `MOVED`/`ASK` answer, or a use
+/// of the connection after one — rather than that something failed: the caller reconnects
+/// (reading the topology again) and goes on.
+pub fn is_redirect(e: &redis::RedisError) -> bool {
+    matches!(e.code(), Some("MOVED" | "ASK")) || e.to_string().contains(STALE)
+}
+
 /// The key a command works on, for routing: `None` for commands without one (PING, INFO, SCAN,
 /// CLUSTER …), which go to the first primary.
 fn key_of(cmd: &Cmd) -> Option<&[u8]> {
@@ -335,10 +345,7 @@ impl ClusterConn {
 
     fn check_fresh(&self) -> redis::RedisResult<()> {
         if self.shared.stale.load(Ordering::Relaxed) {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::IoError,
-                "the cluster topology changed (MOVED/ASK); reconnecting",
-            )));
+            return Err(redis::RedisError::from((redis::ErrorKind::IoError, STALE)));
         }
         Ok(())
     }

@@ -38,6 +38,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one XREAD of a tail blocks.
 const TAIL_BLOCK_MS: u64 = 500;
+/// How long a tail follows a Redis Cluster's redirects (reconnecting, reading its topology
+/// again) before it reports the backend down.
+const REDIRECTS_QUIET: Duration = Duration::from_secs(5);
 /// How long a tail of a Redis Cluster waits after finding nothing new on any primary (its
 /// XREADs do not block: see `Follower::read_new`).
 const TAIL_POLL_MS: u64 = 100;
@@ -55,6 +58,14 @@ pub enum BackendError {
     /// A reader task ended abnormally (a bug).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl BackendError {
+    /// Whether a Redis Cluster redirected a read (a resharding or failover in progress): not a
+    /// failure, a reconnect.
+    pub fn is_redirect(&self) -> bool {
+        matches!(self, BackendError::Read(e) if crate::connect::cluster::is_redirect(e))
+    }
 }
 
 /// Which keys a read looks at.
@@ -966,6 +977,8 @@ impl Follower {
     async fn run(&mut self, b: &BackendConfig, discover_every: Duration) {
         let mut backoff = Duration::from_millis(200);
         let mut down = false;
+        // Since when reads keep being redirected (a reshard or failover in progress).
+        let mut redirected_since: Option<tokio::time::Instant> = None;
         loop {
             let err = match connect(b).await {
                 Ok(mut conn) => {
@@ -973,13 +986,28 @@ impl Follower {
                     if down && self.tx.send(TailEvent::Up(b.name.clone())).await.is_err() {
                         return;
                     }
+                    let started = tokio::time::Instant::now();
                     match self.follow_conn(&mut conn, discover_every).await {
-                        Some(e) => e,
+                        Some(e) => {
+                            if started.elapsed() >= REDIRECTS_QUIET {
+                                redirected_since = None;
+                            }
+                            e
+                        }
                         None => return, // nobody listens any more
                     }
                 }
                 Err(e) => e,
             };
+            // A redirect is the cluster moving slots, not an outage: reconnect (reading the
+            // topology again) without a word, unless redirects go on for long.
+            if err.is_redirect() {
+                let since = *redirected_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() < REDIRECTS_QUIET {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
             down = true;
             let ev = TailEvent::Down(Failure {
                 backend: b.name.clone(),
@@ -1121,8 +1149,9 @@ impl Follower {
     /// and a quiet stripe would hold back a busy one by the block time. When nothing was new
     /// anywhere, it sleeps [`TAIL_POLL_MS`] before returning, so a quiet cluster costs each
     /// primary a few small reads a second and a new row waits at most that long. A redirect
-    /// (`MOVED`/`ASK`) or any other error answer fails the whole read: the tail reports the
-    /// backend down, reconnects (reading the topology again) and goes on from the same IDs.
+    /// (`MOVED`/`ASK`) or any other error answer fails the whole read: the tail reconnects
+    /// (reading the topology again; a redirect quietly, see [`REDIRECTS_QUIET`], anything else
+    /// reported as the backend down) and goes on from the same IDs.
     async fn read_new(&self, conn: &mut Conn) -> Result<Vec<Value>, redis::RedisError> {
         let mut groups: BTreeMap<u16, Vec<&String>> = BTreeMap::new();
         for k in self.streams.keys() {
