@@ -220,9 +220,9 @@ impl Layout {
     }
 
     /// The same, for a Redis Cluster backend: the stream and packed schemas' buckets spread
-    /// over the agent's stripes, one stripe per pipeline. An entry's stripe is fixed when it is formed, as
-    /// its slot is, so every resend goes to the same key; the keys schema has no hash tag: its
-    /// keys spread by themselves.
+    /// over the agent's stripes, one stripe per pipeline. An entry's stripe is fixed when it
+    /// is formed, as its slot is, so every resend goes to the same key; the keys schema has no
+    /// hash tag: its keys spread by themselves.
     pub fn for_cluster(mut self, prefix: &str, agent: &str) -> Self {
         if self.is_stream() {
             let tags = crate::connect::cluster::stripe_tags(agent);
@@ -342,7 +342,6 @@ impl Layout {
     /// [`Layout::pack`]). `create`: the bucket stream's first entry in this pipeline. A second
     /// copy at the same slot is never stored: XADD refuses an ID not above the stream's top,
     /// and SET … NX keeps the first value.
-    #[allow(clippy::too_many_arguments)]
     pub fn push_store(
         &self,
         pipe: &mut Pipeline,

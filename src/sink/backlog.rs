@@ -13,9 +13,9 @@
 //! that has taken the fewest records so far, the first in [`Layout::stripe_after`] order after
 //! the last pipeline's on a tie — so pipelines rotate over the primaries, records spread evenly
 //! over the stripes whatever the pipelines' sizes, and every resend and read-back of an entry
-//! goes to the same key. Its bucket is
-//! then (capture second, stripe) — [`Bucket`] — and everything said of a bucket below (created
-//! once, IDs grow in it, its top) is said of that stream.
+//! goes to the same key. Its bucket is then (capture second, stripe) — [`Bucket`] — and
+//! everything said of a bucket below (created once, IDs grow in it, its top) is said of that
+//! stream.
 //!
 //! Owns: the records a writer holds (never sent, in flight, answer lost, to be read back), their
 //! entries and slots, the pipelines in flight with the exact commands each carries, the share of the buffer
