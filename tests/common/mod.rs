@@ -521,6 +521,17 @@ pub fn bucket_records(v: &redis::Value) -> Vec<(String, redtap::layout::Decoded)
     out
 }
 
+/// The sum of every series of metric `name` in the exposition text `m`.
+fn metric_sum_in(m: &str, name: &str) -> f64 {
+    m.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A running `redtap run`.
 pub struct Daemon {
     child: Option<Child>,
@@ -736,14 +747,14 @@ impl Daemon {
 
     /// The sum of every line of metric `name`, whatever its labels.
     pub fn metric_sum(&self, name: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|r| r.starts_with([' ', '{']))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_sum_in(&self.metrics(), name)
+    }
+
+    /// The same, `None` if the scrape itself failed (e.g. refused at the admin API's connection
+    /// cap).
+    pub fn try_metric_sum(&self, name: &str) -> Option<f64> {
+        let (_, m) = http_get(&format!("{}/metrics", self.admin)).ok()?;
+        Some(metric_sum_in(&m, name))
     }
 
     /// The daemon's process id.
