@@ -122,6 +122,20 @@ fn key_records(r: &RedisServer) -> Vec<Id> {
         .collect()
 }
 
+/// `redtap query --format json --since 10m <args>`, which must succeed: its rows, and what it
+/// said on stderr.
+fn query_json(args: &[&str]) -> (Vec<serde_json::Value>, String) {
+    let mut all = vec!["query", "--format", "json", "--since", "10m"];
+    all.extend_from_slice(args);
+    let (code, out, err) = redtap(&all);
+    assert_eq!(code, 0, "{err}");
+    let rows = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (rows, err)
+}
+
 fn redtap(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(redtap_bin()).args(args).output().unwrap();
     (
@@ -172,37 +186,11 @@ fn records_spread_over_every_primary_once_each_with_exact_shares_and_query_reads
     // Reading back over the cluster backend: SCAN on each primary, every record found.
     let c = format!("C={}@1", cluster.url());
     let s = format!("S={}@1", single.url());
-    let (code, out, err) = redtap(&[
-        "query",
-        "--format",
-        "json",
-        "--since",
-        "10m",
-        "--backend",
-        &c,
-        "--backend",
-        &s,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let rows: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (rows, err) = query_json(&["--backend", &c, "--backend", &s]);
     assert_eq!(rows.len(), n, "query returns every record once:\n{err}");
     // The agent filter finds its cluster stripes too.
-    let (code, out, err) = redtap(&[
-        "query",
-        "--format",
-        "json",
-        "--since",
-        "10m",
-        "--agent",
-        "t",
-        "--backend",
-        &c,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(out.lines().count(), on_cluster, "{err}");
+    let (rows, err) = query_json(&["--agent", "t", "--backend", &c]);
+    assert_eq!(rows.len(), on_cluster, "{err}");
 
     // `redtap check` reaches the cluster and names each primary.
     let listen = format!("127.0.0.1:{}", free_port());
@@ -285,72 +273,102 @@ fn a_primary_restarted_mid_load_loses_and_doubles_nothing() {
 /// Connections made once a replica has taken over, so that the new primary surely takes writes.
 const AFTER_FAILOVER: usize = 600;
 
-#[test]
-fn a_manual_failover_mid_load_is_followed_without_loss_or_doubles() {
-    // Three primaries, a replica each; a replica takes over its primary's slots while records
-    // keep coming (`CLUSTER FAILOVER`: the replica catches up first, so Redis loses nothing).
-    let cluster = RedisCluster::start_with_replicas(3, 1, &[]);
-    let single = RedisServer::start();
-    let d = daemon(&cluster, 50, &single, 50, &["--on-backend-down", "hold"]);
-    let replica = (3..6).find(|&i| !cluster.is_primary(i) && cluster.nodes[i].conn().is_ok());
-    let replica = replica.expect("a replica");
+/// What a failover mid-load left: the daemon, the records made, the replica now a primary,
+/// and when (µs) it was seen to be one.
+struct FailedOver {
+    d: Daemon,
+    n: usize,
+    promoted: usize,
+    promoted_at: u64,
+}
 
+impl FailedOver {
+    /// Records captured after the promotion and stored on the new primary.
+    fn on_new_primary(&self, cluster: &RedisCluster) -> usize {
+        cluster
+            .records(PREFIX)
+            .iter()
+            .filter(|r| r.0 == self.promoted && r.1 > self.promoted_at)
+            .count()
+    }
+}
+
+/// A daemon writing to `cluster` (50) and `single` (50), holding records for a down backend,
+/// under a paced load; once records reach the cluster, `failover` makes a replica take over
+/// and returns its index. Then more connections, so that the new primary takes writes.
+fn failover_mid_load(
+    cluster: &mut RedisCluster,
+    single: &RedisServer,
+    failover: impl FnOnce(&mut RedisCluster) -> usize,
+) -> FailedOver {
+    let d = daemon(cluster, 50, single, 50, &["--on-backend-down", "hold"]);
     let n = 3000;
     let load = paced_connections(d.listen, n, 50, Duration::from_millis(100));
     eventually(Duration::from_secs(20), "records on the cluster", || {
         !cluster.records(PREFIX).is_empty()
     });
-    let before = cluster.records(PREFIX).len();
-    let mut c = cluster.nodes[replica].conn().unwrap();
-    eventually(Duration::from_secs(20), "the replica in sync", || {
-        redis::cmd("INFO")
-            .arg("replication")
-            .query::<String>(&mut c)
-            .is_ok_and(|i| i.contains("master_link_status:up"))
-    });
-    // A manual failover gives up (after 5 s) if the primary does not answer in time: asked
-    // again until it takes.
-    let mut promoted = false;
-    for _ in 0..4 {
-        let _: String = redis::cmd("CLUSTER").arg("FAILOVER").query(&mut c).unwrap();
-        let until = std::time::Instant::now() + Duration::from_secs(8);
-        while !promoted && std::time::Instant::now() < until {
-            promoted = cluster.is_primary(replica);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if promoted {
-            break;
-        }
-    }
-    assert!(promoted, "the replica became a primary");
+    let promoted = failover(cluster);
     let promoted_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as u64;
-    // More records once the new primary serves (the first load may be over by then: a manual
-    // failover that times out is asked again).
+    // (The first load may be over by then: a manual failover that times out is asked again.)
     let more = paced_connections(d.listen, AFTER_FAILOVER, 50, Duration::from_millis(100));
     assert_eq!(load.join().unwrap(), n);
     assert_eq!(more.join().unwrap(), AFTER_FAILOVER);
-    let n = n + AFTER_FAILOVER;
+    FailedOver {
+        d,
+        n: n + AFTER_FAILOVER,
+        promoted,
+        promoted_at,
+    }
+}
 
-    let (per_node, on_single, dropped) = settled_once_each(&cluster, &single, &d, n);
+#[test]
+fn a_manual_failover_mid_load_is_followed_without_loss_or_doubles() {
+    // Three primaries, a replica each; a replica takes over its primary's slots while records
+    // keep coming (`CLUSTER FAILOVER`: the replica catches up first, so Redis loses nothing).
+    let mut cluster = RedisCluster::start_with_replicas(3, 1, &[]);
+    let single = RedisServer::start();
+    let f = failover_mid_load(&mut cluster, &single, |cluster| {
+        let replica = (3..6).find(|&i| !cluster.is_primary(i) && cluster.nodes[i].conn().is_ok());
+        let replica = replica.expect("a replica");
+        let mut c = cluster.nodes[replica].conn().unwrap();
+        eventually(Duration::from_secs(20), "the replica in sync", || {
+            redis::cmd("INFO")
+                .arg("replication")
+                .query::<String>(&mut c)
+                .is_ok_and(|i| i.contains("master_link_status:up"))
+        });
+        // A manual failover gives up (after 5 s) if the primary does not answer in time:
+        // asked again until it takes.
+        for _ in 0..4 {
+            let _: String = redis::cmd("CLUSTER").arg("FAILOVER").query(&mut c).unwrap();
+            let until = std::time::Instant::now() + Duration::from_secs(8);
+            while std::time::Instant::now() < until {
+                if cluster.is_primary(replica) {
+                    return replica;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("the replica never became a primary");
+    });
+
+    let (per_node, on_single, dropped) = settled_once_each(&cluster, &single, &f.d, f.n);
     assert_eq!(dropped, 0, "a failover loses nothing");
     let on_cluster: usize = per_node.iter().sum();
     assert!(
-        on_cluster.abs_diff(n / 2) <= 1 && on_single.abs_diff(n / 2) <= 1,
+        on_cluster.abs_diff(f.n / 2) <= 1 && on_single.abs_diff(f.n / 2) <= 1,
         "cluster {on_cluster}, single {on_single}"
     );
-    let after = cluster
-        .records(PREFIX)
-        .iter()
-        .filter(|r| r.0 == replica && r.1 > promoted_at)
-        .count();
-    assert!(after > 0, "the new primary took writes: {per_node:?}");
+    assert!(
+        f.on_new_primary(&cluster) > 0,
+        "the new primary took writes: {per_node:?}"
+    );
     eprintln!(
-        "{before} stored before the failover; per primary {per_node:?}; redirected or failed \
-         writes: {}",
-        d.metric("redtap_write_errors_total{backend=\"C\"}")
+        "per primary {per_node:?}; redirected or failed writes: {}",
+        f.d.metric("redtap_write_errors_total{backend=\"C\"}")
     );
 }
 
@@ -358,7 +376,7 @@ fn a_manual_failover_mid_load_is_followed_without_loss_or_doubles() {
 fn a_primary_killed_is_failed_over_and_writes_resume_on_its_replica_without_doubles() {
     // Three primaries with a replica each, a short node timeout: the cluster itself promotes
     // the replica of a primary killed mid-load.
-    let cluster = RedisCluster::start_with_replicas(
+    let mut cluster = RedisCluster::start_with_replicas(
         3,
         1,
         &[
@@ -371,37 +389,25 @@ fn a_primary_killed_is_failed_over_and_writes_resume_on_its_replica_without_doub
         ],
     );
     let single = RedisServer::start();
-    let d = daemon(&cluster, 50, &single, 50, &["--on-backend-down", "hold"]);
-    let n = 3000;
-    let load = paced_connections(d.listen, n, 50, Duration::from_millis(100));
-    eventually(Duration::from_secs(20), "records on the cluster", || {
-        !cluster.records(PREFIX).is_empty()
+    let f = failover_mid_load(&mut cluster, &single, |cluster| {
+        let victim = (0..3).find(|&i| cluster.is_primary(i)).expect("a primary");
+        let replicas: Vec<usize> = (3..6).filter(|&i| !cluster.is_primary(i)).collect();
+        cluster.nodes[victim].kill9();
+        let mut promoted = None;
+        eventually(Duration::from_secs(30), "a replica promoted", || {
+            promoted = replicas.iter().copied().find(|&i| cluster.is_primary(i));
+            promoted.is_some()
+        });
+        promoted.expect("promoted")
     });
-    let mut cluster = cluster;
-    let victim = (0..3).find(|&i| cluster.is_primary(i)).expect("a primary");
-    let replicas: Vec<usize> = (3..6).filter(|&i| !cluster.is_primary(i)).collect();
-    cluster.nodes[victim].kill9();
-    let mut promoted = None;
-    eventually(Duration::from_secs(30), "a replica promoted", || {
-        promoted = replicas.iter().copied().find(|&i| cluster.is_primary(i));
-        promoted.is_some()
-    });
-    let promoted = promoted.expect("promoted");
-    let promoted_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64;
-    let more = paced_connections(d.listen, AFTER_FAILOVER, 50, Duration::from_millis(100));
-    assert_eq!(load.join().unwrap(), n);
-    assert_eq!(more.join().unwrap(), AFTER_FAILOVER);
-    let n = n + AFTER_FAILOVER;
+    let d = &f.d;
 
     // redtap settles every record: stored, or counted as dropped.
     let settled = || {
         d.metric_sum("redtap_records_written_total") + d.metric_sum("redtap_records_dropped_total")
     };
     eventually(Duration::from_secs(60), "every record settled", || {
-        settled() as usize >= n
+        settled() as usize >= f.n
     });
     let written = d.metric_sum("redtap_records_written_total") as usize;
     let (seen, per_node, on_single) = counts(&cluster, &single);
@@ -413,13 +419,8 @@ fn a_primary_killed_is_failed_over_and_writes_resume_on_its_replica_without_doub
         "{} stored, {written} written",
         seen.len()
     );
-    let after = cluster
-        .records(PREFIX)
-        .iter()
-        .filter(|r| r.0 == promoted && r.1 > promoted_at)
-        .count();
     assert!(
-        after > 0,
+        f.on_new_primary(&cluster) > 0,
         "writes resumed on the promoted replica: {per_node:?}"
     );
     assert!(
@@ -524,26 +525,8 @@ fn packed_entries_spread_over_every_primary_and_query_returns_them_in_order() {
     // One second of the agent is several streams (one per stripe): read back whole, in capture
     // order.
     let c = format!("C={}@1", cluster.url());
-    let (code, out, err) = redtap(&[
-        "query",
-        "--format",
-        "json",
-        "--since",
-        "10m",
-        "--schema",
-        "packed",
-        "--backend",
-        &c,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let ts: Vec<u64> = out
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["ts_us"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let (rows, err) = query_json(&["--schema", "packed", "--backend", &c]);
+    let ts: Vec<u64> = rows.iter().map(|r| r["ts_us"].as_u64().unwrap()).collect();
     assert_eq!(ts.len(), on_cluster, "{err}");
     assert!(ts.windows(2).all(|w| w[0] <= w[1]), "rows in capture order");
 }
@@ -705,19 +688,9 @@ fn keys_schema_over_a_cluster_is_read_by_query_and_tail_once_each() {
 
     // The keys spread over every slot: one MGET of them would be refused (CROSSSLOT).
     let c = format!("C={}@1", cluster.url());
-    let (code, out, err) = redtap(&[
-        "query",
-        "--format",
-        "json",
-        "--since",
-        "10m",
-        "--backend",
-        &c,
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let (rows, err) = query_json(&["--backend", &c]);
     let mut queried: HashMap<Id, usize> = HashMap::new();
-    for l in out.lines() {
-        let r: serde_json::Value = serde_json::from_str(l).unwrap();
+    for r in rows {
         let id = (
             r["ts_us"].as_u64().unwrap(),
             r["src"].as_str().unwrap().parse().unwrap(),
