@@ -99,11 +99,12 @@ pub fn stripe_tags(agent: &str) -> Vec<String> {
 /// The error a connection gives once a redirect made its topology stale.
 const STALE: &str = "the cluster topology changed (MOVED/ASK); reconnecting";
 
-/// Whether `e` says the topology moved under a connection — a `MOVED`/`ASK` answer, or a use
-/// of the connection after one — rather than that something failed: the caller reconnects
-/// (reading the topology again) and goes on.
+/// Whether `e` says the topology moved under a connection — a `MOVED`/`ASK` answer, a use of
+/// the connection after one, or `TRYAGAIN` (a command over several keys of a slot being
+/// migrated, some of them moved already) — rather than that something failed: the caller
+/// reconnects (reading the topology again) and goes on.
 pub fn is_redirect(e: &redis::RedisError) -> bool {
-    matches!(e.code(), Some("MOVED" | "ASK")) || e.to_string().contains(STALE)
+    matches!(e.code(), Some("MOVED" | "ASK" | "TRYAGAIN")) || e.to_string().contains(STALE)
 }
 
 /// The key a command works on, for routing: `None` for commands without one (PING, INFO, SCAN,

@@ -457,6 +457,41 @@ impl RedisCluster {
         );
     }
 
+    /// The nodes that serve slots as primaries, in one node's view of the cluster (`CLUSTER
+    /// NODES` from the first that answers): around a failover two nodes may each call itself
+    /// primary for a moment, and counting both would count records twice.
+    pub fn primaries(&self) -> Vec<usize> {
+        for n in &self.nodes {
+            let Ok(view) = n
+                .conn()
+                .and_then(|mut c| redis::cmd("CLUSTER").arg("NODES").query::<String>(&mut c))
+            else {
+                continue;
+            };
+            return view
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split(' ').collect();
+                    // <id> <ip:port@cport> <flags> <master> … <slots…>: a primary with slots,
+                    // not failed.
+                    let flags: Vec<&str> = f.get(2)?.split(',').collect();
+                    let primary =
+                        flags.contains(&"master") && !flags.contains(&"fail") && f.len() > 8;
+                    let port: u16 = f
+                        .get(1)?
+                        .split('@')
+                        .next()?
+                        .rsplit(':')
+                        .next()?
+                        .parse()
+                        .ok()?;
+                    primary.then(|| self.nodes.iter().position(|n| n.port == port))?
+                })
+                .collect();
+        }
+        Vec::new()
+    }
+
     /// Whether node `i` is a primary now (`ROLE`).
     pub fn is_primary(&self, i: usize) -> bool {
         self.nodes[i]
@@ -480,9 +515,10 @@ impl RedisCluster {
     /// each.
     pub fn records(&self, prefix: &str) -> Vec<(usize, u64, std::net::IpAddr, u16)> {
         let mut out = Vec::new();
+        let primaries = self.primaries();
         for (i, n) in self.nodes.iter().enumerate() {
             // A replica's copies are not records of their own.
-            if !self.is_primary(i) {
+            if !primaries.contains(&i) {
                 continue;
             }
             let mut c = n.conn().unwrap();
