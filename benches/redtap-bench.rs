@@ -152,13 +152,7 @@ fn count(r: &Redis, schema: Schema, agent: &str) -> u64 {
             let mut c = r.conn().unwrap();
             let mut n = 0;
             for key in r.stream_keys(&format!("redtap:events:{agent}")) {
-                let v: redis::Value = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg("-")
-                    .arg("+")
-                    .query(&mut c)
-                    .unwrap();
-                n += common::bucket_records(&v).len() as u64;
+                n += common::read_bucket(&mut c, &key).len() as u64;
             }
             n
         }
@@ -1389,15 +1383,19 @@ fn reads(smoke: bool, args: &[String]) {
                 total = v["total"].as_u64().unwrap();
             });
             assert_eq!(total, n, "top counted every record");
-            let query = best_of(runs, (&a, &b), true, || {
-                let st = Command::new(common::redtap_bin())
-                    .arg("query")
-                    .args(&src)
-                    .stdout(std::fs::File::create("/dev/null").unwrap())
-                    .status()
-                    .unwrap();
-                assert!(st.success());
-            });
+            // `redtap query` by `bin`, output discarded.
+            let time_query = |bin: &str| {
+                best_of(runs, (&a, &b), true, || {
+                    let st = Command::new(bin)
+                        .arg("query")
+                        .args(&src)
+                        .stdout(Stdio::null())
+                        .status()
+                        .unwrap();
+                    assert!(st.success());
+                })
+            };
+            let query = time_query(common::redtap_bin());
             // `REDTAP_READS_BASE=PATH`: the same commands with another build (e.g. the one before
             // a change), readable layout only (an older build may not read packed entries).
             let base = std::env::var("REDTAP_READS_BASE").ok().filter(|_| !packed);
@@ -1411,16 +1409,7 @@ fn reads(smoke: bool, args: &[String]) {
                         .unwrap();
                     assert!(st.success());
                 });
-                let query = best_of(runs, (&a, &b), true, || {
-                    let st = Command::new(&bin)
-                        .arg("query")
-                        .args(&src)
-                        .stdout(std::fs::File::create("/dev/null").unwrap())
-                        .status()
-                        .unwrap();
-                    assert!(st.success());
-                });
-                (top, query)
+                (top, time_query(&bin))
             });
             let mut entries = 0;
             let xr = best_of(runs, (&a, &b), false, || {

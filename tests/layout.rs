@@ -53,6 +53,31 @@ fn connect_n(src: IpAddr, listen: SocketAddr, n: usize) -> BTreeSet<u16> {
         .collect()
 }
 
+/// `rows` (JSON records as `redtap query` prints them) are exactly the connections from `src`
+/// on `ports` to `listen`, each captured between `t0` and `t1` (µs).
+fn connections_read_back(
+    rows: &[Value],
+    ports: &BTreeSet<u16>,
+    src: IpAddr,
+    listen: SocketAddr,
+    (t0, t1): (u64, u64),
+) {
+    assert_eq!(rows.len(), ports.len(), "{rows:?}");
+    let seen: BTreeSet<u16> = rows
+        .iter()
+        .map(|r| r["sport"].as_u64().unwrap() as u16)
+        .collect();
+    assert_eq!(&seen, ports);
+    for row in rows {
+        assert_eq!(row["src"], src.to_string(), "{row}");
+        assert_eq!(row["dst"], listen.ip().to_string(), "{row}");
+        assert_eq!(row["dport"], listen.port(), "{row}");
+        assert_eq!(row["kind"], "conn", "{row}");
+        let ts = row["ts_us"].as_u64().unwrap();
+        assert!((t0..=t1).contains(&ts), "{ts} outside {t0}..={t1}");
+    }
+}
+
 /// Run `redtap run --schema <schema>` on `listen`, connect 40 times from `src`, and check that
 /// `redtap query` reads back exactly those connections.
 fn written_by_run_read_by_query(schema: &str, listen: &str, src: IpAddr) {
@@ -87,21 +112,10 @@ fn written_by_run_read_by_query(schema: &str, listen: &str, src: IpAddr) {
     let t1 = now_us();
     assert!(d.stop(Duration::from_secs(10)).success());
     rows = query_json(&r, &["--schema", schema]);
-    assert_eq!(rows.len(), ports.len(), "{rows:?}");
-    let seen: BTreeSet<u16> = rows
-        .iter()
-        .map(|r| r["sport"].as_u64().unwrap() as u16)
-        .collect();
-    assert_eq!(seen, ports);
+    connections_read_back(&rows, &ports, src, d.listen, (t0, t1));
     for row in &rows {
-        assert_eq!(row["src"], src.to_string(), "{row}");
-        assert_eq!(row["dst"], d.listen.ip().to_string(), "{row}");
-        assert_eq!(row["dport"], d.listen.port(), "{row}");
-        assert_eq!(row["kind"], "conn", "{row}");
         assert!(row.get("len").is_none_or(Value::is_null), "{row}");
         assert_eq!(row["agent"], agent.as_str(), "{row}");
-        let ts = row["ts_us"].as_u64().unwrap();
-        assert!((t0..=t1).contains(&ts), "{ts} outside {t0}..={t1}");
     }
     if schema == "stream" {
         // As stored: the destination once per bucket (in `listen`), never per entry.
@@ -513,20 +527,7 @@ fn the_packed_layout_written_by_run_reads_back_with_the_documented_decoder() {
                 .map(|l| serde_json::from_str::<Value>(l).unwrap()),
         );
     }
-    assert_eq!(rows.len(), ports.len(), "{rows:?}");
-    let seen: BTreeSet<u16> = rows
-        .iter()
-        .map(|r| r["sport"].as_u64().unwrap() as u16)
-        .collect();
-    assert_eq!(seen, ports);
-    for row in &rows {
-        assert_eq!(row["src"], src.to_string(), "{row}");
-        assert_eq!(row["dst"], d.listen.ip().to_string(), "{row}");
-        assert_eq!(row["dport"], d.listen.port(), "{row}");
-        assert_eq!(row["kind"], "conn", "{row}");
-        let ts = row["ts_us"].as_u64().unwrap();
-        assert!((t0..=t1).contains(&ts), "{ts} outside {t0}..={t1}");
-    }
+    connections_read_back(&rows, &ports, src, d.listen, (t0, t1));
     // `redtap query` reads the same records as the documented decoder.
     let key = |r: &Value| (r["ts_us"].as_u64().unwrap(), r["sport"].as_u64().unwrap());
     let mut by_python: Vec<_> = rows.iter().map(key).collect();

@@ -523,19 +523,24 @@ impl RedisCluster {
             }
             let mut c = n.conn().unwrap();
             for key in n.keys(&format!("{prefix}:events:*")) {
-                let v: redis::Value = redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg("-")
-                    .arg("+")
-                    .query(&mut c)
-                    .unwrap();
-                for (_, d) in bucket_records(&v) {
+                for (_, d) in read_bucket(&mut c, &key) {
                     out.push((i, d.ts_us, d.src, d.sport));
                 }
             }
         }
         out
     }
+}
+
+/// Every redtap record of bucket stream `key` ([`bucket_records`] of its whole `XRANGE`).
+pub fn read_bucket(c: &mut redis::Connection, key: &str) -> Vec<(String, redtap::layout::Decoded)> {
+    let v: redis::Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query(c)
+        .unwrap();
+    bucket_records(&v)
 }
 
 /// Every redtap record in one `XRANGE` answer of a bucket, readable and packed entries alike,
