@@ -317,9 +317,10 @@ pub fn spawn_readers(
     out
 }
 
-/// Bucket reads of one agent in flight at once, each its own task: while the merge takes one
-/// bucket's rows, the next ones are fetched and decoded (on another core when there is one).
-/// With a bucket per capture second, memory holds this many seconds of one agent's records.
+/// Seconds of one agent read at once (a second: one bucket, or on a cluster one per stripe),
+/// each its own task: while the merge takes one second's rows, the next ones are fetched and
+/// decoded (on another core when there is one). Memory holds this many seconds of one agent's
+/// records.
 pub const BUCKETS_AHEAD: usize = 4;
 
 /// A bucket that fills its first page is read in up to this many ID ranges at once, each paged
